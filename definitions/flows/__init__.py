@@ -1,0 +1,1 @@
+"""Example loom StreamFlows wrapped by the example code location."""

@@ -1,0 +1,240 @@
+"""Deploy, redeploy, roll back and undeploy a flow: the lifecycle behind materializing a flow asset.
+
+Deploy = compile with the run-time config -> lineage check -> preflight of the new version in a fresh
+process -> (flow lock) drain the running job -> launch -> health gate -> record. If the new job fails
+its gate, it is killed and the previous deployment is started again. Compile, lineage and preflight
+failures never touch the running job.
+"""
+
+from __future__ import annotations
+
+import importlib
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from loom_dagster.catalog import CompiledFlow, compile_spec
+from loom_dagster.deployments import Deployment, DeploymentStore
+from loom_dagster.errors import DeploymentError
+from loom_dagster.launchers.base import JobState, LaunchedJob, Launcher, LaunchRequest
+from loom_dagster.launchers.local import log_tail
+from loom_dagster.lineage import check_lineage
+from loom_dagster.records import LoomFlow
+from loom_dagster.spec import LoomFlowSpec
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """Timeouts and switches of a deploy."""
+
+    launch: bool = True
+    health_timeout_s: float = 60.0
+    drain_timeout_s: float = 30.0
+    preflight: bool = True
+    preflight_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What a materialization did: the compiled flow, and the deployment if it launched one."""
+
+    compiled: CompiledFlow
+    deployment: Deployment | None = None
+    previous: Deployment | None = None
+    drain_seconds: float | None = None
+    gate_seconds: float | None = None
+
+
+class FlowDeployer:
+    """Runs the deploy lifecycle for flows with one launcher and one deployment store.
+
+    Example:
+        >>> from loom_dagster.launchers import LocalProcessLauncher
+        >>> import tempfile
+        >>> deployer = FlowDeployer(LocalProcessLauncher(), DeploymentStore(tempfile.mkdtemp()))
+    """
+
+    def __init__(self, launcher: Launcher, store: DeploymentStore, options: DeployOptions | None = None):
+        self.launcher = launcher
+        self.store = store
+        self.options = options or DeployOptions()
+
+    def validate(
+        self,
+        spec: LoomFlowSpec,
+        declared: LoomFlow,
+        sink_keys: dict[str, str] | None = None,
+        environment: str | None = None,
+    ) -> CompiledFlow:
+        """Compile with the run-time config and check the sinks against the declared lineage."""
+        compiled = compile_spec(spec, environment)
+        check_lineage(declared, compiled.flow, sink_keys)
+        return compiled
+
+    def deploy(
+        self,
+        spec: LoomFlowSpec,
+        declared: LoomFlow,
+        *,
+        sink_keys: dict[str, str] | None = None,
+        environment: str | None = None,
+        run_id: str | None = None,
+        log: Log = print,
+    ) -> DeployResult:
+        """Validate, then (if launching) replace the running job with the new version safely."""
+        compiled = self.validate(spec, declared, sink_keys, environment)
+        log(f"compiled flow {declared.name!r} (plan {compiled.flow.plan_hash}); lineage check passed")
+        if not self.options.launch:
+            return DeployResult(compiled=compiled)
+        request = launch_request(spec, compiled, run_id)
+        if self.options.preflight:
+            self.launcher.preflight(request, self.options.preflight_timeout_s)
+            log("preflight passed: the new version imports, compiles and prepares in a fresh process")
+        with self.store.lock(declared.name, holder=f"run {run_id or '?'}"):
+            return self._replace_running(compiled, request, run_id, log)
+
+    def _replace_running(
+        self, compiled: CompiledFlow, request: LaunchRequest, run_id: str | None, log: Log
+    ) -> DeployResult:
+        name = compiled.flow.name
+        previous = self.store.current(name)
+        previous_running = previous is not None and self._alive(previous.job)
+        drain_seconds = None
+        if previous is not None and previous_running:
+            self._require_local(previous)
+            log(f"draining the running job (pids {_pids(previous.job)})")
+            drain_seconds = self.launcher.stop(previous.job, self.options.drain_timeout_s)
+            log(f"previous job stopped in {drain_seconds:.2f}s")
+        job = self.launcher.launch(request, str(self.store.flow_dir(name)))
+        log(f"launched job pids {_pids(job)}; waiting for it to become healthy")
+        try:
+            gate_seconds = self.wait_healthy(job)
+        except DeploymentError as failure:
+            self.launcher.stop(job, timeout_s=5.0)
+            raise DeploymentError(self._roll_back(name, previous if previous_running else None, failure, log))
+        deployment = Deployment(
+            flow_name=name,
+            job=job,
+            plan_hash=compiled.flow.plan_hash,
+            config_hash=compiled.flow.config_hash,
+            deployed_at=time.time(),
+            run_id=run_id,
+            previous_plan_hash=previous.plan_hash if previous else None,
+        )
+        self.store.save(deployment)
+        return DeployResult(compiled, deployment, previous, drain_seconds, gate_seconds)
+
+    def _roll_back(self, name: str, previous: Deployment | None, failure: DeploymentError, log: Log) -> str:
+        message = f"the new version of flow {name!r} failed its health gate and was stopped: {failure}"
+        if previous is None:
+            return message + "\nNo previous deployment was running; nothing is running now."
+        log("restarting the previous deployment")
+        try:
+            job = self.launcher.launch(previous.job.request, str(self.store.flow_dir(name)))
+            self.wait_healthy(job)
+        except DeploymentError as again:
+            return message + f"\nRestarting the previous deployment failed too: {again}"
+        self.store.save(replace(previous, job=job, restarts=previous.restarts + 1, stopped_at=None))
+        return message + f"\nThe previous deployment (plan {previous.plan_hash}) runs again, pids {_pids(job)}."
+
+    def wait_healthy(self, job: LaunchedJob, timeout_s: float | None = None) -> float:
+        """Block until every process is alive and connected; raise with the log tail otherwise."""
+        timeout = self.options.health_timeout_s if timeout_s is None else timeout_s
+        started = time.monotonic()
+        while True:
+            report = self.launcher.report(job)
+            if report.state is JobState.HEALTHY:
+                return time.monotonic() - started
+            if report.state is JobState.DEAD:
+                raise DeploymentError(f"the job exited during start-up: {report.reason}.{_tail(job)}")
+            if time.monotonic() - started > timeout:
+                raise DeploymentError(
+                    f"the job did not connect within {timeout:.0f}s ({report.reason}).{_tail(job)}"
+                )
+            time.sleep(0.1)
+
+    def undeploy(self, flow_name: str, by: str) -> Deployment | None:
+        """Stop a flow's job on purpose; health sensors will not restart it. ``None`` if never deployed."""
+        with self.store.lock(flow_name, holder=by):
+            current = self.store.current(flow_name)
+            if current is None:
+                return None
+            if self._alive(current.job):
+                self._require_local(current)
+                self.launcher.stop(current.job, self.options.drain_timeout_s)
+            return self.store.mark_stopped(current, by)
+
+    def restart(self, flow_name: str, by: str, log: Log = print) -> Deployment:
+        """Start the recorded deployment again, as it was (for health sensors and operators)."""
+        with self.store.lock(flow_name, holder=by):
+            current = self.store.current(flow_name)
+            if current is None:
+                raise DeploymentError(f"flow {flow_name!r} has never been deployed here")
+            if self._alive(current.job):
+                self.launcher.stop(current.job, self.options.drain_timeout_s)
+            job = self.launcher.launch(current.job.request, str(self.store.flow_dir(flow_name)))
+            try:
+                self.wait_healthy(job)
+            except DeploymentError:
+                self.launcher.stop(job, timeout_s=5.0)
+                raise
+            restarted = replace(current, job=job, restarts=current.restarts + 1, stopped_at=None, stopped_by=None)
+            self.store.save(restarted)
+            log(f"restarted flow {flow_name!r}: pids {_pids(job)}")
+            return restarted
+
+    def _alive(self, job: LaunchedJob) -> bool:
+        return job.host == socket.gethostname() and self.launcher.report(job).alive_processes > 0
+
+    def _require_local(self, deployment: Deployment) -> None:
+        if deployment.host != socket.gethostname():
+            raise DeploymentError(
+                f"flow {deployment.flow_name!r} is deployed on host {deployment.host!r}; this is "
+                f"{socket.gethostname()!r}. Stop it there, or share no state directory between hosts."
+            )
+
+
+def launch_request(spec: LoomFlowSpec, compiled: CompiledFlow, run_id: str | None) -> LaunchRequest:
+    """The launch request for a compiled spec: absolute config files, the import root on sys.path."""
+    return LaunchRequest(
+        flow_name=compiled.flow.name,
+        import_path=spec.import_path,
+        config_files=spec.config_files(compiled.flow.environment),
+        environment=compiled.flow.environment,
+        plan_hash=compiled.flow.plan_hash,
+        config_hash=compiled.flow.config_hash,
+        processes=spec.processes,
+        workers_per_process=spec.workers_per_process,
+        sys_path=(import_root(spec.import_path),),
+        env=tuple(sorted(spec.env.items())),
+        run_id=run_id,
+        cwd=str(Path.cwd()),
+    )
+
+
+def import_root(import_path: str) -> str:
+    """The sys.path entry a flow's module was imported from, so the job can import it too."""
+    module_name = import_path.partition(":")[0]
+    module = sys.modules.get(module_name) or importlib.import_module(module_name)
+    file = getattr(module, "__file__", None)
+    if not file:
+        return str(Path.cwd())
+    path = Path(file).resolve().parent
+    depth = module_name.count(".") + (1 if Path(file).name == "__init__.py" else 0)
+    for _ in range(depth):
+        path = path.parent
+    return str(path)
+
+
+def _pids(job: LaunchedJob) -> str:
+    return ", ".join(str(p.pid) for p in job.processes)
+
+
+def _tail(job: LaunchedJob) -> str:
+    tail = log_tail(job.log_path)
+    return f"\nLast lines of {job.log_path}:\n{tail}" if tail else ""

@@ -1,0 +1,256 @@
+"""Derive the frozen records of ``loom_dagster.records`` from a loom ``CompiledPlan``."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from loom_dagster.errors import FlowLoadError
+from loom_dagster.records import (
+    LoomFlow,
+    LoomOutputTopic,
+    LoomSourceCollection,
+    LoomSourceTopic,
+    LoomStorageSink,
+    SinkBackend,
+    TopicRole,
+)
+from loom_dagster.redact import redact_mapping, redact_text, redact_url
+from loom_dagster.schema import payload_columns
+
+if TYPE_CHECKING:
+    from loom.streaming import StreamFlow
+    from loom.streaming.compiler import CompiledPlan, CompiledSink, CompiledStorageSink
+
+
+def describe_plan(
+    flow: StreamFlow[Any, Any],
+    plan: CompiledPlan,
+    *,
+    import_path: str,
+    environment: str,
+    config_hash: str,
+) -> LoomFlow:
+    """Records for one compiled flow: its sources, storage sinks, output topics and hashes."""
+    source = plan.source
+    collections: tuple[LoomSourceCollection, ...] = ()
+    topics: tuple[LoomSourceTopic, ...] = ()
+    group: str | None = None
+    delivery: str | None = None
+    if hasattr(source, "collections"):
+        database = str(source.settings.database)
+        collections = tuple(LoomSourceCollection(database, c, plan.name) for c in source.collections)
+        kind = "mongo"
+    else:
+        settings = source.settings
+        group, delivery = settings.group_id, settings.delivery
+        payloads = _source_payload_types(source)
+        topics = tuple(LoomSourceTopic(t, plan.name, group, payloads) for t in source.topics)
+        kind = "kafka"
+    return LoomFlow(
+        name=plan.name,
+        import_path=import_path,
+        plan_hash=plan_hash(plan),
+        config_hash=config_hash,
+        environment=environment,
+        source_kind=kind,
+        consumer_group=group,
+        delivery=delivery,
+        source_topics=topics,
+        source_collections=collections,
+        storage_sinks=tuple(
+            storage_sink(plan.name, path, sink) for path, sink in sorted(plan.terminal_storage_sinks.items())
+        ),
+        output_topics=output_topics(flow, plan),
+        error_routes=tuple(sorted((_enum_value(k), v.topic) for k, v in plan.error_routes.items())),
+        steps=tuple(_node_label(n.node) for n in plan.nodes),
+    )
+
+
+def _source_payload_types(source: Any) -> tuple[str, ...]:
+    if hasattr(source, "payload_type"):
+        return (_type_name(source.payload_type),)
+    dispatch = getattr(source, "dispatch", None)
+    types = getattr(dispatch, "message_types", None) or {}
+    return tuple(sorted(_type_name(t) for t in getattr(types, "values", lambda: [])()))
+
+
+def storage_sink(flow_name: str, path: tuple[int, ...], sink: CompiledStorageSink) -> LoomStorageSink:
+    """Record for one ``IntoTable`` sink, by the type of its resolved config."""
+    from loom.streaming.nodes._table.common import (
+        ClickHouseSinkConfig,
+        DeltaSinkConfig,
+        SqlAlchemySinkConfig,
+    )
+
+    node, config = sink.node, sink.config
+    payload = getattr(node, "payload", None)
+    common = {
+        "flow_name": flow_name,
+        "sink_name": str(getattr(node, "name", "") or ""),
+        "payload_type": _type_name(payload) if payload is not None else "",
+        "columns": payload_columns(payload) if payload is not None else (),
+        "node_path": tuple(path),
+    }
+    if isinstance(config, DeltaSinkConfig):
+        return LoomStorageSink(
+            backend=SinkBackend.DELTA, table=config.table, database=None, uri=redact_url(config.uri), **common
+        )
+    if isinstance(config, ClickHouseSinkConfig):
+        database, table = clickhouse_table(config.url, config.table)
+        uri = f"{redact_url(config.url).rstrip('/')}/{database}.{table}"
+        return LoomStorageSink(backend=SinkBackend.CLICKHOUSE, table=table, database=database, uri=uri, **common)
+    if isinstance(config, SqlAlchemySinkConfig):
+        url = sink.database_config.url if sink.database_config is not None else config.url
+        return LoomStorageSink(
+            backend=SinkBackend.SQL, table=config.table, database=config.database, uri=redact_url(url), **common
+        )
+    raise FlowLoadError(
+        f"flow {flow_name!r}: sink {common['sink_name'] or path!r} ({type(node).__name__}) resolves to "
+        f"{type(config).__name__}, a backend loom-dagster does not know (it maps Delta, ClickHouse and "
+        "SQLAlchemy tables). Use one of those backends, or subclass LoomTranslator and override "
+        "describe_unknown_sink to say which asset it writes."
+    )
+
+
+def clickhouse_table(url: str, table: str) -> tuple[str, str]:
+    """``(database, table)`` of a ClickHouse sink: ``db.table`` wins, else the URL's path, else default."""
+    if "." in table:
+        database, _, name = table.partition(".")
+        return database, name
+    path = urlsplit(url).path.strip("/")
+    return (path or "default"), table
+
+
+def output_topics(flow: StreamFlow[Any, Any], plan: CompiledPlan) -> tuple[LoomOutputTopic, ...]:
+    """Every topic the flow writes: its output, branch outputs, per-output DLQs and error routes."""
+    found: dict[tuple[str, str], LoomOutputTopic] = {}
+
+    def add(sink: CompiledSink, role: TopicRole, ref: str, kinds: tuple[str, ...] = ()) -> None:
+        key = (role.value, sink.topic)
+        prior = found.get(key)
+        merged = tuple(sorted(set(kinds) | set(prior.error_kinds if prior else ())))
+        found[key] = LoomOutputTopic(sink.topic, plan.name, role, ref, merged, None)
+
+    if plan.output is not None:
+        add(plan.output, TopicRole.OUTPUT, flow.output.name if flow.output is not None else "output")
+    for path, sink in sorted(plan.terminal_sinks.items()):
+        add(sink, TopicRole.OUTPUT, ".".join(map(str, path)))
+    for sink in [plan.output, *plan.terminal_sinks.values()]:
+        if sink is not None and sink.dlq_topic:
+            found[(TopicRole.DLQ.value, sink.dlq_topic)] = LoomOutputTopic(
+                sink.dlq_topic, plan.name, TopicRole.DLQ, f"dlq-of:{sink.topic}", ("sink",)
+            )
+    for kind, sink in plan.error_routes.items():
+        declared = flow.errors.get(kind)
+        add(sink, TopicRole.DLQ, declared.name if declared is not None else sink.topic, (_enum_value(kind),))
+    return tuple(sorted(found.values(), key=lambda t: (t.role.value, t.topic)))
+
+
+def plan_hash(plan: CompiledPlan) -> str:
+    """Stable hash of a compiled plan: same flow code and config give the same hash in any process."""
+    canonical = json.dumps(_canonical(plan), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def config_hash(config: Any) -> str:
+    """Hash of a resolved loom config (secrets included, so a rotated password is a change)."""
+    from omegaconf import OmegaConf
+
+    raw = getattr(config, "_config", None) or getattr(config, "raw", None)
+    try:
+        data = OmegaConf.to_container(raw, resolve=True) if raw is not None else repr(config)
+    except Exception:
+        data = repr(config)
+    canonical = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _canonical(value: Any, depth: int = 0) -> Any:
+    if depth > 12:
+        return repr(value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return redact_text(value) if isinstance(value, str) else value
+    if isinstance(value, Enum):
+        return _enum_value(value)
+    if isinstance(value, type):
+        return _class_fingerprint(value)
+    if isinstance(value, Mapping):
+        return {str(_canonical(k, depth + 1)): _canonical(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_canonical(v, depth + 1) for v in value]
+        return sorted(items, key=repr) if isinstance(value, set | frozenset) else items
+    if is_dataclass(value):
+        return {
+            "__type__": _type_name(type(value)),
+            **{f.name: _canonical(getattr(value, f.name), depth + 1) for f in fields(value)},
+        }
+    struct_fields = getattr(type(value), "__struct_fields__", None)
+    if struct_fields is not None:
+        return {"__type__": _type_name(type(value)), **{n: _canonical(getattr(value, n), depth + 1) for n in struct_fields}}
+    children = _node_children(value)
+    if children is not None:
+        return {"__type__": _type_name(type(value)), "children": _canonical(children, depth + 1)}
+    return {"__type__": _type_name(type(value)), "repr": redact_text(_stable_repr(value))}
+
+
+def _node_children(value: Any) -> Any:
+    for attr in ("routes", "nodes", "process"):
+        if hasattr(value, attr) and not callable(getattr(value, attr)):
+            return getattr(value, attr)
+    return None
+
+
+def _stable_repr(value: Any) -> str:
+    text = repr(value)
+    return "" if " at 0x" in text else text
+
+
+_CLASS_FINGERPRINTS: dict[type, str] = {}
+
+
+def _class_fingerprint(cls: type) -> str:
+    """Qualified name plus a hash of the class source, so editing a step changes the plan hash."""
+    cached = _CLASS_FINGERPRINTS.get(cls)
+    if cached is not None:
+        return cached
+    try:
+        source = inspect.getsource(cls)
+        digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    except (OSError, TypeError):
+        digest = "nosource"
+    result = f"{_type_name(cls)}@{digest}"
+    _CLASS_FINGERPRINTS[cls] = result
+    return result
+
+
+def _node_label(node: Any) -> str:
+    if isinstance(node, type):
+        return node.__name__
+    name = getattr(node, "name", None)
+    return f"{type(node).__name__}({name})" if name else type(node).__name__
+
+
+def _type_name(t: Any) -> str:
+    return f"{getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', getattr(t, '__name__', repr(t)))}"
+
+
+def _enum_value(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+def redacted_config_section(config: Any, path: str) -> Any:
+    """A config section with secrets masked, for metadata; ``None`` when absent."""
+    try:
+        from omegaconf import OmegaConf
+
+        section = OmegaConf.select(config._config, path)
+        return redact_mapping(OmegaConf.to_container(section, resolve=True)) if section is not None else None
+    except Exception:
+        return None

@@ -1,0 +1,1 @@
+"""Development helpers: local services (a real Kafka broker) for tests and demos."""

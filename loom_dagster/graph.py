@@ -1,0 +1,143 @@
+"""Wire the translator's specs into one asset graph: dedupe topics, tables and flows, add the edges."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import dagster as dg
+
+from loom_dagster.catalog import CompiledFlow
+from loom_dagster.errors import DuplicateAssetKeyError
+from loom_dagster.records import LoomFlow, LoomSourceCollection, LoomTopic, TopicRole
+from loom_dagster.translator import LoomTranslator
+
+
+@dataclass
+class FlowNode:
+    """One flow's spec in the graph, and the asset key of each sink slot (for the lineage check)."""
+
+    compiled: CompiledFlow
+    spec: dg.AssetSpec
+    sink_keys: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LoomAssetGraph:
+    """Every loom asset of a code location: flow specs (materializable) and external specs."""
+
+    flows: list[FlowNode]
+    external_specs: list[dg.AssetSpec]
+
+    def spec_for(self, key: dg.AssetKey) -> dg.AssetSpec | None:
+        """The spec with *key*, among flows and external assets."""
+        for node in self.flows:
+            if node.spec.key == key:
+                return node.spec
+        return next((s for s in self.external_specs if s.key == key), None)
+
+
+def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslator) -> LoomAssetGraph:
+    """Specs for every flow, topic, collection and table, with deps from sources through flows to sinks."""
+    owners = _KeyOwners()
+    flow_nodes = [FlowNode(c, translator.get_flow_spec(c.flow)) for c in compiled]
+    for node in flow_nodes:
+        owners.claim(node.spec.key, f"flow:{node.compiled.flow.name}", f"flow {node.compiled.flow.name!r}")
+    flow_key = {n.compiled.flow.name: n.spec.key for n in flow_nodes}
+
+    topics = merge_topics([c.flow for c in compiled])
+    topic_specs: dict[str, dg.AssetSpec] = {}
+    for topic in topics:
+        base = (
+            translator.get_output_topic_spec(topic) if topic.written_by else translator.get_source_topic_spec(topic)
+        )
+        spec = base.merge_attributes(deps=[flow_key[f] for f in topic.written_by])
+        owners.claim(spec.key, f"kafka:{topic.topic}", f"Kafka topic {topic.topic!r}")
+        topic_specs[topic.topic] = spec
+
+    collection_specs: dict[tuple[str, str], dg.AssetSpec] = {}
+    for coll in _merge_collections([c.flow for c in compiled]):
+        spec = translator.get_source_collection_spec(coll)
+        owners.claim(spec.key, f"mongo:{coll.database}.{coll.collection}", f"Mongo collection {coll.collection!r}")
+        collection_specs[(coll.database, coll.collection)] = spec
+
+    sink_specs: dict[dg.AssetKey, dg.AssetSpec] = {}
+    for node in flow_nodes:
+        flow = node.compiled.flow
+        for sink in flow.storage_sinks:
+            spec = translator.get_storage_sink_spec(sink, flow)
+            owners.claim(spec.key, sink.identity, f"{sink.backend.value} sink {sink.slot!r} of flow {flow.name!r}")
+            prior = sink_specs.get(spec.key)
+            sink_specs[spec.key] = (prior or spec).merge_attributes(deps=[node.spec.key])
+            node.sink_keys[sink.slot] = spec.key.to_user_string()
+        for out in flow.output_topics:
+            node.sink_keys[out.slot] = topic_specs[out.topic].key.to_user_string()
+        upstream = [topic_specs[t.topic].key for t in flow.source_topics]
+        upstream += [collection_specs[(c.database, c.collection)].key for c in flow.source_collections]
+        node.spec = node.spec.merge_attributes(deps=upstream)
+
+    externals = [*topic_specs.values(), *collection_specs.values(), *sink_specs.values()]
+    return LoomAssetGraph(flows=flow_nodes, external_specs=_dedupe_deps(externals))
+
+
+def merge_topics(flows: Sequence[LoomFlow]) -> list[LoomTopic]:
+    """One record per physical topic, with every flow that writes or reads it."""
+    writers: dict[str, list[str]] = defaultdict(list)
+    readers: dict[str, list[str]] = defaultdict(list)
+    roles: dict[str, set[TopicRole]] = defaultdict(set)
+    kinds: dict[str, set[str]] = defaultdict(set)
+    for flow in flows:
+        for src in flow.source_topics:
+            readers[src.topic].append(flow.name)
+        for out in flow.output_topics:
+            writers[out.topic].append(flow.name)
+            roles[out.topic].add(out.role)
+            kinds[out.topic].update(out.error_kinds)
+    names = sorted(writers.keys() | readers.keys())
+    return [
+        LoomTopic(
+            topic=name,
+            written_by=tuple(dict.fromkeys(writers[name])),
+            read_by=tuple(dict.fromkeys(readers[name])),
+            roles=tuple(sorted(roles[name])),
+            error_kinds=tuple(sorted(kinds[name])),
+        )
+        for name in names
+    ]
+
+
+def _merge_collections(flows: Sequence[LoomFlow]) -> list[LoomSourceCollection]:
+    seen: dict[tuple[str, str], LoomSourceCollection] = {}
+    for flow in flows:
+        for coll in flow.source_collections:
+            seen.setdefault((coll.database, coll.collection), coll)
+    return list(seen.values())
+
+
+def _dedupe_deps(specs: list[dg.AssetSpec]) -> list[dg.AssetSpec]:
+    out = []
+    for spec in specs:
+        unique = {d.asset_key: d for d in spec.deps}
+        out.append(spec.replace_attributes(deps=list(unique.values())))
+    return out
+
+
+class _KeyOwners:
+    """Refuses two different things under one asset key; the same table from two flows is fine."""
+
+    def __init__(self) -> None:
+        self._owners: dict[dg.AssetKey, tuple[str, str]] = {}
+
+    def claim(self, key: dg.AssetKey, identity: str, label: str) -> None:
+        prior = self._owners.get(key)
+        if prior is None:
+            self._owners[key] = (identity, label)
+            return
+        if prior[0] == identity and not identity.startswith("flow:"):
+            return
+        raise DuplicateAssetKeyError(
+            f"asset key {key.to_user_string()!r} is claimed by {prior[1]} and by {label}. Flow names must be "
+            "unique, and two different tables or topics cannot share a key: rename one, or give them "
+            "distinct keys in a LoomTranslator subclass (e.g. a key prefix)."
+        )

@@ -1,0 +1,64 @@
+"""Process identity and liveness from ``/proc``: a PID plus its start time survives PID reuse."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of ``/proc/<pid>/stat`` we use."""
+
+    pid: int
+    state: str
+    pgid: int
+    session: int
+    start_ticks: int
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    """Parse ``/proc/<pid>/stat``; ``None`` when the process does not exist."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) is in parentheses and may contain spaces: split after the last ')'.
+    rest = raw[raw.rindex(")") + 2 :].split()
+    return ProcStat(pid=pid, state=rest[0], pgid=int(rest[2]), session=int(rest[3]), start_ticks=int(rest[19]))
+
+
+def start_ticks(pid: int) -> int | None:
+    """Start time of *pid* in clock ticks since boot (field 22), or ``None`` when gone."""
+    stat = read_stat(pid)
+    return stat.start_ticks if stat else None
+
+
+def is_alive(pid: int, expected_start_ticks: int | None = None) -> bool:
+    """Whether *pid* runs and is the same process (same start time); zombies count as dead."""
+    stat = read_stat(pid)
+    if stat is None or stat.state in ("Z", "X", "x"):
+        return False
+    return expected_start_ticks is None or stat.start_ticks == expected_start_ticks
+
+
+def uptime_seconds(pid: int) -> float | None:
+    """Seconds since *pid* started, from its start ticks and the system uptime."""
+    stat = read_stat(pid)
+    if stat is None:
+        return None
+    try:
+        boot_uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except OSError:
+        return None
+    return max(0.0, boot_uptime - stat.start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def cmdline(pid: int) -> list[str]:
+    """The argv of *pid* (empty when gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]

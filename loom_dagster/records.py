@@ -1,0 +1,156 @@
+"""Typed, frozen records derived from a loom ``CompiledPlan``: what the translator and builders see.
+
+They carry only what the asset graph, the lineage check and the deployer need, with secrets already
+removed, so they are safe to put into asset metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class SinkBackend(StrEnum):
+    """Storage backends loom's ``IntoTable`` writes to."""
+
+    DELTA = "delta"
+    CLICKHOUSE = "clickhouse"
+    SQL = "sql"
+
+
+class TopicRole(StrEnum):
+    """Why a flow writes a topic."""
+
+    OUTPUT = "output"
+    DLQ = "dlq"
+
+
+@dataclass(frozen=True)
+class LoomColumn:
+    """One column of a table sink, derived from a field of the payload struct."""
+
+    name: str
+    type: str
+    nullable: bool = False
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class LoomSourceTopic:
+    """A Kafka topic a flow consumes (physical name, from config)."""
+
+    topic: str
+    flow_name: str
+    consumer_group: str
+    payload_types: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoomSourceCollection:
+    """A MongoDB collection a flow watches through change streams."""
+
+    database: str
+    collection: str
+    flow_name: str
+
+
+@dataclass(frozen=True)
+class LoomStorageSink:
+    """A table a flow writes through loom's ``IntoTable``.
+
+    ``identity`` is what the lineage check compares: the Delta URI, ClickHouse ``database.table``,
+    or SQL ``database ref`` + table. ``uri`` never carries a password.
+    """
+
+    flow_name: str
+    sink_name: str
+    backend: SinkBackend
+    table: str
+    database: str | None
+    uri: str | None
+    payload_type: str
+    columns: tuple[LoomColumn, ...] = ()
+    node_path: tuple[int, ...] = ()
+
+    @property
+    def identity(self) -> str:
+        """Stable identity of the physical table, for lineage checks."""
+        if self.backend is SinkBackend.DELTA:
+            return f"delta:{self.uri}"
+        if self.backend is SinkBackend.CLICKHOUSE:
+            return f"clickhouse:{self.database}.{self.table}"
+        return f"sql:{self.database}/{self.table}"
+
+    @property
+    def slot(self) -> str:
+        """Name of the sink in the flow (its ``IntoTable`` name), stable across config changes."""
+        return self.sink_name or ".".join(map(str, self.node_path))
+
+
+@dataclass(frozen=True)
+class LoomOutputTopic:
+    """A Kafka topic a flow writes: its output, a branch output, or an error route (DLQ)."""
+
+    topic: str
+    flow_name: str
+    role: TopicRole
+    ref: str
+    error_kinds: tuple[str, ...] = ()
+    payload_type: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """Stable identity of the physical topic, for lineage checks."""
+        return f"kafka:{self.topic}"
+
+    @property
+    def slot(self) -> str:
+        """Logical reference of the output in the flow."""
+        return f"{self.role.value}:{self.ref}"
+
+
+@dataclass(frozen=True)
+class LoomFlow:
+    """One compiled flow, as the asset graph sees it."""
+
+    name: str
+    import_path: str
+    plan_hash: str
+    config_hash: str
+    environment: str
+    source_kind: str
+    consumer_group: str | None
+    delivery: str | None
+    source_topics: tuple[LoomSourceTopic, ...] = ()
+    source_collections: tuple[LoomSourceCollection, ...] = ()
+    storage_sinks: tuple[LoomStorageSink, ...] = ()
+    output_topics: tuple[LoomOutputTopic, ...] = ()
+    error_routes: tuple[tuple[str, str], ...] = ()
+    steps: tuple[str, ...] = ()
+    group_name: str | None = None
+    description: str | None = None
+    owners: tuple[str, ...] = ()
+    tags: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    @property
+    def sink_identities(self) -> dict[str, str]:
+        """Slot -> identity of every sink (tables and topics) the flow writes."""
+        out = {s.slot: s.identity for s in self.storage_sinks}
+        out.update({t.slot: t.identity for t in self.output_topics})
+        return out
+
+
+@dataclass(frozen=True)
+class LoomTopic:
+    """A Kafka topic as one node of the asset graph, merged over every flow that reads or writes it."""
+
+    topic: str
+    written_by: tuple[str, ...] = ()
+    read_by: tuple[str, ...] = ()
+    roles: tuple[TopicRole, ...] = ()
+    error_kinds: tuple[str, ...] = ()
+
+    @property
+    def is_dlq(self) -> bool:
+        """Whether some flow routes errors to this topic."""
+        return TopicRole.DLQ in self.roles

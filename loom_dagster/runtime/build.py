@@ -1,0 +1,89 @@
+"""Build the loom pieces of a job: observability with our observer, runtime settings, the runner."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from loom_dagster.runtime.observer import StatusObserver
+
+if TYPE_CHECKING:
+    from loom.core.config import ConfigContext
+    from loom.core.observability.runtime import ObservabilityRuntime
+    from loom.streaming import StreamFlow
+    from loom.streaming.bytewax import BytewaxRuntimeConfig, StreamingRunner
+
+
+def build_observability(config: ConfigContext, environment: str, observer: StatusObserver) -> ObservabilityRuntime:
+    """The runtime loom would build from ``observability:`` config, plus ``observer``.
+
+    Passing an ``observability_runtime`` to loom replaces the one it would build from config, so
+    the configured observers (structlog, Prometheus), tracer and scrape port are carried over.
+    """
+    from loom.core.config import ConfigKey
+    from loom.core.observability.config import ObservabilityConfig
+    from loom.core.observability.observer.noop import NoopObserver
+    from loom.core.observability.runtime import ObservabilityRuntime
+
+    settings = config.section_or_default(ConfigKey.OBSERVABILITY, ObservabilityConfig, ObservabilityConfig())
+    base = ObservabilityRuntime.from_config(settings, environment=environment)
+    observers = [item for item in base.observers if not isinstance(item, NoopObserver)]
+    return ObservabilityRuntime(
+        [*observers, observer],
+        tracer=base.tracer,
+        _scrape_port=getattr(base, "_scrape_port", None),
+        _scrape_addr=getattr(base, "_scrape_addr", "127.0.0.1"),
+        _span_flusher=getattr(base, "_span_flusher", None),
+        _max_span_links=base.max_span_links,
+    )
+
+
+def runtime_config(
+    config: ConfigContext,
+    *,
+    process_id: int | None = None,
+    addresses: Sequence[str] | None = None,
+    workers_per_process: int | None = None,
+) -> BytewaxRuntimeConfig:
+    """``streaming.runtime`` from config, with the cluster arguments given on the command line.
+
+    loom hands ``process_id``, ``addresses`` and ``workers_per_process`` to ``bytewax.run.cli_main``
+    as they are; every process of a cluster gets the same address list and its own id.
+    """
+    from loom.core.config import ConfigKey
+    from loom.streaming.bytewax import BytewaxRuntimeConfig
+
+    base = config.section_or_default(ConfigKey.STREAMING_RUNTIME, BytewaxRuntimeConfig, BytewaxRuntimeConfig())
+    changes: dict[str, Any] = {}
+    if process_id is not None:
+        changes["process_id"] = process_id
+    if addresses is not None:
+        changes["addresses"] = tuple(addresses)
+    if workers_per_process is not None:
+        changes["workers_per_process"] = workers_per_process
+    return msgspec.structs.replace(base, **changes) if changes else base
+
+
+def build_runner(
+    flow: StreamFlow[Any, Any],
+    config: ConfigContext,
+    environment: str,
+    observability: ObservabilityRuntime,
+) -> StreamingRunner:
+    """Compile the flow against its config (deploy checks included) into a runner."""
+    from loom.streaming.bytewax import StreamingRunner
+
+    return StreamingRunner.from_context(
+        flow, config=config, observability_runtime=observability, environment=environment
+    )
+
+
+def is_runtime_configuration_error(exc: BaseException) -> bool:
+    """True for loom's refusal of a runtime setting at prepare time (a config error)."""
+    try:
+        from loom.streaming.bytewax._errors import RuntimeConfigurationError
+    except ImportError:
+        return False
+    return isinstance(exc, RuntimeConfigurationError)

@@ -1,0 +1,191 @@
+"""Run one loom streaming flow as a long-lived job: load, compile, run, drain, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from loom_dagster.runtime.failure import interrupted, one_line_reason
+from loom_dagster.runtime.observer import StatusObserver
+from loom_dagster.runtime.redact import redact
+from loom_dagster.runtime.reporter import StatusReporter
+from loom_dagster.runtime.signals import StopSignals
+from loom_dagster.runtime.status import (
+    DEFAULT_HEARTBEAT_S,
+    EXIT_BAD_INPUT,
+    EXIT_FLOW_FAILED,
+    EXIT_STARTUP_FAILED,
+    EXIT_STOPPED,
+    STATE_FAILED,
+    STATE_STOPPED,
+    STATE_STOPPING,
+    JobStatus,
+    describe_exit_code,
+)
+
+log = logging.getLogger("loom_dagster.runtime")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Everything ``python -m loom_dagster.runtime`` was asked to do (no secrets in here)."""
+
+    import_path: str
+    configs: tuple[str, ...]
+    status_file: Path
+    environment: str | None = None
+    flow_name: str | None = None
+    sys_paths: tuple[str, ...] = ()
+    process_id: int | None = None
+    addresses: tuple[str, ...] | None = None
+    workers_per_process: int | None = None
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the job ended: exit code and, when it failed, a one-line reason."""
+
+    code: int
+    reason: str | None = None
+
+
+class _Refused(Exception):
+    """The flow cannot start as given (import, config, compile): exit ``EXIT_BAD_INPUT``."""
+
+
+@dataclass
+class _Prepared:
+    runner: Any
+    runtime: Any
+
+
+def run_job(options: JobOptions) -> int:
+    """Run the job until it is stopped or fails; return the process exit code."""
+    try:
+        reporter = _new_reporter(options)
+    except OSError as exc:
+        log.error("exit %d: cannot write status file %s: %s", EXIT_BAD_INPUT, options.status_file, exc)
+        return EXIT_BAD_INPUT
+    signals = StopSignals(reporter.request_stop)
+    signals.install()
+    reporter.start()
+    try:
+        outcome = _execute(options, reporter)
+    except KeyboardInterrupt:
+        outcome = Outcome(EXIT_STOPPED)
+    finally:
+        signals.disarm()
+    _finish(reporter, outcome)
+    return outcome.code
+
+
+def _new_reporter(options: JobOptions) -> StatusReporter:
+    """Create the status file's directory and write the first ``starting`` record."""
+    options.status_file.parent.mkdir(parents=True, exist_ok=True)
+    name = options.flow_name or options.import_path.rpartition(":")[2] or options.import_path
+    status = JobStatus(flow=name, pid=os.getpid(), host=socket.gethostname(), process_id=options.process_id)
+    reporter = StatusReporter(options.status_file, status, interval_s=options.heartbeat_s)
+    reporter.write()
+    return reporter
+
+
+def _execute(options: JobOptions, reporter: StatusReporter) -> Outcome:
+    try:
+        prepared = _prepare(options, reporter)
+    except _Refused as exc:
+        return Outcome(EXIT_BAD_INPUT, str(exc))
+    return _run(prepared, reporter)
+
+
+def _step(label: str, action: Callable[[], T]) -> T:
+    """Run one preparation step; any error becomes ``_Refused`` with ``label`` in front."""
+    try:
+        return action()
+    except (KeyboardInterrupt, _Refused):
+        raise
+    except Exception as exc:
+        raise _Refused(f"{label}: {one_line_reason(exc)}") from exc
+
+
+def _prepare(options: JobOptions, reporter: StatusReporter) -> _Prepared:
+    """Import, load config, compile: everything that can fail before the dataflow is started."""
+    from loom_dagster.loading import ensure_on_path, import_flow, load_config, resolve_environment_name
+    from loom_dagster.runtime.build import build_observability, build_runner, runtime_config
+    from loom_dagster.runtime.probe import install_poll_probe
+
+    for directory in options.sys_paths:
+        ensure_on_path(directory)
+    flow = _step("cannot load flow", lambda: import_flow(options.import_path))
+    name = options.flow_name or flow.name
+    reporter.set_flow(name)
+    environment = _step("invalid environment", lambda: resolve_environment_name(options.environment))
+    config = _step(f"cannot load config of flow {name!r}", lambda: load_config(options.configs, environment))
+    observer = StatusObserver()
+    observability = _step(
+        "invalid observability config", lambda: build_observability(config, environment, observer)
+    )
+    runner = _step(
+        f"cannot compile flow {name!r}", lambda: build_runner(flow, config, environment, observability)
+    )
+    runtime = _step(
+        "invalid streaming.runtime",
+        lambda: runtime_config(
+            config,
+            process_id=options.process_id,
+            addresses=options.addresses,
+            workers_per_process=options.workers_per_process,
+        ),
+    )
+    reporter.attach(observer, install_poll_probe())
+    return _Prepared(runner=runner, runtime=runtime)
+
+
+def _run(prepared: _Prepared, reporter: StatusReporter) -> Outcome:
+    """Run the dataflow (blocking) and classify how it ended."""
+    from loom_dagster.runtime.build import is_runtime_configuration_error
+
+    try:
+        prepared.runner.run(runtime=prepared.runtime)
+    except KeyboardInterrupt:
+        return Outcome(EXIT_STOPPED)
+    except Exception as exc:
+        if reporter.stop_requested is not None and interrupted(exc):
+            return Outcome(EXIT_STOPPED)
+        reason = one_line_reason(exc)
+        if is_runtime_configuration_error(exc):
+            return Outcome(EXIT_BAD_INPUT, f"runtime settings refused: {reason}")
+        if reporter.stop_requested is not None:
+            return Outcome(EXIT_FLOW_FAILED, f"failed while draining after {reporter.stop_requested}: {reason}")
+        if not reporter.connected:
+            return Outcome(EXIT_STARTUP_FAILED, f"failed before its first poll: {reason}")
+        return Outcome(EXIT_FLOW_FAILED, f"failed at run time: {reason}")
+    return Outcome(EXIT_STOPPED)
+
+
+def _finish(reporter: StatusReporter, outcome: Outcome) -> None:
+    """Write the final record (fsync'd), stop the heartbeat, log one line."""
+    if outcome.code == EXIT_STOPPED:
+        reporter.set_state(STATE_STOPPING)
+        reporter.set_state(STATE_STOPPED, exit_code=outcome.code)
+    else:
+        reporter.set_state(STATE_FAILED, exit_code=outcome.code, error=outcome.reason)
+    reporter.stop()
+    flow = reporter.snapshot().flow
+    if outcome.code == EXIT_STOPPED:
+        cause = reporter.stop_requested or "the dataflow ended by itself"
+        log.info("flow %r stopped (%s); exit %d", flow, cause, outcome.code)
+    else:
+        log.error(
+            "flow %r exit %d (%s): %s",
+            flow,
+            outcome.code,
+            describe_exit_code(outcome.code),
+            redact(outcome.reason or "no reason recorded"),
+        )

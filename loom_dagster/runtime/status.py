@@ -1,0 +1,234 @@
+"""The status record a running flow job keeps on disk, and how to read it.
+
+Standard library only: a launcher, a sensor or a health check imports this module without
+importing loom or bytewax.
+
+The record is one small JSON object, rewritten atomically (temp file + ``os.replace``) at start,
+on every state change and on every heartbeat, so a reader sees either the previous or the next
+complete version, never a torn one. Times are epoch seconds (floats). Example::
+
+    {"flow": "orders_enrichment", "pid": 4242, "host": "worker-1", "state": "running",
+     "started_at": 1795885410.6, "heartbeat_at": 1795885471.6, "connected_at": 1795885412.0,
+     "last_poll_at": 1795885471.5, "records_in": 1000, "records_out": 2000, "errors": 1,
+     "sinks": {"orders_delta": {"last_write_at": 1795885470.2, "records": 1000}},
+     "exit_code": null, "error": null, "process_id": null, "partitions": 1}
+
+Exit codes of ``python -m loom_dagster.runtime`` (also written to ``exit_code``):
+
+- ``EXIT_STOPPED`` (0): stopped on request (SIGTERM or SIGINT) after draining.
+- ``EXIT_FLOW_FAILED`` (1): the flow failed at run time, after it had connected.
+- ``EXIT_BAD_INPUT`` (2): bad arguments, import, config, compile or deploy-check error; nothing
+  was started and retrying without a change will fail the same way.
+- ``EXIT_STARTUP_FAILED`` (3): the dataflow was built but failed before its first successful
+  poll (broker unreachable, topic missing, sink could not be opened...); may be transient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+EXIT_STOPPED = 0
+EXIT_FLOW_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_STARTUP_FAILED = 3
+
+EXIT_CODE_MEANINGS: Mapping[int, str] = {
+    EXIT_STOPPED: "stopped on request after draining",
+    EXIT_FLOW_FAILED: "the flow failed at run time",
+    EXIT_BAD_INPUT: "bad arguments, import, config or compile error (nothing started)",
+    EXIT_STARTUP_FAILED: "the flow failed before its first successful poll",
+}
+
+STATE_STARTING = "starting"
+STATE_RUNNING = "running"
+STATE_STOPPING = "stopping"
+STATE_STOPPED = "stopped"
+STATE_FAILED = "failed"
+STATES = (STATE_STARTING, STATE_RUNNING, STATE_STOPPING, STATE_STOPPED, STATE_FAILED)
+FINAL_STATES = frozenset({STATE_STOPPED, STATE_FAILED})
+
+DEFAULT_HEARTBEAT_S = 1.0
+
+
+@dataclass
+class SinkStatus:
+    """What one sink (table node name or output topic) has written so far."""
+
+    last_write_at: float | None = None
+    records: int = 0
+
+
+@dataclass
+class JobStatus:
+    """One snapshot of a flow job, as written to the status file."""
+
+    flow: str
+    pid: int
+    host: str
+    state: str = STATE_STARTING
+    started_at: float = field(default_factory=time.time)
+    heartbeat_at: float | None = None
+    connected_at: float | None = None
+    last_poll_at: float | None = None
+    records_in: int = 0
+    records_out: int = 0
+    errors: int = 0
+    sinks: dict[str, SinkStatus] = field(default_factory=dict)
+    exit_code: int | None = None
+    error: str | None = None
+    process_id: int | None = None
+    partitions: int | None = None
+
+    @property
+    def is_final(self) -> bool:
+        """True once the job has stopped or failed (the process is exiting or gone)."""
+        return self.state in FINAL_STATES
+
+    @property
+    def connected(self) -> bool:
+        """True once the source completed its first poll: the job's "healthy" signal."""
+        return self.connected_at is not None
+
+    def heartbeat_age(self, now: float | None = None) -> float | None:
+        """Seconds since the last heartbeat (``None`` if there was none)."""
+        if self.heartbeat_at is None:
+            return None
+        return (time.time() if now is None else now) - self.heartbeat_at
+
+    def is_stale(self, max_age_s: float, now: float | None = None) -> bool:
+        """True if a non-final job has not written a heartbeat for ``max_age_s`` seconds."""
+        if self.is_final:
+            return False
+        age = self.heartbeat_age(now)
+        return age is None or age > max_age_s
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready mapping written to the status file."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobStatus:
+        """Build a record from a decoded status file; unknown keys are ignored.
+
+        Raises:
+            ValueError: if a required key is missing or a value has the wrong type.
+        """
+        try:
+            return cls(
+                flow=str(data["flow"]),
+                pid=int(data["pid"]),
+                host=str(data.get("host", "")),
+                state=_state(data.get("state")),
+                started_at=float(data["started_at"]),
+                heartbeat_at=_opt_float(data.get("heartbeat_at")),
+                connected_at=_opt_float(data.get("connected_at")),
+                last_poll_at=_opt_float(data.get("last_poll_at")),
+                records_in=int(data.get("records_in") or 0),
+                records_out=int(data.get("records_out") or 0),
+                errors=int(data.get("errors") or 0),
+                sinks=_sinks(data.get("sinks")),
+                exit_code=_opt_int(data.get("exit_code")),
+                error=None if data.get("error") is None else str(data["error"]),
+                process_id=_opt_int(data.get("process_id")),
+                partitions=_opt_int(data.get("partitions")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a loom-dagster job status record: {exc!r}") from exc
+
+
+def _state(value: object) -> str:
+    if value not in STATES:
+        raise ValueError(f"unknown state {value!r}")
+    return str(value)
+
+
+def _opt_float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+def _opt_int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def _sinks(value: object) -> dict[str, SinkStatus]:
+    if not isinstance(value, Mapping):
+        return {}
+    sinks: dict[str, SinkStatus] = {}
+    for name, entry in value.items():
+        if isinstance(entry, Mapping):
+            sinks[str(name)] = SinkStatus(
+                last_write_at=_opt_float(entry.get("last_write_at")),
+                records=int(entry.get("records") or 0),
+            )
+    return sinks
+
+
+def write_status(path: str | os.PathLike[str], status: JobStatus, *, durable: bool = False) -> None:
+    """Atomically replace the status file with ``status`` (temp file in the same directory).
+
+    ``durable`` also fsyncs the file, for the final record that must survive a host crash.
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    payload = json.dumps(status.to_dict(), separators=(",", ":"), sort_keys=True)
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(payload)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.replace(tmp, target)
+
+
+def read_status(path: str | os.PathLike[str]) -> JobStatus | None:
+    """Read a status file; ``None`` if it is missing, empty, partial or not a status record."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    try:
+        return JobStatus.from_dict(data)
+    except ValueError:
+        return None
+
+
+def describe_exit_code(code: int | None) -> str:
+    """Human-readable meaning of a runtime exit code (negative = killed by that signal)."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by signal {-code}"
+    return EXIT_CODE_MEANINGS.get(code, f"unexpected exit code {code}")
+
+
+__all__ = [
+    "DEFAULT_HEARTBEAT_S",
+    "EXIT_BAD_INPUT",
+    "EXIT_CODE_MEANINGS",
+    "EXIT_FLOW_FAILED",
+    "EXIT_STARTUP_FAILED",
+    "EXIT_STOPPED",
+    "FINAL_STATES",
+    "STATES",
+    "STATE_FAILED",
+    "STATE_RUNNING",
+    "STATE_STARTING",
+    "STATE_STOPPED",
+    "STATE_STOPPING",
+    "JobStatus",
+    "SinkStatus",
+    "describe_exit_code",
+    "read_status",
+    "write_status",
+]
