@@ -9,6 +9,7 @@ import dagster as dg
 
 from loom_dagster.catalog import compile_specs, config_section
 from loom_dagster.deploy import DeployResult
+from loom_dagster.errors import LoomDagsterError
 from loom_dagster.graph import FlowNode, LoomAssetGraph, build_asset_graph
 from loom_dagster.records import LoomFlow
 from loom_dagster.resources import LoomDeployResource
@@ -70,14 +71,19 @@ def flow_deploy_asset(node: FlowNode) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, config: LoomDeployConfig, loom: LoomDeployResource
     ) -> dg.MaterializeResult:
         deployer = loom.deployer()
-        result = deployer.deploy(
-            flow_spec,
-            declared,
-            sink_keys=sink_keys,
-            environment=config.environment,
-            run_id=context.run.run_id,
-            log=context.log.info,
-        )
+        try:
+            result = deployer.deploy(
+                flow_spec,
+                declared,
+                sink_keys=sink_keys,
+                environment=config.environment,
+                run_id=context.run.run_id,
+                log=context.log.info,
+            )
+        except LoomDagsterError as exc:
+            raise dg.Failure(
+                description=str(exc), metadata={"loom/error": type(exc).__name__}, allow_retries=False
+            ) from exc
         return dg.MaterializeResult(
             asset_key=spec.key,
             metadata=deploy_metadata(declared, result),

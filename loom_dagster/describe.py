@@ -140,8 +140,9 @@ def output_topics(flow: StreamFlow[Any, Any], plan: CompiledPlan) -> tuple[LoomO
 
     if plan.output is not None:
         add(plan.output, TopicRole.OUTPUT, flow.output.name if flow.output is not None else "output")
+    refs = topic_refs_by_path(flow)
     for path, sink in sorted(plan.terminal_sinks.items()):
-        add(sink, TopicRole.OUTPUT, ".".join(map(str, path)))
+        add(sink, TopicRole.OUTPUT, refs.get(tuple(path), ".".join(map(str, path))))
     for sink in [plan.output, *plan.terminal_sinks.values()]:
         if sink is not None and sink.dlq_topic:
             found[(TopicRole.DLQ.value, sink.dlq_topic)] = LoomOutputTopic(
@@ -151,6 +152,32 @@ def output_topics(flow: StreamFlow[Any, Any], plan: CompiledPlan) -> tuple[LoomO
         declared = flow.errors.get(kind)
         add(sink, TopicRole.DLQ, declared.name if declared is not None else sink.topic, (_enum_value(kind),))
     return tuple(sorted(found.values(), key=lambda t: (t.role.value, t.topic)))
+
+
+def topic_refs_by_path(flow: StreamFlow[Any, Any]) -> dict[tuple[int, ...], str]:
+    """Logical names of the ``IntoTopic`` nodes and branch outputs, keyed by the compiler's node paths."""
+    try:
+        from loom.streaming.nodes._branches import is_branching_node, iter_branches
+    except ImportError:
+        return {}
+    found: dict[tuple[int, ...], str] = {}
+
+    def visit(nodes: Any, prefix: tuple[int, ...]) -> None:
+        for index, node in enumerate(tuple(nodes)):
+            path = prefix + (index,)
+            if hasattr(node, "partitioning") and hasattr(node, "dlq"):
+                found[path] = str(getattr(node, "logical_ref", None) or node.name)
+            elif is_branching_node(node):
+                for branch in iter_branches(node):
+                    branch_path = path + (branch.index,)
+                    if branch.output is not None:
+                        found[branch_path] = str(getattr(branch.output, "logical_ref", None) or branch.output.name)
+                    visit(branch.nodes, branch_path)
+            elif getattr(node, "process", None) is not None and hasattr(node.process, "nodes"):
+                visit(node.process.nodes, path)
+
+    visit(flow.process.nodes, ())
+    return found
 
 
 def plan_hash(plan: CompiledPlan) -> str:

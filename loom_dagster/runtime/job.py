@@ -23,7 +23,6 @@ from loom_dagster.runtime.status import (
     EXIT_STOPPED,
     STATE_FAILED,
     STATE_STOPPED,
-    STATE_STOPPING,
     JobStatus,
     describe_exit_code,
 )
@@ -46,6 +45,7 @@ class JobOptions:
     addresses: tuple[str, ...] | None = None
     workers_per_process: int | None = None
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
+    final_commit: bool = True
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def run_job(options: JobOptions) -> int:
     signals.install()
     reporter.start()
     try:
-        outcome = _execute(options, reporter)
+        outcome = _execute(options, reporter, signals)
     except KeyboardInterrupt:
         outcome = Outcome(EXIT_STOPPED)
     finally:
@@ -96,12 +96,17 @@ def _new_reporter(options: JobOptions) -> StatusReporter:
     return reporter
 
 
-def _execute(options: JobOptions, reporter: StatusReporter) -> Outcome:
+def _execute(options: JobOptions, reporter: StatusReporter, signals: StopSignals) -> Outcome:
     try:
         prepared = _prepare(options, reporter)
     except _Refused as exc:
         return Outcome(EXIT_BAD_INPUT, str(exc))
-    return _run(prepared, reporter)
+    outcome = _run(prepared, reporter, signals)
+    if outcome.code == EXIT_STOPPED and options.final_commit:
+        from loom_dagster.runtime.final_commit import final_commit
+
+        final_commit(prepared.runner)
+    return outcome
 
 
 def _step(label: str, action: Callable[[], T]) -> T:
@@ -144,35 +149,45 @@ def _prepare(options: JobOptions, reporter: StatusReporter) -> _Prepared:
         ),
     )
     reporter.attach(observer, install_poll_probe())
+    if options.final_commit:
+        from loom_dagster.runtime.final_commit import install_tracker_registry
+
+        install_tracker_registry()
     return _Prepared(runner=runner, runtime=runtime)
 
 
-def _run(prepared: _Prepared, reporter: StatusReporter) -> Outcome:
+def _run(prepared: _Prepared, reporter: StatusReporter, signals: StopSignals) -> Outcome:
     """Run the dataflow (blocking) and classify how it ended."""
-    from loom_dagster.runtime.build import is_runtime_configuration_error
-
     try:
         prepared.runner.run(runtime=prepared.runtime)
     except KeyboardInterrupt:
         return Outcome(EXIT_STOPPED)
     except Exception as exc:
-        if reporter.stop_requested is not None and interrupted(exc):
-            return Outcome(EXIT_STOPPED)
-        reason = one_line_reason(exc)
-        if is_runtime_configuration_error(exc):
-            return Outcome(EXIT_BAD_INPUT, f"runtime settings refused: {reason}")
-        if reporter.stop_requested is not None:
-            return Outcome(EXIT_FLOW_FAILED, f"failed while draining after {reporter.stop_requested}: {reason}")
-        if not reporter.connected:
-            return Outcome(EXIT_STARTUP_FAILED, f"failed before its first poll: {reason}")
-        return Outcome(EXIT_FLOW_FAILED, f"failed at run time: {reason}")
+        return _classify_failure(exc, reporter)
+    finally:
+        signals.disarm()
     return Outcome(EXIT_STOPPED)
+
+
+def _classify_failure(exc: Exception, reporter: StatusReporter) -> Outcome:
+    """Exit code and reason of a run that raised."""
+    from loom_dagster.runtime.build import is_runtime_configuration_error
+
+    if reporter.stop_requested is not None and interrupted(exc):
+        return Outcome(EXIT_STOPPED)
+    reason = one_line_reason(exc)
+    if is_runtime_configuration_error(exc):
+        return Outcome(EXIT_BAD_INPUT, f"runtime settings refused: {reason}")
+    if reporter.stop_requested is not None:
+        return Outcome(EXIT_FLOW_FAILED, f"failed while draining after {reporter.stop_requested}: {reason}")
+    if not reporter.connected:
+        return Outcome(EXIT_STARTUP_FAILED, f"failed before its first poll: {reason}")
+    return Outcome(EXIT_FLOW_FAILED, f"failed at run time: {reason}")
 
 
 def _finish(reporter: StatusReporter, outcome: Outcome) -> None:
     """Write the final record (fsync'd), stop the heartbeat, log one line."""
     if outcome.code == EXIT_STOPPED:
-        reporter.set_state(STATE_STOPPING)
         reporter.set_state(STATE_STOPPED, exit_code=outcome.code)
     else:
         reporter.set_state(STATE_FAILED, exit_code=outcome.code, error=outcome.reason)

@@ -1,0 +1,134 @@
+"""Command line of the job runtime: ``python -m loom_dagster.runtime ...``.
+
+Secrets are never arguments: broker credentials, database URLs and the like come from the loom
+config files and the environment (``${oc.env:...}``, ``LOOM__SECTION__KEY``) only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from loom_dagster.runtime.job import JobOptions, run_job
+from loom_dagster.runtime.redact import redact
+from loom_dagster.runtime.status import DEFAULT_HEARTBEAT_S, EXIT_BAD_INPUT, EXIT_CODE_MEANINGS
+
+PROG = "python -m loom_dagster.runtime"
+LOG_PREFIX = "loom-dagster runtime: "
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Formats like ``logging.Formatter`` and masks credentials in the result."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors exit with ``EXIT_BAD_INPUT`` and one clear line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"{LOG_PREFIX}exit {EXIT_BAD_INPUT}: bad arguments: {redact(message)}\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The runtime's argument parser."""
+    codes = "; ".join(f"{code} = {meaning}" for code, meaning in EXIT_CODE_MEANINGS.items())
+    parser = _Parser(
+        prog=PROG,
+        description="Run one loom streaming flow until SIGTERM/SIGINT, keeping a JSON status file.",
+        epilog=f"Exit codes: {codes}.",
+    )
+    parser.add_argument("--import-path", required=True, help="flow to run, 'package.module:attribute'")
+    parser.add_argument(
+        "--config", action="append", required=True, dest="configs",
+        help="loom config file or directory (base.yaml + <env>.yaml); repeat to merge several",
+    )
+    parser.add_argument("--environment", default=None, help="loom environment (default: LOOM_ENV, else production)")
+    parser.add_argument("--status-file", required=True, type=Path, help="JSON status record to keep current")
+    parser.add_argument("--flow-name", default=None, help="name in the status record (default: the flow's name)")
+    parser.add_argument(
+        "--sys-path", action="append", default=[], dest="sys_paths",
+        help="directory to put on sys.path before importing the flow; repeatable",
+    )
+    parser.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT_S, help="status write interval, s")
+    parser.add_argument(
+        "--no-final-commit", dest="final_commit", action="store_false",
+        help="do not commit the offsets made durable by the shutdown flush (they are then replayed)",
+    )
+    cluster = parser.add_argument_group("cluster (overrides streaming.runtime)")
+    cluster.add_argument("--process-id", type=int, default=None, help="this process's index in --addresses")
+    cluster.add_argument("--addresses", default=None, help="host:port of every process, comma-separated, same order everywhere")
+    cluster.add_argument("--workers-per-process", type=int, default=None, help="worker threads in this process")
+    return parser
+
+
+def parse_options(argv: Sequence[str] | None = None) -> JobOptions:
+    """Parse and check the arguments into :class:`~loom_dagster.runtime.job.JobOptions`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    addresses = _addresses(parser, args.addresses)
+    _check_cluster(parser, args.process_id, addresses, args.workers_per_process)
+    if args.heartbeat <= 0:
+        parser.error("--heartbeat must be above 0")
+    return JobOptions(
+        import_path=args.import_path,
+        configs=tuple(args.configs),
+        status_file=args.status_file,
+        environment=args.environment,
+        flow_name=args.flow_name,
+        sys_paths=tuple(args.sys_paths),
+        process_id=args.process_id,
+        addresses=addresses,
+        workers_per_process=args.workers_per_process,
+        heartbeat_s=args.heartbeat,
+        final_commit=args.final_commit,
+    )
+
+
+def _addresses(parser: argparse.ArgumentParser, raw: str | None) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    for item in items:
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            parser.error(f"--addresses entry {item!r} must look like host:port")
+    if not items:
+        parser.error("--addresses is empty")
+    return items
+
+
+def _check_cluster(
+    parser: argparse.ArgumentParser,
+    process_id: int | None,
+    addresses: tuple[str, ...] | None,
+    workers: int | None,
+) -> None:
+    if (process_id is None) != (addresses is None):
+        parser.error("--process-id and --addresses go together")
+    if process_id is not None and addresses is not None and not 0 <= process_id < len(addresses):
+        parser.error(f"--process-id {process_id} is not an index of the {len(addresses)} --addresses")
+    if workers is not None and workers < 1:
+        parser.error("--workers-per-process must be at least 1")
+
+
+def configure_logging() -> None:
+    """Our own lines go to stderr, one per event, prefixed and redacted."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter(f"{LOG_PREFIX}%(message)s"))
+    logger = logging.getLogger("loom_dagster.runtime")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, run the job, return its exit code."""
+    configure_logging()
+    return run_job(parse_options(argv))

@@ -1,0 +1,147 @@
+"""Shared fixtures: a real Kafka broker (KRaft, official jars), a real ClickHouse engine behind its HTTP
+interface, loom config writers and Dagster instances."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loom_dagster.dev.kafka import KafkaBroker, create_topics
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[KafkaBroker]:
+    """A real single-node Kafka broker for the whole session (or ``LOOM_DAGSTER_KAFKA_BOOTSTRAP``)."""
+    with KafkaBroker() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def clickhouse() -> Iterator[object]:
+    """A real ClickHouse engine (chdb, ClickHouse in-process) behind our HTTP front on loopback.
+
+    It speaks the part of ClickHouse's HTTP interface that clickhouse-connect uses, which is what
+    loom's ClickHouse sink and our checks talk to. One per session: chdb allows one engine per process.
+    """
+    from loom_dagster.dev.clickhouse import ChdbHttpServer
+
+    with ChdbHttpServer() as server:
+        yield server
+
+
+@pytest.fixture()
+def topic_prefix() -> str:
+    """A unique prefix, so tests sharing the session broker never share topics or groups."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    """Write dedented YAML, creating parent directories."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def shapes_config(
+    directory: Path,
+    *,
+    brokers: str = "127.0.0.1:9",
+    prefix: str = "t",
+    delta_uri: str | None = None,
+    ch_table: str = "analytics.events",
+    ch_url: str = "http://default:hunter2@127.0.0.1:8123",
+    sql_url: str | None = None,
+) -> Path:
+    """A config directory for ``tests.flows.shapes`` (base.yaml only)."""
+    delta = delta_uri or str(directory / "delta" / "events")
+    sql = sql_url or f"sqlite+aiosqlite:///{directory / 'warehouse.db'}"
+    write_yaml(
+        directory / "base.yaml",
+        f"""
+        kafka:
+          consumer:
+            brokers: ["{brokers}"]
+            group_id: {prefix}-events
+            topics: [{prefix}.events]
+            delivery: at_least_once
+          producer:
+            brokers: ["{brokers}"]
+          producers:
+            events_out: {{brokers: ["{brokers}"], topic: {prefix}.events.out}}
+            events_dlq: {{brokers: ["{brokers}"], topic: {prefix}.events.dlq}}
+        streaming:
+          sinks:
+            events_delta: {{uri: "{delta}", table: events}}
+            events_ch: {{database: ch, table: {ch_table}}}
+            events_sql: {{database: warehouse, table: events}}
+        database:
+          ch: {{url: "{ch_url}"}}
+          warehouse: {{url: "{sql}"}}
+        """,
+    )
+    return directory
+
+
+@pytest.fixture()
+def sinks_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Monkeypatch preset to the default sinks of ``tests.flows.shapes``."""
+    monkeypatch.setenv("LOOM_TEST_SINKS", "delta,ch,topic")
+    return monkeypatch
+
+
+def ticks_config(
+    directory: Path,
+    *,
+    brokers: str,
+    prefix: str,
+    delta_uri: str,
+    buffer_max_records: int = 1000,
+    buffer_max_age_s: float = 1.0,
+    extra_sink: str = "",
+) -> Path:
+    """A config directory for ``tests.flows.delta_only`` (Kafka -> Delta + topic)."""
+    write_yaml(
+        directory / "base.yaml",
+        f"""
+        kafka:
+          consumer:
+            brokers: ["{brokers}"]
+            group_id: {prefix}-ticks
+            topics: [{prefix}.ticks]
+            delivery: at_least_once
+            auto_offset_reset: earliest
+          producer:
+            brokers: ["{brokers}"]
+          producers:
+            ticks_out: {{brokers: ["{brokers}"], topic: {prefix}.ticks.out}}
+            ticks_dlq: {{brokers: ["{brokers}"], topic: {prefix}.ticks.dlq}}
+        streaming:
+          runtime: {{epoch_interval_ms: 200}}
+          sinks:
+            ticks_delta:
+              uri: "{delta_uri}"
+              table: ticks
+              buffer_max_records: {buffer_max_records}
+              buffer_max_age_s: {buffer_max_age_s}{extra_sink}
+        """,
+    )
+    return directory
+
+
+def make_topics(bootstrap: str, prefix: str, names: list[str], partitions: int = 1) -> list[str]:
+    """Create ``<prefix>.<name>`` topics; return their names."""
+    topics = [f"{prefix}.{n}" for n in names]
+    create_topics(bootstrap, topics, partitions=partitions)
+    return topics
+
+
+@pytest.fixture(autouse=True)
+def _no_loom_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests choose their loom environment explicitly."""
+    monkeypatch.delenv("LOOM_ENV", raising=False)
+    os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")

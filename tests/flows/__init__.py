@@ -1,0 +1,1 @@
+"""Flows used by the tests (plain loom, nothing Dagster-specific)."""
