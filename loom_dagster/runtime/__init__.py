@@ -9,6 +9,7 @@ launchers and sensors use :func:`read_status`, :class:`JobStatus` and the exit-c
 
 from loom_dagster.runtime.status import (
     EXIT_BAD_INPUT,
+    EXIT_DRAIN_TIMEOUT,
     EXIT_FLOW_FAILED,
     EXIT_STARTUP_FAILED,
     EXIT_STOPPED,
@@ -20,6 +21,7 @@ from loom_dagster.runtime.status import (
 
 __all__ = [
     "EXIT_BAD_INPUT",
+    "EXIT_DRAIN_TIMEOUT",
     "EXIT_FLOW_FAILED",
     "EXIT_STARTUP_FAILED",
     "EXIT_STOPPED",

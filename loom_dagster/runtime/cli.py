@@ -14,7 +14,12 @@ from pathlib import Path
 
 from loom_dagster.runtime.job import JobOptions, run_job
 from loom_dagster.runtime.redact import redact
-from loom_dagster.runtime.status import DEFAULT_HEARTBEAT_S, EXIT_BAD_INPUT, EXIT_CODE_MEANINGS
+from loom_dagster.runtime.status import (
+    DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_HEARTBEAT_S,
+    EXIT_BAD_INPUT,
+    EXIT_CODE_MEANINGS,
+)
 
 PROG = "python -m loom_dagster.runtime"
 LOG_PREFIX = "loom-dagster runtime: "
@@ -58,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT_S, help="status write interval, s")
     parser.add_argument(
+        "--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+        help=f"seconds a stop may take before the process gives up (exit 4); 0 = wait forever "
+        f"(default {DEFAULT_DRAIN_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
         "--no-final-commit", dest="final_commit", action="store_false",
         help="do not commit the offsets made durable by the shutdown flush (they are then replayed)",
     )
@@ -76,6 +86,8 @@ def parse_options(argv: Sequence[str] | None = None) -> JobOptions:
     _check_cluster(parser, args.process_id, addresses, args.workers_per_process)
     if args.heartbeat <= 0:
         parser.error("--heartbeat must be above 0")
+    if args.drain_timeout < 0:
+        parser.error("--drain-timeout must be 0 (no limit) or above")
     return JobOptions(
         import_path=args.import_path,
         configs=tuple(args.configs),
@@ -88,6 +100,7 @@ def parse_options(argv: Sequence[str] | None = None) -> JobOptions:
         workers_per_process=args.workers_per_process,
         heartbeat_s=args.heartbeat,
         final_commit=args.final_commit,
+        drain_timeout_s=args.drain_timeout or None,
     )
 
 

@@ -1,4 +1,18 @@
-"""Run one loom streaming flow as a long-lived job: load, compile, run, drain, report."""
+"""Run one loom streaming flow as a long-lived job: load, compile, run, drain, report.
+
+How a job ends, and what a launcher sees (exit code / final status record):
+
+- bad import path, bad config, compile or deploy-check error, a step whose ``__init__`` raises
+  (loom instantiates steps at compile time): exit 2, record ``failed`` with the reason. The record
+  is written first thing, so a launcher always finds one unless the arguments themselves are bad
+  (argparse error: exit 2, one stderr line, no record);
+- the dataflow fails before its first poll (unreachable broker: ~10 s, loom's metadata timeout):
+  exit 3, record ``failed``, ``connected_at`` null;
+- it fails after connecting: exit 1; a signal: drain, final offset commit, exit 0, ``stopped``.
+
+A health gate should wait for ``connected_at`` (or a final state); later, ``last_poll_at`` stops
+advancing when the dataflow stalls (e.g. a cluster peer is gone) even though heartbeats go on.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +30,7 @@ from loom_dagster.runtime.redact import redact
 from loom_dagster.runtime.reporter import StatusReporter
 from loom_dagster.runtime.signals import StopSignals
 from loom_dagster.runtime.status import (
+    DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_HEARTBEAT_S,
     EXIT_BAD_INPUT,
     EXIT_FLOW_FAILED,
@@ -46,6 +61,7 @@ class JobOptions:
     workers_per_process: int | None = None
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     final_commit: bool = True
+    drain_timeout_s: float | None = DEFAULT_DRAIN_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -91,7 +107,9 @@ def _new_reporter(options: JobOptions) -> StatusReporter:
     options.status_file.parent.mkdir(parents=True, exist_ok=True)
     name = options.flow_name or options.import_path.rpartition(":")[2] or options.import_path
     status = JobStatus(flow=name, pid=os.getpid(), host=socket.gethostname(), process_id=options.process_id)
-    reporter = StatusReporter(options.status_file, status, interval_s=options.heartbeat_s)
+    reporter = StatusReporter(
+        options.status_file, status, interval_s=options.heartbeat_s, drain_timeout_s=options.drain_timeout_s
+    )
     reporter.write()
     return reporter
 
@@ -115,7 +133,7 @@ def _step(label: str, action: Callable[[], T]) -> T:
         return action()
     except (KeyboardInterrupt, _Refused):
         raise
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit from a module, pyo3 panics: still a refusal
         raise _Refused(f"{label}: {one_line_reason(exc)}") from exc
 
 
@@ -162,14 +180,14 @@ def _run(prepared: _Prepared, reporter: StatusReporter, signals: StopSignals) ->
         prepared.runner.run(runtime=prepared.runtime)
     except KeyboardInterrupt:
         return Outcome(EXIT_STOPPED)
-    except Exception as exc:
+    except BaseException as exc:  # bytewax panics arrive as pyo3 PanicException, a BaseException
         return _classify_failure(exc, reporter)
     finally:
         signals.disarm()
     return Outcome(EXIT_STOPPED)
 
 
-def _classify_failure(exc: Exception, reporter: StatusReporter) -> Outcome:
+def _classify_failure(exc: BaseException, reporter: StatusReporter) -> Outcome:
     """Exit code and reason of a run that raised."""
     from loom_dagster.runtime.build import is_runtime_configuration_error
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import replace
@@ -13,7 +14,9 @@ from loom_dagster.runtime.probe import PollProbe
 from loom_dagster.runtime.redact import redact
 from loom_dagster.runtime.status import (
     DEFAULT_HEARTBEAT_S,
+    EXIT_DRAIN_TIMEOUT,
     FINAL_STATES,
+    STATE_FAILED,
     STATE_RUNNING,
     STATE_STARTING,
     STATE_STOPPING,
@@ -32,10 +35,19 @@ class StatusReporter:
     lock): handlers call :meth:`wake` instead, which only sets an event.
     """
 
-    def __init__(self, path: str | Path, status: JobStatus, *, interval_s: float = DEFAULT_HEARTBEAT_S):
+    def __init__(
+        self,
+        path: str | Path,
+        status: JobStatus,
+        *,
+        interval_s: float = DEFAULT_HEARTBEAT_S,
+        drain_timeout_s: float | None = None,
+    ):
         self.path = Path(path)
         self._status = status
         self._interval_s = interval_s
+        self._drain_timeout_s = drain_timeout_s
+        self._stop_requested_at: float | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._done = threading.Event()
@@ -82,6 +94,7 @@ class StatusReporter:
         """Remember a stop request (signal-handler safe: no lock, only an event)."""
         if self._stop_requested is None:
             self._stop_requested = signal_name
+            self._stop_requested_at = time.monotonic()
         self._wake.set()
 
     @property
@@ -126,7 +139,33 @@ class StatusReporter:
                     return
                 if self._stop_requested is not None and self._status.state != STATE_STOPPING:
                     self._status.state = STATE_STOPPING
+                if self._drain_overdue():
+                    self._abandon_drain()
                 self._write_locked(durable=False)
+
+    def _drain_overdue(self) -> bool:
+        if self._drain_timeout_s is None or self._stop_requested_at is None:
+            return False
+        return time.monotonic() - self._stop_requested_at > self._drain_timeout_s
+
+    def _abandon_drain(self) -> None:
+        """Give up on a drain that hangs (lock held): final record, one line, ``os._exit``.
+
+        Seen when only one process of a bytewax cluster is signalled: it flushes its sinks, then
+        waits forever for its peers. Nothing is committed past what was durable, so the records
+        of the unfinished drain are replayed by the next run (duplicates possible, no loss).
+        """
+        reason = (
+            f"drain after {self._stop_requested} did not finish within {self._drain_timeout_s:g} s "
+            "(in a cluster, signal every process); exiting without completing it"
+        )
+        self._status.state = STATE_FAILED
+        self._status.exit_code = EXIT_DRAIN_TIMEOUT
+        self._status.error = reason
+        self._write_locked(durable=True)
+        log.error("flow %r exit %d: %s", self._status.flow, EXIT_DRAIN_TIMEOUT, reason)
+        logging.shutdown()
+        os._exit(EXIT_DRAIN_TIMEOUT)
 
     # ----- internals (lock held)
 

@@ -21,6 +21,12 @@ Exit codes of ``python -m loom_dagster.runtime`` (also written to ``exit_code``)
   was started and retrying without a change will fail the same way.
 - ``EXIT_STARTUP_FAILED`` (3): the dataflow was built but failed before its first successful
   poll (broker unreachable, topic missing, sink could not be opened...); may be transient.
+- ``EXIT_DRAIN_TIMEOUT`` (4): stopped on request, but the drain did not finish within
+  ``--drain-timeout`` (e.g. only one process of a cluster was signalled); the process gave up.
+  Nothing was committed past what was durable: the unfinished part is replayed by the next run.
+
+A process killed by a signal (SIGKILL, or SIGTERM before the handler is installed, in the first
+~0.6 s) has no final record: its file stays in a non-final state with a stale ``heartbeat_at``.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ EXIT_STOPPED = 0
 EXIT_FLOW_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STARTUP_FAILED = 3
+EXIT_DRAIN_TIMEOUT = 4
 
 EXIT_CODE_MEANINGS: Mapping[int, str] = {
     EXIT_STOPPED: "stopped on request after draining",
     EXIT_FLOW_FAILED: "the flow failed at run time",
     EXIT_BAD_INPUT: "bad arguments, import, config or compile error (nothing started)",
     EXIT_STARTUP_FAILED: "the flow failed before its first successful poll",
+    EXIT_DRAIN_TIMEOUT: "stopped on request, but the drain did not finish in time",
 }
 
 STATE_STARTING = "starting"
@@ -54,6 +62,7 @@ STATES = (STATE_STARTING, STATE_RUNNING, STATE_STOPPING, STATE_STOPPED, STATE_FA
 FINAL_STATES = frozenset({STATE_STOPPED, STATE_FAILED})
 
 DEFAULT_HEARTBEAT_S = 1.0
+DEFAULT_DRAIN_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -213,8 +222,10 @@ def describe_exit_code(code: int | None) -> str:
 
 
 __all__ = [
+    "DEFAULT_DRAIN_TIMEOUT_S",
     "DEFAULT_HEARTBEAT_S",
     "EXIT_BAD_INPUT",
+    "EXIT_DRAIN_TIMEOUT",
     "EXIT_CODE_MEANINGS",
     "EXIT_FLOW_FAILED",
     "EXIT_STARTUP_FAILED",

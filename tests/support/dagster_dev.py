@@ -96,3 +96,60 @@ def graphql(url: str, query: str, variables: dict[str, Any] | None = None, timeo
     if payload.get("errors"):
         raise RuntimeError(f"GraphQL errors: {payload['errors']}")
     return payload["data"]
+
+
+LAUNCH = """
+mutation($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+    ... on InvalidSubsetError { message }
+  }
+}
+"""
+
+RUN_STATUS = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+
+
+def launch_materialization(
+    url: str, asset_paths: list[list[str]], location: str = "definitions.definitions", run_config: dict | None = None
+) -> str:
+    """Launch a run materializing *asset_paths* through the webserver; return its run id."""
+    params = {
+        "selector": {
+            "repositoryLocationName": location,
+            "repositoryName": "__repository__",
+            "jobName": "__ASSET_JOB",
+            "assetSelection": [{"path": p} for p in asset_paths],
+        },
+        "runConfigData": run_config or {},
+    }
+    result = graphql(url, LAUNCH, {"params": params})["launchRun"]
+    if result["__typename"] != "LaunchRunSuccess":
+        raise RuntimeError(f"launch failed: {result}")
+    return str(result["run"]["runId"])
+
+
+def launch_job(url: str, job: str, run_config: dict, location: str = "definitions.definitions") -> str:
+    """Launch a job run (e.g. loom_undeploy) through the webserver; return its run id."""
+    params = {
+        "selector": {"repositoryLocationName": location, "repositoryName": "__repository__", "jobName": job},
+        "runConfigData": run_config,
+    }
+    result = graphql(url, LAUNCH, {"params": params})["launchRun"]
+    if result["__typename"] != "LaunchRunSuccess":
+        raise RuntimeError(f"launch failed: {result}")
+    return str(result["run"]["runId"])
+
+
+def wait_run(url: str, run_id: str, timeout_s: float = 180.0) -> str:
+    """Wait until a run finishes; return its final status."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = graphql(url, RUN_STATUS, {"id": run_id})["runOrError"]["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            return str(status)
+        time.sleep(0.5)
+    raise TimeoutError(f"run {run_id} did not finish in {timeout_s}s")

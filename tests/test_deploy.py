@@ -1,0 +1,182 @@
+"""Deploying flows for real: a real Kafka broker, real Delta tables, real Dagster instances, and the
+job running detached as ``python -m loom_dagster.runtime``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from loom_dagster.dev.kafka import KafkaBroker
+from loom_dagster.launchers import procfs
+from tests.support.deploy_env import DeployBench, bench_fixture, runtime_pids_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+@pytest.fixture()
+def bench(kafka: KafkaBroker, tmp_path: Path, topic_prefix: str) -> Iterator[DeployBench]:
+    yield from bench_fixture(kafka, tmp_path, topic_prefix)
+
+
+def _failure_message(result: dg.ExecuteInProcessResult) -> str:
+    assert not result.success
+    event = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    return str(event.event_specific_data.error.message)  # type: ignore[union-attr]
+
+
+def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, object]:
+    (mat,) = result.asset_materializations_for_node("deploy_ticks")
+    return {k: v.value for k, v in mat.metadata.items()}
+
+
+def test_deploy_redeploy_kill_and_redeploy_lose_nothing(bench: DeployBench) -> None:
+    """N messages land in Delta and the output topic; a redeploy under continuous production, then a
+    SIGKILL and a re-materialize, lose nothing. Duplicates are counted and reported."""
+    bench.produce(0, 1000)
+    with dg.instance_for_test() as instance:
+        first = bench.materialize(instance, LOOM_TEST_VERSION="v1")
+        assert first.success, _failure_message(first)
+        md = _metadata(first)
+        assert md["loom/deployed"] is True
+        pid = int(md["loom/pid"])  # type: ignore[call-overload]
+        # The Dagster run is over; the job keeps running, detached (its parent is not this process).
+        assert procfs.is_alive(pid)
+        assert procfs.read_stat(pid).session == pid  # type: ignore[union-attr]
+        assert os.getppid() != pid and procfs.read_stat(pid).pgid == pid  # type: ignore[union-attr]
+        bench.wait_for_delta(set(bench.produced))
+        assert bench.output_messages() >= 1000
+
+        stop = threading.Event()
+
+        def keep_producing() -> None:
+            start = 1000
+            while not stop.is_set():
+                bench.produce(start, 50)
+                start += 50
+                time.sleep(0.1)
+
+        producer = threading.Thread(target=keep_producing, daemon=True)
+        producer.start()
+        time.sleep(2)
+        second = bench.materialize(instance, LOOM_TEST_VERSION="v2")
+        assert second.success, _failure_message(second)
+        md2 = _metadata(second)
+        assert int(md2["loom/pid"]) != pid  # type: ignore[call-overload]
+        assert not procfs.is_alive(pid)
+        assert "plan" in str(md2["loom/previous_deployment"])
+        assert float(md2["loom/drain_s"]) < 30  # type: ignore[arg-type]
+        time.sleep(2)
+
+        killed = int(md2["loom/pid"])  # type: ignore[call-overload]
+        os.kill(killed, signal.SIGKILL)
+        time.sleep(1)
+        third = bench.materialize(instance, LOOM_TEST_VERSION="v3")
+        assert third.success, _failure_message(third)
+        time.sleep(2)
+        stop.set()
+        producer.join()
+
+    ids = bench.wait_for_delta(set(bench.produced), timeout_s=120)
+    produced = set(bench.produced)
+    lost = produced - set(ids)
+    duplicates = sum(n - 1 for i, n in ids.items() if i in produced and n > 1)
+    print(
+        f"\n[delivery] produced={len(produced)} lost={len(lost)} duplicated_rows={duplicates} "
+        f"(redeploy under load + SIGKILL + re-materialize)"
+    )
+    assert not lost
+    assert len(runtime_pids_for(bench.state_dir)) == 1
+
+
+def test_concurrent_materializations_leave_one_job(bench: DeployBench) -> None:
+    """Two run workers materialize the same flow at once: exactly one job is left; a loser fails clearly."""
+    argv = [sys.executable, "-m", "tests.support.materialize_once", bench.bootstrap, bench.prefix, str(bench.root)]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+             for _ in range(2)]
+    outputs = [(p.wait(timeout=240), p.stdout.read() if p.stdout else "") for p in procs]
+    assert len(runtime_pids_for(bench.state_dir)) == 1
+    assert bench.alive_pids() == runtime_pids_for(bench.state_dir)
+    failures = [out for code, out in outputs if code != 0]
+    assert len(failures) <= 1, outputs
+    for out in failures:
+        assert "is being deployed or stopped by run" in out and "changed nothing" in out
+    print(f"\n[concurrency] outcomes: {[code for code, _ in outputs]}")
+
+
+def test_failing_start_leaves_nothing_running(bench: DeployBench) -> None:
+    """A step that raises at start (set only in the job's environment, so compile passes here): the
+    health gate fails with the job's log tail and nothing is left running."""
+    with dg.instance_for_test() as instance:
+        result = bench.materialize(instance, bench.resource(preflight=False), LOOM_TEST_FAIL_AT_START="1")
+    message = _failure_message(result)
+    assert "failed its health gate" in message
+    assert "LOOM_TEST_FAIL_AT_START is set" in message  # from the job's log tail
+    assert "nothing is running now" in message
+    assert runtime_pids_for(bench.state_dir) == []
+
+
+def test_unreachable_broker_fails_the_gate(bench: DeployBench) -> None:
+    text = (bench.config / "base.yaml").read_text().replace(bench.bootstrap, "127.0.0.1:9")
+    (bench.config / "base.yaml").write_text(text)
+    with dg.instance_for_test() as instance:
+        result = bench.materialize(instance, bench.resource(health_timeout_s=15))
+    message = _failure_message(result)
+    assert "failed its health gate" in message
+    assert runtime_pids_for(bench.state_dir) == []
+
+
+def test_bad_new_version_keeps_the_old_job(bench: DeployBench) -> None:
+    bench.produce(0, 100)
+    with dg.instance_for_test() as instance:
+        good = bench.materialize(instance)
+        assert good.success, _failure_message(good)
+        old_pid = int(_metadata(good)["loom/pid"])  # type: ignore[call-overload]
+
+        # Preflight catches it in a fresh process: the running job is never touched.
+        bad = bench.materialize(instance, LOOM_TEST_FAIL_AT_START="1")
+        assert "fails before start (nothing was stopped)" in _failure_message(bad)
+        assert procfs.is_alive(old_pid)
+
+        # Without preflight: the old job is drained, the new one fails its gate, the old one comes back.
+        worse = bench.materialize(instance, bench.resource(preflight=False), LOOM_TEST_FAIL_AT_START="1")
+        message = _failure_message(worse)
+        assert "failed its health gate" in message and "runs again" in message
+    restored = bench.alive_pids()
+    assert len(restored) == 1 and restored == runtime_pids_for(bench.state_dir)
+    bench.produce(100, 100)
+    bench.wait_for_delta(set(bench.produced))
+
+
+def test_undeploy_job_stops_the_flow(bench: DeployBench) -> None:
+    with dg.instance_for_test() as instance:
+        assert bench.materialize(instance).success
+        assert len(bench.alive_pids()) == 1
+        defs = bench.defs()
+        job = defs.resolve_job_def("loom_undeploy")
+        result = job.execute_in_process(
+            run_config={"ops": {"undeploy_loom_flows": {"config": {"flows": ["ticks"]}}}},
+            resources={"loom": bench.resource()},
+            instance=instance,
+        )
+        assert result.success
+        unknown = job.execute_in_process(
+            run_config={"ops": {"undeploy_loom_flows": {"config": {"flows": ["nope"]}}}},
+            resources={"loom": bench.resource()},
+            instance=instance,
+            raise_on_error=False,
+        )
+        assert not unknown.success
+    assert runtime_pids_for(bench.state_dir) == []
+    record = bench.store.current("ticks")
+    assert record is not None and record.stopped_on_purpose and record.stopped_by
