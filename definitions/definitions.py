@@ -8,7 +8,6 @@
 Run it with ``scripts/dev`` (starts Kafka and ClickHouse, then ``dagster dev -w workspace.yaml``).
 """
 
-
 import os
 from pathlib import Path
 
@@ -54,7 +53,9 @@ def orders_by_band(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         columns=["band", "amount_cents"]
     )
     totals: dict[str, list[int]] = {}
-    for band, cents in zip(table.column("band").to_pylist(), table.column("amount_cents").to_pylist(), strict=True):
+    for band, cents in zip(
+        table.column("band").to_pylist(), table.column("amount_cents").to_pylist(), strict=True
+    ):
         entry = totals.setdefault(band, [0, 0])
         entry[0] += 1
         entry[1] += cents

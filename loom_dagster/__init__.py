@@ -12,34 +12,81 @@ Example:
     ... ])
 """
 
-from loom_dagster.assets import LoomDeployConfig, build_loom_asset_graph, build_loom_flow_assets
-from loom_dagster.definitions_builder import build_loom_defs
-from loom_dagster.deploy import DeployOptions, FlowDeployer
-from loom_dagster.deployments import Deployment, DeploymentStore
-from loom_dagster.errors import (
-    DeploymentError,
-    DuplicateAssetKeyError,
-    FlowCompileError,
-    FlowLoadError,
-    LineageMismatchError,
-    LoomDagsterError,
-)
-from loom_dagster.jobs import build_undeploy_job
-from loom_dagster.launchers import Launcher, LocalProcessLauncher
-from loom_dagster.records import (
-    LoomColumn,
-    LoomFlow,
-    LoomOutputTopic,
-    LoomSourceCollection,
-    LoomSourceTopic,
-    LoomStorageSink,
-    LoomTopic,
-    SinkBackend,
-    TopicRole,
-)
-from loom_dagster.resources import LoomDeployResource
-from loom_dagster.spec import LoomFlowSpec
-from loom_dagster.translator import LoomTranslator
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "DeployOptions": "loom_dagster.deploy",
+    "Deployment": "loom_dagster.deployments",
+    "DeploymentError": "loom_dagster.errors",
+    "DeploymentStore": "loom_dagster.deployments",
+    "DuplicateAssetKeyError": "loom_dagster.errors",
+    "FlowCompileError": "loom_dagster.errors",
+    "FlowDeployer": "loom_dagster.deploy",
+    "FlowLoadError": "loom_dagster.errors",
+    "Launcher": "loom_dagster.launchers",
+    "LineageMismatchError": "loom_dagster.errors",
+    "LocalProcessLauncher": "loom_dagster.launchers",
+    "LoomColumn": "loom_dagster.records",
+    "LoomDagsterError": "loom_dagster.errors",
+    "LoomDeployConfig": "loom_dagster.assets",
+    "LoomDeployResource": "loom_dagster.resources",
+    "LoomFlow": "loom_dagster.records",
+    "LoomFlowSpec": "loom_dagster.spec",
+    "LoomOutputTopic": "loom_dagster.records",
+    "LoomSourceCollection": "loom_dagster.records",
+    "LoomSourceTopic": "loom_dagster.records",
+    "LoomStorageSink": "loom_dagster.records",
+    "LoomTopic": "loom_dagster.records",
+    "LoomTranslator": "loom_dagster.translator",
+    "SinkBackend": "loom_dagster.records",
+    "TopicRole": "loom_dagster.records",
+    "build_loom_asset_graph": "loom_dagster.assets",
+    "build_loom_defs": "loom_dagster.definitions_builder",
+    "build_loom_flow_assets": "loom_dagster.assets",
+    "build_undeploy_job": "loom_dagster.jobs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import public names on first use, so ``python -m loom_dagster.runtime`` does not load Dagster."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loom_dagster' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from loom_dagster.assets import LoomDeployConfig, build_loom_asset_graph, build_loom_flow_assets
+    from loom_dagster.definitions_builder import build_loom_defs
+    from loom_dagster.deploy import DeployOptions, FlowDeployer
+    from loom_dagster.deployments import Deployment, DeploymentStore
+    from loom_dagster.errors import (
+        DeploymentError,
+        DuplicateAssetKeyError,
+        FlowCompileError,
+        FlowLoadError,
+        LineageMismatchError,
+        LoomDagsterError,
+    )
+    from loom_dagster.jobs import build_undeploy_job
+    from loom_dagster.launchers import Launcher, LocalProcessLauncher
+    from loom_dagster.records import (
+        LoomColumn,
+        LoomFlow,
+        LoomOutputTopic,
+        LoomSourceCollection,
+        LoomSourceTopic,
+        LoomStorageSink,
+        LoomTopic,
+        SinkBackend,
+        TopicRole,
+    )
+    from loom_dagster.resources import LoomDeployResource
+    from loom_dagster.spec import LoomFlowSpec
+    from loom_dagster.translator import LoomTranslator
 
 __all__ = [
     "Deployment",

@@ -1,9 +1,9 @@
 """Asset factories: one materializable asset per flow (materialize = deploy), plus external specs for
 its topics, collections and tables."""
 
-
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import dagster as dg
 
@@ -93,10 +93,10 @@ def flow_deploy_asset(node: FlowNode) -> dg.AssetsDefinition:
     return _deploy
 
 
-def deploy_metadata(declared: LoomFlow, result: DeployResult) -> dict[str, object]:
+def deploy_metadata(declared: LoomFlow, result: DeployResult) -> dict[str, Any]:
     """Materialization metadata: plan hash, resolved sinks, compile time; deployment facts if launched."""
     flow = result.compiled.flow
-    metadata: dict[str, object] = {
+    metadata: dict[str, Any] = {
         "loom/plan_hash": flow.plan_hash,
         "loom/config_hash": flow.config_hash,
         "loom/environment": flow.environment,

@@ -116,7 +116,9 @@ class FlowDeployer:
             gate_seconds = self.wait_healthy(job)
         except DeploymentError as failure:
             self.launcher.stop(job, timeout_s=5.0)
-            raise DeploymentError(self._roll_back(name, previous if previous_running else None, failure, log))
+            raise DeploymentError(
+                self._roll_back(name, previous if previous_running else None, failure, log)
+            ) from failure
         deployment = Deployment(
             flow_name=name,
             job=job,
@@ -140,7 +142,9 @@ class FlowDeployer:
         except DeploymentError as again:
             return message + f"\nRestarting the previous deployment failed too: {again}"
         self.store.save(replace(previous, job=job, restarts=previous.restarts + 1, stopped_at=None))
-        return message + f"\nThe previous deployment (plan {previous.plan_hash}) runs again, pids {_pids(job)}."
+        return (
+            message + f"\nThe previous deployment (plan {previous.plan_hash}) runs again, pids {_pids(job)}."
+        )
 
     def wait_healthy(self, job: LaunchedJob, timeout_s: float | None = None) -> float:
         """Block until every process is alive and connected; raise with the log tail otherwise."""
@@ -183,7 +187,9 @@ class FlowDeployer:
             except DeploymentError:
                 self.launcher.stop(job, timeout_s=5.0)
                 raise
-            restarted = replace(current, job=job, restarts=current.restarts + 1, stopped_at=None, stopped_by=None)
+            restarted = replace(
+                current, job=job, restarts=current.restarts + 1, stopped_at=None, stopped_by=None
+            )
             self.store.save(restarted)
             log(f"restarted flow {flow_name!r}: pids {_pids(job)}")
             return restarted

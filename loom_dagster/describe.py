@@ -44,7 +44,7 @@ def describe_plan(
     group: str | None = None
     delivery: str | None = None
     if hasattr(source, "collections"):
-        database = str(source.settings.database)
+        database = str(getattr(source.settings, "database", ""))
         collections = tuple(LoomSourceCollection(database, c, plan.name) for c in source.collections)
         kind = "mongo"
     else:
@@ -91,28 +91,36 @@ def storage_sink(flow_name: str, path: tuple[int, ...], sink: CompiledStorageSin
 
     node, config = sink.node, sink.config
     payload = getattr(node, "payload", None)
-    common = {
-        "flow_name": flow_name,
-        "sink_name": str(getattr(node, "name", "") or ""),
-        "payload_type": _type_name(payload) if payload is not None else "",
-        "columns": payload_columns(payload) if payload is not None else (),
-        "node_path": tuple(path),
-    }
-    if isinstance(config, DeltaSinkConfig):
+    sink_name = str(getattr(node, "name", "") or "")
+
+    def record(backend: SinkBackend, table: str, database: str | None, uri: str) -> LoomStorageSink:
         return LoomStorageSink(
-            backend=SinkBackend.DELTA, table=config.table, database=None, uri=redact_url(config.uri), **common
+            flow_name=flow_name,
+            sink_name=sink_name,
+            backend=backend,
+            table=table,
+            database=database,
+            uri=uri,
+            payload_type=_type_name(payload) if payload is not None else "",
+            columns=payload_columns(payload) if payload is not None else (),
+            node_path=tuple(path),
         )
+
+    if isinstance(config, DeltaSinkConfig):
+        return record(SinkBackend.DELTA, config.table, None, redact_url(config.uri))
     if isinstance(config, ClickHouseSinkConfig):
         database, table = clickhouse_table(config.url, config.table)
-        uri = f"{redact_url(config.url).rstrip('/')}/{database}.{table}"
-        return LoomStorageSink(backend=SinkBackend.CLICKHOUSE, table=table, database=database, uri=uri, **common)
+        return record(
+            SinkBackend.CLICKHOUSE,
+            table,
+            database,
+            f"{redact_url(config.url).rstrip('/')}/{database}.{table}",
+        )
     if isinstance(config, SqlAlchemySinkConfig):
         url = sink.database_config.url if sink.database_config is not None else config.url
-        return LoomStorageSink(
-            backend=SinkBackend.SQL, table=config.table, database=config.database, uri=redact_url(url), **common
-        )
+        return record(SinkBackend.SQL, config.table, config.database, redact_url(url))
     raise FlowLoadError(
-        f"flow {flow_name!r}: sink {common['sink_name'] or path!r} ({type(node).__name__}) resolves to "
+        f"flow {flow_name!r}: sink {sink_name or path!r} ({type(node).__name__}) resolves to "
         f"{type(config).__name__}, a backend loom-dagster does not know (it maps Delta, ClickHouse and "
         "SQLAlchemy tables). Use one of those backends, or subclass LoomTranslator and override "
         "describe_unknown_sink to say which asset it writes."
@@ -143,10 +151,11 @@ def output_topics(flow: StreamFlow[Any, Any], plan: CompiledPlan) -> tuple[LoomO
     refs = topic_refs_by_path(flow)
     for path, sink in sorted(plan.terminal_sinks.items()):
         add(sink, TopicRole.OUTPUT, refs.get(tuple(path), ".".join(map(str, path))))
-    for sink in [plan.output, *plan.terminal_sinks.values()]:
-        if sink is not None and sink.dlq_topic:
-            found[(TopicRole.DLQ.value, sink.dlq_topic)] = LoomOutputTopic(
-                sink.dlq_topic, plan.name, TopicRole.DLQ, f"dlq-of:{sink.topic}", ("sink",)
+    writers = [plan.output] if plan.output is not None else []
+    for writer in [*writers, *plan.terminal_sinks.values()]:
+        if writer.dlq_topic:
+            found[(TopicRole.DLQ.value, writer.dlq_topic)] = LoomOutputTopic(
+                writer.dlq_topic, plan.name, TopicRole.DLQ, f"dlq-of:{writer.topic}", ("sink",)
             )
     for kind, sink in plan.error_routes.items():
         declared = flow.errors.get(kind)
@@ -171,7 +180,9 @@ def topic_refs_by_path(flow: StreamFlow[Any, Any]) -> dict[tuple[int, ...], str]
                 for branch in iter_branches(node):
                     branch_path = path + (branch.index,)
                     if branch.output is not None:
-                        found[branch_path] = str(getattr(branch.output, "logical_ref", None) or branch.output.name)
+                        found[branch_path] = str(
+                            getattr(branch.output, "logical_ref", None) or branch.output.name
+                        )
                     visit(branch.nodes, branch_path)
             elif getattr(node, "process", None) is not None and hasattr(node.process, "nodes"):
                 visit(node.process.nodes, path)
@@ -220,7 +231,10 @@ def _canonical(value: Any, depth: int = 0) -> Any:
         }
     struct_fields = getattr(type(value), "__struct_fields__", None)
     if struct_fields is not None:
-        return {"__type__": _type_name(type(value)), **{n: _canonical(getattr(value, n), depth + 1) for n in struct_fields}}
+        return {
+            "__type__": _type_name(type(value)),
+            **{n: _canonical(getattr(value, n), depth + 1) for n in struct_fields},
+        }
     children = _node_children(value)
     if children is not None:
         return {"__type__": _type_name(type(value)), "children": _canonical(children, depth + 1)}

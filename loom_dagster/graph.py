@@ -50,7 +50,9 @@ def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslat
     topic_specs: dict[str, dg.AssetSpec] = {}
     for topic in topics:
         base = (
-            translator.get_output_topic_spec(topic) if topic.written_by else translator.get_source_topic_spec(topic)
+            translator.get_output_topic_spec(topic)
+            if topic.written_by
+            else translator.get_source_topic_spec(topic)
         )
         spec = base.merge_attributes(deps=[flow_key[f] for f in topic.written_by])
         owners.claim(spec.key, f"kafka:{topic.topic}", f"Kafka topic {topic.topic!r}")
@@ -59,7 +61,9 @@ def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslat
     collection_specs: dict[tuple[str, str], dg.AssetSpec] = {}
     for coll in _merge_collections([c.flow for c in compiled]):
         spec = translator.get_source_collection_spec(coll)
-        owners.claim(spec.key, f"mongo:{coll.database}.{coll.collection}", f"Mongo collection {coll.collection!r}")
+        owners.claim(
+            spec.key, f"mongo:{coll.database}.{coll.collection}", f"Mongo collection {coll.collection!r}"
+        )
         collection_specs[(coll.database, coll.collection)] = spec
 
     sink_specs: dict[dg.AssetKey, dg.AssetSpec] = {}
@@ -67,7 +71,9 @@ def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslat
         flow = node.compiled.flow
         for sink in flow.storage_sinks:
             spec = translator.get_storage_sink_spec(sink, flow)
-            owners.claim(spec.key, sink.identity, f"{sink.backend.value} sink {sink.slot!r} of flow {flow.name!r}")
+            owners.claim(
+                spec.key, sink.identity, f"{sink.backend.value} sink {sink.slot!r} of flow {flow.name!r}"
+            )
             prior = sink_specs.get(spec.key)
             sink_specs[spec.key] = (prior or spec).merge_attributes(deps=[node.spec.key])
             node.sink_keys[sink.slot] = spec.key.to_user_string()

@@ -1,6 +1,5 @@
 """Operational jobs: ``loom_undeploy`` stops flows on purpose from the UI."""
 
-
 from collections.abc import Sequence
 
 import dagster as dg
@@ -34,9 +33,13 @@ def build_undeploy_job(known_flows: Sequence[str]) -> dg.JobDefinition:
             if stopped is None:
                 context.log.info(f"flow {name!r} was never deployed here; nothing to stop")
                 continue
-            context.log.info(f"flow {name!r} stopped (pids {', '.join(str(p.pid) for p in stopped.job.processes)})")
+            context.log.info(
+                f"flow {name!r} stopped (pids {', '.join(str(p.pid) for p in stopped.job.processes)})"
+            )
 
-    @dg.job(name=UNDEPLOY_JOB, description="Stop (undeploy) loom flows; the health sensor will not restart them.")
+    @dg.job(
+        name=UNDEPLOY_JOB, description="Stop (undeploy) loom flows; the health sensor will not restart them."
+    )
     def _job() -> None:
         _undeploy()
 

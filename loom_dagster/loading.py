@@ -38,7 +38,9 @@ def import_flow(import_path: str) -> StreamFlow[Any, Any]:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         hint = _import_hint(module_name, exc)
-        raise FlowLoadError(f"cannot import module {module_name!r} of flow {import_path!r}: {exc}. {hint}") from exc
+        raise FlowLoadError(
+            f"cannot import module {module_name!r} of flow {import_path!r}: {exc}. {hint}"
+        ) from exc
     except Exception as exc:
         raise FlowLoadError(
             f"importing module {module_name!r} of flow {import_path!r} raised "

@@ -32,8 +32,12 @@ class LoomDeployResource(dg.ConfigurableResource):
     )
     health_timeout_s: float = Field(default=60.0, description="Seconds a new job has to connect.")
     drain_timeout_s: float = Field(default=30.0, description="Seconds a stopping job has to drain.")
-    preflight: bool = Field(default=True, description="Import and compile the new version in a fresh process first.")
-    python_executable: str | None = Field(default=None, description="Python that runs jobs (default: this one).")
+    preflight: bool = Field(
+        default=True, description="Import and compile the new version in a fresh process first."
+    )
+    python_executable: str | None = Field(
+        default=None, description="Python that runs jobs (default: this one)."
+    )
     heartbeat_timeout_s: float = Field(default=30.0, description="A job silent this long counts as hung.")
 
     def deployer(self) -> FlowDeployer:

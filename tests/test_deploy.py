@@ -101,9 +101,18 @@ def test_deploy_redeploy_kill_and_redeploy_lose_nothing(bench: DeployBench) -> N
 
 def test_concurrent_materializations_leave_one_job(bench: DeployBench) -> None:
     """Two run workers materialize the same flow at once: exactly one job is left; a loser fails clearly."""
-    argv = [sys.executable, "-m", "tests.support.materialize_once", bench.bootstrap, bench.prefix, str(bench.root)]
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
-             for _ in range(2)]
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.support.materialize_once",
+        bench.bootstrap,
+        bench.prefix,
+        str(bench.root),
+    ]
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        for _ in range(2)
+    ]
     outputs = [(p.wait(timeout=240), p.stdout.read() if p.stdout else "") for p in procs]
     assert len(runtime_pids_for(bench.state_dir)) == 1
     assert bench.alive_pids() == runtime_pids_for(bench.state_dir)

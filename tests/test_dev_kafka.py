@@ -46,8 +46,14 @@ def produce(bootstrap: str, topic: str, values: list[str], producer: Producer | 
 
 def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> list[str]:
     """Read ``topic`` from the beginning with a fresh group until ``expected`` messages arrived."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([topic])
     values: list[str] = []
     deadline = time.monotonic() + timeout
@@ -69,7 +75,9 @@ def partitions_of(bootstrap: str, topic: str) -> int:
     """Partition count of ``topic`` as the broker reports it."""
     from confluent_kafka.admin import AdminClient
 
-    return len(AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10).topics[topic].partitions)
+    return len(
+        AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10).topics[topic].partitions
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +114,19 @@ def test_restart_keeps_messages(broker: KafkaBroker, filled_topic: tuple[str, Pr
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "loom_dagster.dev.kafka", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=180, check=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "loom_dagster.dev.kafka", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
 
 
 @pytest.mark.skipif(bool(os.environ.get(ENV_BOOTSTRAP)), reason="uses an external broker")

@@ -33,10 +33,15 @@ def test_example_chains_flows_through_one_topic_asset() -> None:
     assert keys.count("kafka/orders.enriched") == 1
 
 
-def test_flows_sharing_a_source_share_one_topic_and_table(tmp_path: Path, sinks_env: pytest.MonkeyPatch) -> None:
+def test_flows_sharing_a_source_share_one_topic_and_table(
+    tmp_path: Path, sinks_env: pytest.MonkeyPatch
+) -> None:
     cfg = shapes_config(tmp_path / "cfg")
     defs = build_loom_defs(
-        [LoomFlowSpec(SHAPES, config=cfg, environment="test"), LoomFlowSpec(AUDIT, config=cfg, environment="test")]
+        [
+            LoomFlowSpec(SHAPES, config=cfg, environment="test"),
+            LoomFlowSpec(AUDIT, config=cfg, environment="test"),
+        ]
     )
     edges = _edges(defs)
     assert {("kafka/t.events", "loom/events"), ("kafka/t.events", "loom/events_audit")} <= edges
@@ -48,21 +53,28 @@ def test_flows_sharing_a_source_share_one_topic_and_table(tmp_path: Path, sinks_
 def test_two_flows_with_one_name_are_refused(tmp_path: Path, sinks_env: pytest.MonkeyPatch) -> None:
     cfg = shapes_config(tmp_path / "cfg")
     specs = [LoomFlowSpec(SHAPES, config=cfg, environment="test")] * 2
-    with pytest.raises(DuplicateAssetKeyError, match=r"'loom/events' is claimed by flow 'events' and by flow"):
+    with pytest.raises(
+        DuplicateAssetKeyError, match=r"'loom/events' is claimed by flow 'events' and by flow"
+    ):
         build_loom_asset_graph(specs)
 
 
 def test_two_tables_under_one_key_are_refused(tmp_path: Path, sinks_env: pytest.MonkeyPatch) -> None:
     a = shapes_config(tmp_path / "a", delta_uri=str(tmp_path / "lake-a" / "events"))
     b = shapes_config(tmp_path / "b", delta_uri=str(tmp_path / "lake-b" / "events"))
-    specs = [LoomFlowSpec(SHAPES, config=a, environment="test"), LoomFlowSpec(AUDIT, config=b, environment="test")]
+    specs = [
+        LoomFlowSpec(SHAPES, config=a, environment="test"),
+        LoomFlowSpec(AUDIT, config=b, environment="test"),
+    ]
     with pytest.raises(DuplicateAssetKeyError) as err:
         build_loom_asset_graph(specs)
     assert "'delta/events'" in str(err.value) and "key prefix" in str(err.value)
 
 
 def test_dlq_topic_is_downstream_and_tagged(tmp_path: Path, sinks_env: pytest.MonkeyPatch) -> None:
-    graph = build_loom_asset_graph([LoomFlowSpec(SHAPES, config=shapes_config(tmp_path / "c"), environment="test")])
+    graph = build_loom_asset_graph(
+        [LoomFlowSpec(SHAPES, config=shapes_config(tmp_path / "c"), environment="test")]
+    )
     dlq = graph.spec_for(dg.AssetKey(["kafka", "t.events.dlq"]))
     assert dlq is not None
     assert dlq.tags["loom/dlq"] == "true"

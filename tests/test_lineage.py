@@ -64,7 +64,10 @@ def test_changed_delta_uri_fails(tmp_path: Path, sinks_env: pytest.MonkeyPatch) 
     shapes_config(cfg, delta_uri=str(tmp_path / "elsewhere"))
     message = _failure(_materialize(defs))
     assert "lineage check failed for flow 'events': 1 sink(s)" in message
-    assert f"changed: sink 'events_delta' is declared as delta:{cfg / 'delta' / 'events'} (asset delta/events)" in message
+    assert (
+        f"changed: sink 'events_delta' is declared as delta:{cfg / 'delta' / 'events'} (asset delta/events)"
+        in message
+    )
     assert f"resolves it to delta:{tmp_path / 'elsewhere'}" in message
     assert "nothing was deployed" in message
 
@@ -113,12 +116,14 @@ def test_every_difference_is_listed(tmp_path: Path, sinks_env: pytest.MonkeyPatc
     assert message.count("\n  - ") == 3
 
 
-def test_compilation_errors_are_rendered_issue_by_issue(tmp_path: Path, sinks_env: pytest.MonkeyPatch) -> None:
+def test_compilation_errors_are_rendered_issue_by_issue(
+    tmp_path: Path, sinks_env: pytest.MonkeyPatch
+) -> None:
     cfg = shapes_config(tmp_path / "cfg")
     defs = _defs(cfg)
     text = (cfg / "base.yaml").read_text()
     text = text.replace("delivery: at_least_once", "delivery: sometimes")
-    text = text.replace('events_delta: {uri:', 'events_delta: {colour: red, uri:')
+    text = text.replace("events_delta: {uri:", "events_delta: {colour: red, uri:")
     (cfg / "base.yaml").write_text(text)
     message = _failure(_materialize(defs))
     assert "loom refused to compile flow 'events'" in message

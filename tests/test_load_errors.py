@@ -94,7 +94,9 @@ def test_missing_delta_extra_is_named(tmp_path: Path) -> None:
         sys.exit("no error")
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "flow 'events' cannot compile: its Delta sink needs polars" in done.stdout
     assert "pip install 'loom-kernel[etl-polars]'" in done.stdout

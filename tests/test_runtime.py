@@ -88,8 +88,11 @@ def write_config(directory: Path, bootstrap: str, topic: str, *, group: str | No
     config = {
         "kafka": {
             "consumer": {
-                "brokers": [bootstrap], "group_id": group or f"rt-{topic}", "topics": [topic],
-                "delivery": "at_least_once", "auto_offset_reset": "earliest",
+                "brokers": [bootstrap],
+                "group_id": group or f"rt-{topic}",
+                "topics": [topic],
+                "delivery": "at_least_once",
+                "auto_offset_reset": "earliest",
             },
             "producer": {"brokers": [bootstrap], "client_id": "rt-test"},
             "producers": {"rt_dlq": {"brokers": [bootstrap], "topic": f"{topic}.dlq"}},
@@ -98,8 +101,11 @@ def write_config(directory: Path, bootstrap: str, topic: str, *, group: str | No
             "runtime": {"workers_per_process": 1},
             "sinks": {
                 "rt_delta": {
-                    "uri": str(directory / "delta"), "table": "rt_rows", "mode": "append",
-                    "buffer_max_records": 1_000_000, "buffer_max_age_s": 1,
+                    "uri": str(directory / "delta"),
+                    "table": "rt_rows",
+                    "mode": "append",
+                    "buffer_max_records": 1_000_000,
+                    "buffer_max_age_s": 1,
                 },
             },
         },
@@ -145,8 +151,9 @@ def delta_ids(table_dir: Path) -> list[int]:
     )
     if not (table_dir / "_delta_log").exists():
         return []
-    done = subprocess.run([sys.executable, "-c", code, str(table_dir)], capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(table_dir)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0, done.stderr
     return list(json.loads(done.stdout))
 
@@ -179,7 +186,9 @@ class Job:
             status = self.status()
             if status is not None and check(status):
                 return status
-            assert self.proc.poll() is None, f"job exited ({self.proc.returncode}) while waiting for {what}:\n{self.log_tail()}"
+            assert self.proc.poll() is None, (
+                f"job exited ({self.proc.returncode}) while waiting for {what}:\n{self.log_tail()}"
+            )
             return None
 
         return wait_for(probe, timeout, what)
@@ -192,8 +201,11 @@ class Job:
         return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
 
     def our_lines(self) -> list[str]:
-        return [line for line in self.log_file.read_text(errors="replace").splitlines()
-                if line.startswith("loom-dagster runtime:")]
+        return [
+            line
+            for line in self.log_file.read_text(errors="replace").splitlines()
+            if line.startswith("loom-dagster runtime:")
+        ]
 
 
 @pytest.fixture
@@ -201,19 +213,46 @@ def start_job(tmp_path: Path) -> Iterator[Callable[..., Job]]:
     """Start ``python -m loom_dagster.runtime`` processes; kill leftovers by PID afterwards."""
     jobs: list[Job] = []
 
-    def start(config: Path, *extra: str, tag: str = "job", env: dict[str, str] | None = None,
-              import_path: str = IMPORT_PATH, ignore_sigint: bool = False) -> Job:
+    def start(
+        config: Path,
+        *extra: str,
+        tag: str = "job",
+        env: dict[str, str] | None = None,
+        import_path: str = IMPORT_PATH,
+        ignore_sigint: bool = False,
+    ) -> Job:
         status_file = tmp_path / f"{tag}.status.json"
         log_file = tmp_path / f"{tag}.log"
-        args = [sys.executable, "-m", "loom_dagster.runtime", "--import-path", import_path,
-                "--config", str(config), "--environment", "development", "--status-file", str(status_file),
-                "--sys-path", str(REPO), *extra]
+        args = [
+            sys.executable,
+            "-m",
+            "loom_dagster.runtime",
+            "--import-path",
+            import_path,
+            "--config",
+            str(config),
+            "--environment",
+            "development",
+            "--status-file",
+            str(status_file),
+            "--sys-path",
+            str(REPO),
+            *extra,
+        ]
         child_env = {**os.environ, **(env or {})}
         preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
         with log_file.open("w") as log:
             spawned = time.time()
-            proc = subprocess.Popen(args, cwd=REPO, env=child_env, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, text=True, preexec_fn=preexec)
+            proc = subprocess.Popen(
+                args,
+                cwd=REPO,
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                preexec_fn=preexec,
+            )
         job = Job(proc, status_file, log_file, spawned)
         jobs.append(job)
         return job
@@ -247,9 +286,11 @@ def new_topic(bootstrap: str, partitions: int = 1) -> str:
 
 
 def test_status_module_imports_neither_loom_nor_bytewax() -> None:
-    code = ("import sys, loom_dagster.runtime.status, loom_dagster.runtime; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('loom', 'bytewax', 'deltalake')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, loom_dagster.runtime.status, loom_dagster.runtime; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('loom', 'bytewax', 'deltalake')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -277,10 +318,27 @@ def test_redact_masks_url_passwords_and_password_params() -> None:
 
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "loom_dagster.runtime", "--import-path", "a.b:c",
-                           "--config", str(tmp_path), "--status-file", str(tmp_path / "s.json"),
-                           "--process-id", "2", "--addresses", "127.0.0.1:1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loom_dagster.runtime",
+            "--import-path",
+            "a.b:c",
+            "--config",
+            str(tmp_path),
+            "--status-file",
+            str(tmp_path / "s.json"),
+            "--process-id",
+            "2",
+            "--addresses",
+            "127.0.0.1:1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == EXIT_BAD_INPUT
     assert "loom-dagster runtime: exit 2: bad arguments: --process-id 2 is not an index" in done.stderr
     assert not (tmp_path / "s.json").exists()
@@ -382,11 +440,17 @@ def test_two_process_cluster_on_loopback(tmp_path: Path, broker: Any, start_job:
     produce(bootstrap, topic, [(i, f"n{i}") for i in range(total)], partitions=2)
     config = write_config(tmp_path, bootstrap, topic)
     addresses = ",".join(f"127.0.0.1:{port}" for port in pick_free_ports(2))
-    jobs = [start_job(config, "--process-id", str(i), "--addresses", addresses, tag=f"p{i}") for i in range(2)]
-    statuses = [job.wait_status(lambda s: s.connected_at is not None, f"process {i} connected")
-                for i, job in enumerate(jobs)]
+    jobs = [
+        start_job(config, "--process-id", str(i), "--addresses", addresses, tag=f"p{i}") for i in range(2)
+    ]
+    statuses = [
+        job.wait_status(lambda s: s.connected_at is not None, f"process {i} connected")
+        for i, job in enumerate(jobs)
+    ]
     assert [s.process_id for s in statuses] == [0, 1]
-    wait_for(lambda: sum((job.status() or statuses[0]).records_in for job in jobs) == total, 60, "all records")
+    wait_for(
+        lambda: sum((job.status() or statuses[0]).records_in for job in jobs) == total, 60, "all records"
+    )
     for job in jobs:
         job.proc.send_signal(signal.SIGTERM)
     assert [job.proc.wait(60) for job in jobs] == [EXIT_STOPPED, EXIT_STOPPED]
@@ -408,8 +472,12 @@ def test_cluster_signalled_partly_gives_up_after_drain_timeout(
     produce(bootstrap, topic, [(i, f"n{i}") for i in range(40)], partitions=2)
     config = write_config(tmp_path, bootstrap, topic)
     addresses = ",".join(f"127.0.0.1:{port}" for port in pick_free_ports(2))
-    jobs = [start_job(config, "--process-id", str(i), "--addresses", addresses, "--drain-timeout", "3",
-                      tag=f"p{i}") for i in range(2)]
+    jobs = [
+        start_job(
+            config, "--process-id", str(i), "--addresses", addresses, "--drain-timeout", "3", tag=f"p{i}"
+        )
+        for i in range(2)
+    ]
     for i, job in enumerate(jobs):
         job.wait_status(lambda s: s.connected_at is not None, f"process {i} connected")
     assert jobs[0].stop(signal.SIGTERM, timeout=30) == EXIT_DRAIN_TIMEOUT

@@ -20,7 +20,9 @@ SHAPES = "tests.flows.shapes:make_flow"
 
 
 def _graph(tmp_path: Path, translator: LoomTranslator | None = None, **cfg: str):
-    spec = LoomFlowSpec(SHAPES, config=shapes_config(tmp_path / "cfg", **cfg), environment="test", group_name="events")
+    spec = LoomFlowSpec(
+        SHAPES, config=shapes_config(tmp_path / "cfg", **cfg), environment="test", group_name="events"
+    )
     return build_loom_asset_graph([spec], translator)
 
 
@@ -36,7 +38,9 @@ def test_default_keys_kinds_and_metadata(tmp_path: Path, sinks_env: pytest.Monke
     assert md["loom/topics"] == "t.events"
     assert md["loom/delivery"] == "at_least_once"
     assert md["loom/import_path"] == SHAPES
-    assert md["loom/error_routes"].data == {k: "t.events.dlq" for k in ("business", "routing", "task", "wire")}
+    assert md["loom/error_routes"].data == {
+        k: "t.events.dlq" for k in ("business", "routing", "task", "wire")
+    }
     assert flow.spec.group_name == "events"
 
     specs = {s.key.to_user_string(): s for s in graph.external_specs}
@@ -82,7 +86,9 @@ def test_translator_override_changes_keys_and_edges(tmp_path: Path, sinks_env: p
             return spec.replace_attributes(key=spec.key.with_prefix("prod"), group_name="streams")
 
         def get_source_topic_spec(self, topic):  # type: ignore[no-untyped-def]
-            return super().get_source_topic_spec(topic).replace_attributes(key=dg.AssetKey(["raw", topic.topic]))
+            return (
+                super().get_source_topic_spec(topic).replace_attributes(key=dg.AssetKey(["raw", topic.topic]))
+            )
 
     graph = _graph(tmp_path, Prefixed())
     (flow,) = graph.flows

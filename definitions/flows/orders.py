@@ -65,7 +65,9 @@ orders_flow: StreamFlow[Order, EnrichedOrder] = StreamFlow(
     process=Process(
         EnrichOrder,
         Broadcast(
-            BroadcastRoute(process=Process(IntoTable(EnrichedOrder, name="orders_delta", backend=Backend.DELTA))),
+            BroadcastRoute(
+                process=Process(IntoTable(EnrichedOrder, name="orders_delta", backend=Backend.DELTA))
+            ),
             BroadcastRoute(
                 process=Process(IntoTable(EnrichedOrder, name="orders_ch", backend=Backend.CLICKHOUSE))
             ),

@@ -147,24 +147,44 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _run_mvn(cache: Path, version: str) -> None:
     """Copy the broker jars from Maven Central into ``cache/lib`` (uses the default ~/.m2)."""
-    mvn = _which("mvn", "Install Maven 3.8+ (e.g. `apt-get install maven`) or point "
-                 f"{ENV_CACHE} at a directory whose lib/ already holds the Kafka jars.")
+    mvn = _which(
+        "mvn",
+        "Install Maven 3.8+ (e.g. `apt-get install maven`) or point "
+        f"{ENV_CACHE} at a directory whose lib/ already holds the Kafka jars.",
+    )
     pom = cache / "pom.xml"
     pom.write_text(_pom_text())
     lib = cache / "lib"
     shutil.rmtree(lib, ignore_errors=True)
-    cmd = [mvn, "-q", "-B", "-Dstyle.color=never", "-f", str(pom), "dependency:copy-dependencies",
-           f"-DoutputDirectory={lib}", f"-Dkafka.version={version}"]
+    cmd = [
+        mvn,
+        "-q",
+        "-B",
+        "-Dstyle.color=never",
+        "-f",
+        str(pom),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={lib}",
+        f"-Dkafka.version={version}",
+    ]
     log.info("fetching Kafka %s jars with Maven into %s", version, lib)
     try:
-        done = subprocess.run(cmd, cwd=cache, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=MVN_TIMEOUT, check=False)
+        done = subprocess.run(
+            cmd,
+            cwd=cache,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=MVN_TIMEOUT,
+            check=False,
+        )
     except subprocess.TimeoutExpired as exc:
         raise KafkaDevError(f"mvn did not finish within {MVN_TIMEOUT:.0f} s: {' '.join(cmd)}") from exc
     if done.returncode != 0 or not any(lib.glob("kafka_2.13-*.jar")):
         output = _text_tail(done.stdout + done.stderr)
-        raise KafkaDevError(f"mvn failed (exit {done.returncode}) fetching Kafka {version} jars:\n"
-                            f"  {' '.join(cmd)}\n{output}")
+        raise KafkaDevError(
+            f"mvn failed (exit {done.returncode}) fetching Kafka {version} jars:\n  {' '.join(cmd)}\n{output}"
+        )
 
 
 def ensure_jars(version: str = KAFKA_VERSION) -> Path:
@@ -176,8 +196,11 @@ def ensure_jars(version: str = KAFKA_VERSION) -> Path:
         if not _cache_is_complete(cache, version):
             started = time.monotonic()
             _run_mvn(cache, version)
-            marker = {"fingerprint": _fingerprint(version), "version": version,
-                      "seconds": round(time.monotonic() - started, 2)}
+            marker = {
+                "fingerprint": _fingerprint(version),
+                "version": version,
+                "seconds": round(time.monotonic() - started, 2),
+            }
             (cache / MARKER_NAME).write_text(json.dumps(marker))
     return cache / "lib"
 
@@ -192,12 +215,16 @@ def find_java() -> str:
     if candidate is not None and os.access(candidate, os.X_OK):
         java = str(candidate)
     else:
-        java = _which("java", "Install a Java 17+ runtime (e.g. `apt-get install openjdk-17-jre-headless`) "
-                      "or set JAVA_HOME.")
+        java = _which(
+            "java",
+            "Install a Java 17+ runtime (e.g. `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME.",
+        )
     major = _java_major(java)
     if major is not None and major < MIN_JAVA:
-        raise KafkaDevError(f"Kafka {KAFKA_VERSION} needs Java {MIN_JAVA}+, but {java} is Java {major}; "
-                            "set JAVA_HOME to a newer JDK.")
+        raise KafkaDevError(
+            f"Kafka {KAFKA_VERSION} needs Java {MIN_JAVA}+, but {java} is Java {major}; "
+            "set JAVA_HOME to a newer JDK."
+        )
     return java
 
 
@@ -246,8 +273,9 @@ def _require_free(ports: Iterable[int]) -> None:
     """Raise KafkaPortInUseError naming the first taken port."""
     for port in ports:
         if not port_is_free(port):
-            raise KafkaPortInUseError(f"port 127.0.0.1:{port} is already in use; "
-                                      "stop whatever listens there or choose another port")
+            raise KafkaPortInUseError(
+                f"port 127.0.0.1:{port} is already in use; stop whatever listens there or choose another port"
+            )
 
 
 def _split_bootstrap(bootstrap: str) -> tuple[str, int]:
@@ -318,23 +346,43 @@ logger.request.level = WARN
 
 def _jvm_options(heap: str, log4j_config: Path) -> list[str]:
     """JVM flags for a small dev broker."""
-    return [f"-Xmx{heap}", "-Xms64m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
-            "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={log4j_config}"]
+    return [
+        f"-Xmx{heap}",
+        "-Xms64m",
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-XX:+ExitOnOutOfMemoryError",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={log4j_config}",
+    ]
 
 
 def format_storage(java: str, lib: Path, config: Path, log4j_config: Path, cluster_id: str) -> None:
     """Run Kafka's StorageTool to format a fresh KRaft log directory."""
-    cmd = [java, "-Xmx256m", f"-Dlog4j2.configurationFile={log4j_config}", "-cp", str(lib / "*"),
-           STORAGE_TOOL_MAIN, "format", "--cluster-id", cluster_id, "--config", str(config)]
+    cmd = [
+        java,
+        "-Xmx256m",
+        f"-Dlog4j2.configurationFile={log4j_config}",
+        "-cp",
+        str(lib / "*"),
+        STORAGE_TOOL_MAIN,
+        "format",
+        "--cluster-id",
+        cluster_id,
+        "--config",
+        str(config),
+    ]
     try:
-        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=120, check=False)
+        done = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False
+        )
     except subprocess.TimeoutExpired as exc:
         raise KafkaDevError("formatting Kafka storage timed out after 120 s") from exc
     if done.returncode != 0:
-        raise KafkaDevError(f"formatting Kafka storage failed (exit {done.returncode}):\n"
-                            f"{_text_tail(done.stdout + done.stderr)}")
+        raise KafkaDevError(
+            f"formatting Kafka storage failed (exit {done.returncode}):\n"
+            f"{_text_tail(done.stdout + done.stderr)}"
+        )
 
 
 # --------------------------------------------------------------------------- clients / readiness
@@ -342,8 +390,12 @@ def format_storage(java: str, lib: Path, config: Path, log4j_config: Path, clust
 
 def _client_conf(bootstrap: str, **extra: Any) -> dict[str, Any]:
     """Quiet, quickly reconnecting admin-client settings."""
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "log_level": 0,
-                            "reconnect.backoff.max.ms": 500, "socket.connection.setup.timeout.ms": 5000}
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "log_level": 0,
+        "reconnect.backoff.max.ms": 500,
+        "socket.connection.setup.timeout.ms": 5000,
+    }
     conf.update(extra)
     return conf
 
@@ -378,8 +430,9 @@ def check_reachable(bootstrap: str, timeout: float = 15.0) -> str:
         time.sleep(0.5)
 
 
-def wait_until_ready(bootstrap: str, timeout: float, is_alive: Callable[[], bool],
-                     log_path: Path | None = None) -> float:
+def wait_until_ready(
+    bootstrap: str, timeout: float, is_alive: Callable[[], bool], log_path: Path | None = None
+) -> float:
     """Block until the broker answers metadata requests; return the seconds waited."""
     started = time.monotonic()
     deadline = started + timeout
@@ -405,8 +458,14 @@ def _raise_startup_failure(message: str, log_path: Path | None) -> None:
 # --------------------------------------------------------------------------- topics
 
 
-def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 1, *,
-                  replication_factor: int = 1, timeout: float = 30.0) -> None:
+def create_topics(
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int = 1,
+    *,
+    replication_factor: int = 1,
+    timeout: float = 30.0,
+) -> None:
     """Create the topics that do not exist yet and wait until all ``names`` have partition leaders.
 
     Idempotent: existing topics are left as they are (their partition count is not changed).
@@ -420,8 +479,11 @@ def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 1, *,
         existing = admin.list_topics(timeout=timeout).topics
     except KafkaException as exc:
         raise KafkaDevError(f"cannot list topics on {bootstrap}: {exc}") from exc
-    missing = [NewTopic(name, num_partitions=partitions, replication_factor=replication_factor)
-               for name in wanted if name not in existing]
+    missing = [
+        NewTopic(name, num_partitions=partitions, replication_factor=replication_factor)
+        for name in wanted
+        if name not in existing
+    ]
     if missing:
         futures = admin.create_topics(missing, operation_timeout=timeout, request_timeout=timeout)
         for name, future in futures.items():
@@ -472,7 +534,7 @@ def _proc_stat_fields(pid: int) -> list[str] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return raw[raw.rindex(")") + 2:].split()
+    return raw[raw.rindex(")") + 2 :].split()
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -531,10 +593,18 @@ class KafkaBroker:
     ``port``/``controller_port`` default to free loopback ports picked at start.
     """
 
-    def __init__(self, *, data_dir: str | Path | None = None, port: int | None = None,
-                 controller_port: int | None = None, keep_data: bool = False, heap: str = "512m",
-                 startup_timeout: float = DEFAULT_STARTUP_TIMEOUT, bootstrap: str | None = None,
-                 version: str = KAFKA_VERSION) -> None:
+    def __init__(
+        self,
+        *,
+        data_dir: str | Path | None = None,
+        port: int | None = None,
+        controller_port: int | None = None,
+        keep_data: bool = False,
+        heap: str = "512m",
+        startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+        bootstrap: str | None = None,
+        version: str = KAFKA_VERSION,
+    ) -> None:
         self.external_bootstrap = bootstrap or os.environ.get(ENV_BOOTSTRAP) or None
         self.data_dir: Path | None = Path(data_dir).resolve() if data_dir is not None else None
         self._owns_data_dir = data_dir is None
@@ -610,7 +680,9 @@ class KafkaBroker:
     def restart(self) -> KafkaBroker:
         """Stop the broker and start it again on the same ports with the same data (simulates a bounce)."""
         if self.external:
-            raise KafkaDevError(f"cannot restart an external broker ({ENV_BOOTSTRAP}={self.external_bootstrap})")
+            raise KafkaDevError(
+                f"cannot restart an external broker ({ENV_BOOTSTRAP}={self.external_bootstrap})"
+            )
         if not self._started or self.port is None or self.controller_port is None:
             raise KafkaDevError("restart() needs a started KafkaBroker")
         began = time.monotonic()
@@ -633,8 +705,9 @@ class KafkaBroker:
     def __enter__(self) -> KafkaBroker:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:
@@ -682,12 +755,18 @@ class KafkaBroker:
         _require_free([self.port, self.controller_port])
         log_dir = self.data_dir / "kraft-logs"
         (self.data_dir / "server.properties").write_text(
-            server_properties(log_dir, self.port, self.controller_port))
+            server_properties(log_dir, self.port, self.controller_port)
+        )
         (self.data_dir / "log4j2.properties").write_text(LOG4J2_PROPERTIES)
         if not (log_dir / "meta.properties").exists():
             t0 = time.monotonic()
-            format_storage(java, lib, self.data_dir / "server.properties",
-                           self.data_dir / "log4j2.properties", new_cluster_id())
+            format_storage(
+                java,
+                lib,
+                self.data_dir / "server.properties",
+                self.data_dir / "log4j2.properties",
+                new_cluster_id(),
+            )
             self.timings["format"] = time.monotonic() - t0
         self._launch(java, lib)
         self._await_ready()
@@ -695,21 +774,36 @@ class KafkaBroker:
     def _launch(self, java: str, lib: Path) -> None:
         """Spawn ``java kafka.Kafka server.properties`` in its own session, logging to ``log_path``."""
         assert self.data_dir is not None and self.log_path is not None
-        cmd = [java, *_jvm_options(self.heap, self.data_dir / "log4j2.properties"),
-               "-cp", str(lib / "*"), BROKER_MAIN, str(self.data_dir / "server.properties")]
+        cmd = [
+            java,
+            *_jvm_options(self.heap, self.data_dir / "log4j2.properties"),
+            "-cp",
+            str(lib / "*"),
+            BROKER_MAIN,
+            str(self.data_dir / "server.properties"),
+        ]
         with self.log_path.open("ab") as out:
-            out.write(f"{_RUN_HEADER}{time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
+            out.write(
+                f"{_RUN_HEADER}{time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode()
+            )
             out.flush()
-            self._proc = subprocess.Popen(cmd, cwd=self.data_dir, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+            self._proc = subprocess.Popen(
+                cmd,
+                cwd=self.data_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.start_ticks = process_start_ticks(self._proc.pid)
 
     def _await_ready(self) -> None:
         """Wait for the spawned broker to answer; record the boot time."""
         proc = self._proc
         assert proc is not None and self.port is not None
-        self.timings["boot"] = wait_until_ready(f"127.0.0.1:{self.port}", self.startup_timeout,
-                                                lambda: proc.poll() is None, self.log_path)
+        self.timings["boot"] = wait_until_ready(
+            f"127.0.0.1:{self.port}", self.startup_timeout, lambda: proc.poll() is None, self.log_path
+        )
 
     def _terminate(self, grace: float = DEFAULT_STOP_TIMEOUT) -> None:
         """Stop our child by PID: SIGTERM, wait up to ``grace`` s, then SIGKILL."""
@@ -765,8 +859,11 @@ def cli_start(state_dir: Path, port: int | None, heap: str, timeout: float) -> i
     state_dir.mkdir(parents=True, exist_ok=True)
     old = read_record(state_dir)
     if old is not None and (old.get("external") or _record_alive(old)):
-        print(f"a broker is already recorded in {_record_path(state_dir)} (pid {old.get('pid')}, "
-              f"bootstrap {old.get('bootstrap')}); stop it first", file=sys.stderr)
+        print(
+            f"a broker is already recorded in {_record_path(state_dir)} (pid {old.get('pid')}, "
+            f"bootstrap {old.get('bootstrap')}); stop it first",
+            file=sys.stderr,
+        )
         return 1
     external = os.environ.get(ENV_BOOTSTRAP)
     if external:
@@ -781,15 +878,28 @@ def cli_start(state_dir: Path, port: int | None, heap: str, timeout: float) -> i
     except BaseException:
         shutil.rmtree(data_dir, ignore_errors=True)
         raise
-    _write_record(state_dir, {
-        "external": False, "pid": broker.pid, "start_ticks": broker.start_ticks,
-        "bootstrap": broker.bootstrap_servers, "log_path": str(broker.log_path),
-        "data_dir": str(data_dir), "owns_data_dir": True, "port": broker.port,
-        "controller_port": broker.controller_port, "kafka_version": broker.version,
-        "started_at": time.time(), "start_seconds": round(broker.start_seconds or 0.0, 2)})
-    print(f"Kafka {broker.version} (pid {broker.pid}) ready in {broker.start_seconds:.1f} s; "
-          f"log {broker.log_path}; stop with: python -m loom_dagster.dev.kafka stop --state-dir {state_dir}",
-          file=sys.stderr)
+    _write_record(
+        state_dir,
+        {
+            "external": False,
+            "pid": broker.pid,
+            "start_ticks": broker.start_ticks,
+            "bootstrap": broker.bootstrap_servers,
+            "log_path": str(broker.log_path),
+            "data_dir": str(data_dir),
+            "owns_data_dir": True,
+            "port": broker.port,
+            "controller_port": broker.controller_port,
+            "kafka_version": broker.version,
+            "started_at": time.time(),
+            "start_seconds": round(broker.start_seconds or 0.0, 2),
+        },
+    )
+    print(
+        f"Kafka {broker.version} (pid {broker.pid}) ready in {broker.start_seconds:.1f} s; "
+        f"log {broker.log_path}; stop with: python -m loom_dagster.dev.kafka stop --state-dir {state_dir}",
+        file=sys.stderr,
+    )
     broker.detach()
     print(broker.bootstrap_servers)
     return 0
@@ -809,8 +919,11 @@ def cli_stop(state_dir: Path, keep_data: bool, grace: float) -> int:
         if isinstance(pid, int) and terminate_pid(pid, record.get("start_ticks"), grace):
             print(f"stopped Kafka broker pid {pid}", file=sys.stderr)
         else:
-            print(f"Kafka broker pid {pid} was not running (or the pid now belongs to another "
-                  "process); nothing signalled", file=sys.stderr)
+            print(
+                f"Kafka broker pid {pid} was not running (or the pid now belongs to another "
+                "process); nothing signalled",
+                file=sys.stderr,
+            )
         data_dir = record.get("data_dir")
         if data_dir and record.get("owns_data_dir") and not keep_data:
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -832,8 +945,9 @@ def cli_status(state_dir: Path) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     """Argument parser for ``python -m loom_dagster.dev.kafka``."""
-    parser = argparse.ArgumentParser(prog="python -m loom_dagster.dev.kafka",
-                                     description="Run a local single-node Kafka broker (KRaft).")
+    parser = argparse.ArgumentParser(
+        prog="python -m loom_dagster.dev.kafka", description="Run a local single-node Kafka broker (KRaft)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="start a detached broker and print its bootstrap servers")
     start.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
@@ -844,8 +958,12 @@ def _parser() -> argparse.ArgumentParser:
     stop.add_argument("--timeout", type=float, default=DEFAULT_STOP_TIMEOUT, help="SIGTERM grace, s")
     status = sub.add_parser("status", help="show the recorded broker and whether it answers")
     for child in (start, stop, status):
-        child.add_argument("--state-dir", type=Path, required=True,
-                           help=f"directory holding {RECORD_NAME} and the broker's data dir")
+        child.add_argument(
+            "--state-dir",
+            type=Path,
+            required=True,
+            help=f"directory holding {RECORD_NAME} and the broker's data dir",
+        )
     sub.add_parser("jars", help="fetch the broker jars if needed and print their directory")
     return parser
 

@@ -66,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--bootstrap", default=os.environ.get("LOOM_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
     args = parser.parse_args(argv)
-    sent = produce(args.bootstrap, "orders", sample_orders(args.count, args.start), key=lambda o: o.customer_id)
+    sent = produce(
+        args.bootstrap, "orders", sample_orders(args.count, args.start), key=lambda o: o.customer_id
+    )
     print(f"sent {sent} orders to {args.bootstrap}")
 
 

@@ -4,9 +4,9 @@
 from loom_dagster.launchers.base import (
     JobProcess,
     JobState,
+    LaunchedJob,
     Launcher,
     LaunchRequest,
-    LaunchedJob,
 )
 from loom_dagster.launchers.local import LocalProcessLauncher
 

@@ -173,7 +173,9 @@ class LocalProcessLauncher(Launcher):
                 argv, capture_output=True, text=True, env=env, cwd=request.cwd or None, timeout=timeout_s
             )
         except subprocess.TimeoutExpired as exc:
-            raise DeploymentError(f"preflight of flow {request.flow_name!r} took over {timeout_s:.0f}s") from exc
+            raise DeploymentError(
+                f"preflight of flow {request.flow_name!r} took over {timeout_s:.0f}s"
+            ) from exc
         if done.returncode != 0:
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
             raise DeploymentError(

@@ -26,7 +26,9 @@ def read_stat(pid: int) -> ProcStat | None:
         return None
     # The command name (field 2) is in parentheses and may contain spaces: split after the last ')'.
     rest = raw[raw.rindex(")") + 2 :].split()
-    return ProcStat(pid=pid, state=rest[0], pgid=int(rest[2]), session=int(rest[3]), start_ticks=int(rest[19]))
+    return ProcStat(
+        pid=pid, state=rest[0], pgid=int(rest[2]), session=int(rest[3]), start_ticks=int(rest[19])
+    )
 
 
 def start_ticks(pid: int) -> int | None:

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from loom.streaming.bytewax import BytewaxRuntimeConfig, StreamingRunner
 
 
-def build_observability(config: ConfigContext, environment: str, observer: StatusObserver) -> ObservabilityRuntime:
+def build_observability(
+    config: ConfigContext, environment: str, observer: StatusObserver
+) -> ObservabilityRuntime:
     """The runtime loom would build from ``observability:`` config, plus ``observer``.
 
     Passing an ``observability_runtime`` to loom replaces the one it would build from config, so
@@ -55,7 +57,9 @@ def runtime_config(
     from loom.core.config import ConfigKey
     from loom.streaming.bytewax import BytewaxRuntimeConfig
 
-    base = config.section_or_default(ConfigKey.STREAMING_RUNTIME, BytewaxRuntimeConfig, BytewaxRuntimeConfig())
+    base = config.section_or_default(
+        ConfigKey.STREAMING_RUNTIME, BytewaxRuntimeConfig, BytewaxRuntimeConfig()
+    )
     changes: dict[str, Any] = {}
     if process_id is not None:
         changes["process_id"] = process_id

@@ -51,30 +51,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--import-path", required=True, help="flow to run, 'package.module:attribute'")
     parser.add_argument(
-        "--config", action="append", required=True, dest="configs",
+        "--config",
+        action="append",
+        required=True,
+        dest="configs",
         help="loom config file or directory (base.yaml + <env>.yaml); repeat to merge several",
     )
-    parser.add_argument("--environment", default=None, help="loom environment (default: LOOM_ENV, else production)")
-    parser.add_argument("--status-file", required=True, type=Path, help="JSON status record to keep current")
-    parser.add_argument("--flow-name", default=None, help="name in the status record (default: the flow's name)")
     parser.add_argument(
-        "--sys-path", action="append", default=[], dest="sys_paths",
+        "--environment", default=None, help="loom environment (default: LOOM_ENV, else production)"
+    )
+    parser.add_argument("--status-file", required=True, type=Path, help="JSON status record to keep current")
+    parser.add_argument(
+        "--flow-name", default=None, help="name in the status record (default: the flow's name)"
+    )
+    parser.add_argument(
+        "--sys-path",
+        action="append",
+        default=[],
+        dest="sys_paths",
         help="directory to put on sys.path before importing the flow; repeatable",
     )
-    parser.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT_S, help="status write interval, s")
     parser.add_argument(
-        "--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+        "--heartbeat", type=float, default=DEFAULT_HEARTBEAT_S, help="status write interval, s"
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
         help=f"seconds a stop may take before the process gives up (exit 4); 0 = wait forever "
         f"(default {DEFAULT_DRAIN_TIMEOUT_S:g})",
     )
     parser.add_argument(
-        "--no-final-commit", dest="final_commit", action="store_false",
+        "--no-final-commit",
+        dest="final_commit",
+        action="store_false",
         help="do not commit the offsets made durable by the shutdown flush (they are then replayed)",
     )
     cluster = parser.add_argument_group("cluster (overrides streaming.runtime)")
     cluster.add_argument("--process-id", type=int, default=None, help="this process's index in --addresses")
-    cluster.add_argument("--addresses", default=None, help="host:port of every process, comma-separated, same order everywhere")
-    cluster.add_argument("--workers-per-process", type=int, default=None, help="worker threads in this process")
+    cluster.add_argument(
+        "--addresses", default=None, help="host:port of every process, comma-separated, same order everywhere"
+    )
+    cluster.add_argument(
+        "--workers-per-process", type=int, default=None, help="worker threads in this process"
+    )
     return parser
 
 

@@ -76,7 +76,9 @@ def consumer_config(runner: Any) -> dict[str, Any] | None:
     return config if config.get("group.id") else None
 
 
-def commit_offsets(config: Mapping[str, Any], offsets: Mapping[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+def commit_offsets(
+    config: Mapping[str, Any], offsets: Mapping[tuple[str, int], int]
+) -> dict[tuple[str, int], int]:
     """Commit ``offsets`` for the group of ``config`` where they are ahead; return what was committed."""
     from confluent_kafka import Consumer, TopicPartition
 
@@ -84,8 +86,7 @@ def commit_offsets(config: Mapping[str, Any], offsets: Mapping[tuple[str, int], 
     try:
         wanted = [TopicPartition(topic, partition) for topic, partition in offsets]
         current = {
-            (tp.topic, tp.partition): tp.offset
-            for tp in consumer.committed(wanted, timeout=COMMIT_TIMEOUT_S)
+            (tp.topic, tp.partition): tp.offset for tp in consumer.committed(wanted, timeout=COMMIT_TIMEOUT_S)
         }
         ahead = {key: value for key, value in offsets.items() if value > current.get(key, -1)}
         if ahead:

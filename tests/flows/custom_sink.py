@@ -18,8 +18,15 @@ class IntoMemory:
     name: str = "memory"
     router_branch_safe: ClassVar[bool] = True
 
-    def build_partition(self, config: Any, worker_index: int, worker_count: int, bridge: Any = None,
-                        session_manager: Any = None, logger: Any = None) -> Any:
+    def build_partition(
+        self,
+        config: Any,
+        worker_index: int,
+        worker_count: int,
+        bridge: Any = None,
+        session_manager: Any = None,
+        logger: Any = None,
+    ) -> Any:
         raise RuntimeError("never built in these tests")
 
 

@@ -40,7 +40,9 @@ class Double(RecordStep[Event, Row]):
     """Double the value."""
 
     def execute(self, message: Message[Event], **kwargs: object) -> Row:
-        return Row(event_id=message.payload.event_id, value=message.payload.value, doubled=2 * message.payload.value)
+        return Row(
+            event_id=message.payload.event_id, value=message.payload.value, doubled=2 * message.payload.value
+        )
 
 
 def _route(kind: str) -> BroadcastRoute[Row, Row]:

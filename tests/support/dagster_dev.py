@@ -27,14 +27,22 @@ def free_port() -> int:
 
 @contextmanager
 def dagster_dev(
-    dagster_home: Path, env: Mapping[str, str] | None = None, timeout_s: float = 120.0, workspace: str = "workspace.yaml"
+    dagster_home: Path,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 120.0,
+    workspace: str = "workspace.yaml",
 ) -> Iterator[str]:
     """Start ``dagster dev -w workspace.yaml`` with a fresh DAGSTER_HOME; yield its base URL."""
     dagster_home.mkdir(parents=True, exist_ok=True)
     (dagster_home / "dagster.yaml").touch()
     port = free_port()
     log = open(dagster_home / "dagster-dev.log", "ab")
-    proc_env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "DAGSTER_DISABLE_TELEMETRY": "1", **(env or {})}
+    proc_env = {
+        **os.environ,
+        "DAGSTER_HOME": str(dagster_home),
+        "DAGSTER_DISABLE_TELEMETRY": "1",
+        **(env or {}),
+    }
     dagster = str(Path(sys.executable).with_name("dagster"))
     proc = subprocess.Popen(
         [dagster, "dev", "-w", workspace, "-h", "127.0.0.1", "-p", str(port)],
@@ -60,8 +68,11 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log_p
         if proc.poll() is not None:
             raise RuntimeError(f"dagster dev exited early:\n{log_path.read_text()[-4000:]}")
         try:
-            data = graphql(url, "query { workspaceOrError { __typename ... on Workspace { locationEntries { "
-                           "name locationOrLoadError { __typename } } } } }")
+            data = graphql(
+                url,
+                "query { workspaceOrError { __typename ... on Workspace { locationEntries { "
+                "name locationOrLoadError { __typename } } } } }",
+            )
             entries = data["workspaceOrError"]["locationEntries"]
             if entries and all(e["locationOrLoadError"] for e in entries):
                 return
@@ -87,10 +98,14 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
-def graphql(url: str, query: str, variables: dict[str, Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
+def graphql(
+    url: str, query: str, variables: dict[str, Any] | None = None, timeout: float = 30.0
+) -> dict[str, Any]:
     """POST a GraphQL query to the webserver; return ``data`` (raise on errors)."""
     body = json.dumps({"query": query, "variables": variables or {}}).encode()
-    request = urllib.request.Request(f"{url}/graphql", data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         payload = json.load(response)
     if payload.get("errors"):
@@ -114,7 +129,10 @@ RUN_STATUS = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } }
 
 
 def launch_materialization(
-    url: str, asset_paths: list[list[str]], location: str = "definitions.definitions", run_config: dict | None = None
+    url: str,
+    asset_paths: list[list[str]],
+    location: str = "definitions.definitions",
+    run_config: dict | None = None,
 ) -> str:
     """Launch a run materializing *asset_paths* through the webserver; return its run id."""
     params = {

@@ -69,8 +69,12 @@ class DeployBench:
     def produce(self, start: int, count: int) -> None:
         """Produce ticks ``start .. start+count-1``."""
         ids = [f"id-{i}" for i in range(start, start + count)]
-        produce(self.bootstrap, f"{self.prefix}.ticks", [Tick(id=i, seq=n) for n, i in enumerate(ids, start)],
-                key=lambda t: t.id)
+        produce(
+            self.bootstrap,
+            f"{self.prefix}.ticks",
+            [Tick(id=i, seq=n) for n, i in enumerate(ids, start)],
+            key=lambda t: t.id,
+        )
         self.produced.extend(ids)
 
     def delta_ids(self) -> Counter[str]:
@@ -94,7 +98,11 @@ class DeployBench:
             if expected <= set(ids):
                 return ids
             if nudge:
-                produce(self.bootstrap, f"{self.prefix}.ticks", [Tick(id=f"nudge-{time.time_ns()}-{marker}", seq=-1)])
+                produce(
+                    self.bootstrap,
+                    f"{self.prefix}.ticks",
+                    [Tick(id=f"nudge-{time.time_ns()}-{marker}", seq=-1)],
+                )
                 marker += 1
             time.sleep(1.0)
         missing = expected - set(self.delta_ids())
@@ -126,7 +134,9 @@ class DeployBench:
         import os
         import signal
 
-        for deployment in self.store.history("ticks") + ([self.store.current("ticks")] if self.store.current("ticks") else []):
+        for deployment in self.store.history("ticks") + (
+            [self.store.current("ticks")] if self.store.current("ticks") else []
+        ):
             for proc in deployment.job.processes:
                 if procfs.is_alive(proc.pid, proc.start_ticks):
                     os.kill(proc.pid, signal.SIGKILL)
