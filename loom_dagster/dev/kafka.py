@@ -585,6 +585,17 @@ def terminate_pid(pid: int, start_ticks: int | None, grace: float = DEFAULT_STOP
 # --------------------------------------------------------------------------- the broker
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the starting process dies (even by SIGKILL), so a
+    killed test run never leaves a broker behind. Linux only; harmless elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class KafkaBroker:
     """A single-node KRaft Kafka broker run as a child ``java`` process (or an external one).
 
@@ -604,7 +615,9 @@ class KafkaBroker:
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         bootstrap: str | None = None,
         version: str = KAFKA_VERSION,
+        die_with_parent: bool = True,
     ) -> None:
+        self.die_with_parent = die_with_parent
         self.external_bootstrap = bootstrap or os.environ.get(ENV_BOOTSTRAP) or None
         self.data_dir: Path | None = Path(data_dir).resolve() if data_dir is not None else None
         self._owns_data_dir = data_dir is None
@@ -794,6 +807,7 @@ class KafkaBroker:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         self.start_ticks = process_start_ticks(self._proc.pid)
 
@@ -872,7 +886,7 @@ def cli_start(state_dir: Path, port: int | None, heap: str, timeout: float) -> i
         print(external)
         return 0
     data_dir = Path(tempfile.mkdtemp(prefix="kafka-data-", dir=state_dir))
-    broker = KafkaBroker(data_dir=data_dir, port=port, heap=heap, startup_timeout=timeout)
+    broker = KafkaBroker(data_dir=data_dir, port=port, heap=heap, startup_timeout=timeout, die_with_parent=False)
     try:
         broker.start()
     except BaseException:

@@ -1,0 +1,12 @@
+"""Names of the asset checks loom-dagster declares and the sensors report (so the UI lists them)."""
+
+from __future__ import annotations
+
+JOB_RUNNING = "job_running"
+"""On each flow asset: the deployed job is alive, heartbeating and connected."""
+
+KAFKA_LAG = "kafka_lag"
+"""On each Kafka-sourced flow asset: consumer lag evaluated over a window (OK/WARN/ERR/STOP/STALL/REWIND)."""
+
+SINK_FRESHNESS = "freshness"
+"""On each storage sink asset: new data within the warn/fail windows; flags 'silent while source lags'."""

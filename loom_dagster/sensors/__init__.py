@@ -1,0 +1,1 @@
+"""Sensors that watch deployed flows: job health (restart with backoff), Kafka consumer lag, sink health."""
