@@ -44,7 +44,7 @@ def _data_dir() -> Path:
     return Path(os.environ.get("LOOM_DATA_DIR", "/tmp/loom-data"))
 
 
-@dg.asset(deps=[ORDERS_DELTA], group_name="reporting", kinds={"python", "delta"})
+@dg.asset(deps=[ORDERS_DELTA], group_name="reporting", kinds={"python", "deltalake"})
 def orders_by_band(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """Order count and revenue per size band, read from the Delta table the orders flow writes."""
     from deltalake import DeltaTable

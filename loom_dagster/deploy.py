@@ -1,9 +1,9 @@
 """Deploy, redeploy, roll back and undeploy a flow: the lifecycle behind materializing a flow asset.
 
 Deploy = compile with the run-time config -> lineage check -> preflight of the new version in a fresh
-process -> (flow lock) drain the running job -> launch -> health gate -> record. If the new job fails
-its gate, it is killed and the previous deployment is started again. Compile, lineage and preflight
-failures never touch the running job.
+process (when a running job could be taken down) -> (flow lock) drain the running job -> launch ->
+health gate -> record. If the new job fails its gate, it is killed and the previous deployment is
+started again. Compile, lineage and preflight failures never touch the running job.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ class FlowDeployer:
         if not self.options.launch:
             return DeployResult(compiled=compiled)
         request = launch_request(spec, compiled, run_id)
-        if self.options.preflight:
+        if self.options.preflight and self._running(declared.name):
+            # Only a running job needs protecting: without one, the health gate is the check.
             self.launcher.preflight(request, self.options.preflight_timeout_s)
             log("preflight passed: the new version imports, compiles and prepares in a fresh process")
         with self.store.lock(declared.name, holder=f"run {run_id or '?'}"):
@@ -127,6 +128,7 @@ class FlowDeployer:
             deployed_at=time.time(),
             run_id=run_id,
             previous_plan_hash=previous.plan_hash if previous else None,
+            extra={"source": source_summary(compiled)},
         )
         self.store.save(deployment)
         return DeployResult(compiled, deployment, previous, drain_seconds, gate_seconds)
@@ -194,6 +196,10 @@ class FlowDeployer:
             log(f"restarted flow {flow_name!r}: pids {_pids(job)}")
             return restarted
 
+    def _running(self, flow_name: str) -> bool:
+        current = self.store.current(flow_name)
+        return current is not None and not current.stopped_on_purpose and self._alive(current.job)
+
     def _alive(self, job: LaunchedJob) -> bool:
         return job.host == socket.gethostname() and self.launcher.report(job).alive_processes > 0
 
@@ -221,6 +227,18 @@ def launch_request(spec: LoomFlowSpec, compiled: CompiledFlow, run_id: str | Non
         run_id=run_id,
         cwd=str(Path.cwd()),
     )
+
+
+def source_summary(compiled: CompiledFlow) -> dict[str, object]:
+    """What an operator tool needs to read the flow's lag: brokers, group, topics (no secrets)."""
+    settings = getattr(compiled.plan.source, "settings", None)
+    return {
+        "kind": compiled.flow.source_kind,
+        "brokers": list(getattr(settings, "brokers", ()) or ()),
+        "group_id": compiled.flow.consumer_group,
+        "topics": [t.topic for t in compiled.flow.source_topics],
+        "secured": getattr(settings, "security", None) is not None,
+    }
 
 
 def import_root(import_path: str) -> str:

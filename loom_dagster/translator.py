@@ -23,6 +23,7 @@ DEFAULT_FLOW_GROUP = "loom"
 TOPIC_GROUP = "kafka"
 MONGO_GROUP = "mongo"
 DLQ_TAG = "loom/dlq"
+BACKEND_LABELS = {SinkBackend.DELTA: "Delta", SinkBackend.CLICKHOUSE: "ClickHouse", SinkBackend.SQL: "SQL"}
 
 
 class LoomTranslator:
@@ -53,7 +54,7 @@ class LoomTranslator:
                 f"{c.database}.{c.collection}" for c in flow.source_collections
             )
         if flow.error_routes:
-            metadata["loom/error_routes"] = dg.MetadataValue.json(dict(flow.error_routes))
+            metadata["loom/error_routes"] = error_routes_text(flow.error_routes)
         metadata["loom/sinks"] = dg.MetadataValue.json(flow.sink_identities)
         return dg.AssetSpec(
             key=dg.AssetKey(["loom", flow.name]),
@@ -70,7 +71,7 @@ class LoomTranslator:
         """A Kafka topic that flows read and no flow here writes: ``["kafka", <topic>]``."""
         return dg.AssetSpec(
             key=dg.AssetKey(["kafka", topic.topic]),
-            description=f"Kafka topic `{topic.topic}`, read by {_names(topic.read_by)}.",
+            description=f"Kafka topic {topic.topic}, read by {_names(topic.read_by)}.",
             group_name=TOPIC_GROUP,
             kinds={"kafka"},
             metadata={"kafka/topic": topic.topic, "loom/read_by": ", ".join(topic.read_by)},
@@ -78,7 +79,7 @@ class LoomTranslator:
 
     def get_output_topic_spec(self, topic: LoomTopic) -> dg.AssetSpec:
         """A Kafka topic a flow writes (output or dead-letter queue): ``["kafka", <topic>]``."""
-        role = "dead-letter topic" if topic.is_dlq else "Kafka topic"
+        role = "Dead-letter topic" if topic.is_dlq else "Kafka topic"
         readers = f", read by {_names(topic.read_by)}" if topic.read_by else ""
         tags = {DLQ_TAG: "true"} if topic.is_dlq else {}
         metadata: dict[str, object] = {
@@ -91,9 +92,9 @@ class LoomTranslator:
             metadata["loom/read_by"] = ", ".join(topic.read_by)
         return dg.AssetSpec(
             key=dg.AssetKey(["kafka", topic.topic]),
-            description=f"{role.capitalize()} `{topic.topic}`, written by {_names(topic.written_by)}{readers}.",
+            description=f"{role} {topic.topic}, written by {_names(topic.written_by)}{readers}.",
             group_name=TOPIC_GROUP,
-            kinds={"kafka"},
+            kinds={"kafka", "dlq"} if topic.is_dlq else {"kafka"},
             tags=tags,
             metadata=metadata,
         )
@@ -102,7 +103,7 @@ class LoomTranslator:
         """A MongoDB collection watched by change streams: ``["mongo", <db>, <collection>]``."""
         return dg.AssetSpec(
             key=dg.AssetKey(["mongo", collection.database, collection.collection]),
-            description=f"MongoDB collection `{collection.database}.{collection.collection}` (change stream).",
+            description=f"MongoDB collection {collection.database}.{collection.collection} (change stream).",
             group_name=MONGO_GROUP,
             kinds={"mongodb"},
             metadata={"dagster/table_name": f"{collection.database}.{collection.collection}"},
@@ -111,7 +112,7 @@ class LoomTranslator:
     def get_storage_sink_spec(self, sink: LoomStorageSink, flow: LoomFlow) -> dg.AssetSpec:
         """A table a flow writes: ``["delta", t]``, ``["clickhouse", db, t]`` or ``["sql", ref, t]``."""
         if sink.backend is SinkBackend.DELTA:
-            key, table_name, kinds = ["delta", sink.table], sink.table, {"delta", "table"}
+            key, table_name, kinds = ["delta", sink.table], sink.table, {"deltalake", "table"}
         elif sink.backend is SinkBackend.CLICKHOUSE:
             key = ["clickhouse", sink.database or "default", sink.table]
             table_name, kinds = f"{sink.database}.{sink.table}", {"clickhouse", "table"}
@@ -130,8 +131,8 @@ class LoomTranslator:
             metadata["dagster/column_schema"] = to_table_schema(sink.columns)
         return dg.AssetSpec(
             key=dg.AssetKey(key),
-            description=f"{sink.backend.value.capitalize()} table `{table_name}`, written by loom flow "
-            f"`{sink.flow_name}` (sink `{sink.sink_name}`).",
+            description=f"{BACKEND_LABELS[sink.backend]} table {table_name}, written by loom flow "
+            f"{sink.flow_name} (sink {sink.sink_name}).",
             group_name=flow.group_name or DEFAULT_FLOW_GROUP,
             kinds=kinds,
             owners=list(flow.owners),
@@ -140,19 +141,31 @@ class LoomTranslator:
 
 
 def _flow_description(flow: LoomFlow) -> str:
-    sources = ", ".join(f"`{t.topic}`" for t in flow.source_topics) or ", ".join(
-        f"`{c.database}.{c.collection}`" for c in flow.source_collections
+    sources = ", ".join(t.topic for t in flow.source_topics) or ", ".join(
+        f"{c.database}.{c.collection}" for c in flow.source_collections
     )
-    sinks = [f"`{s.table}` ({s.backend.value})" for s in flow.storage_sinks]
-    sinks += [f"`{t.topic}` ({t.role.value})" for t in flow.output_topics]
+    sinks = [f"{BACKEND_LABELS[s.backend]} {_qualified(s)}" for s in flow.storage_sinks]
+    sinks += [f"{'DLQ' if t.role.value == 'dlq' else 'topic'} {t.topic}" for t in flow.output_topics]
     return (
-        f"loom streaming flow `{flow.name}` ({flow.import_path}), run as a Bytewax job. "
-        f"Reads {sources}; writes {', '.join(sinks) or 'nothing'}. Materialize to deploy or redeploy."
+        f"Reads {sources} -> writes {', '.join(sinks) or 'nothing'}. A loom streaming flow run as a "
+        f"long-running Bytewax job ({flow.import_path}); materialize to deploy or redeploy it."
     )
+
+
+def _qualified(sink: LoomStorageSink) -> str:
+    return f"{sink.database}.{sink.table}" if sink.backend is SinkBackend.CLICKHOUSE else sink.table
+
+
+def error_routes_text(routes: tuple[tuple[str, str], ...]) -> str:
+    """``business, task -> orders.dlq; wire -> raw.dlq``: error kinds grouped by the topic they go to."""
+    by_topic: dict[str, list[str]] = {}
+    for kind, topic in routes:
+        by_topic.setdefault(topic, []).append(kind)
+    return "; ".join(f"{', '.join(sorted(kinds))} -> {topic}" for topic, kinds in sorted(by_topic.items()))
 
 
 def _names(flows: tuple[str, ...]) -> str:
-    return ", ".join(f"`{f}`" for f in flows) or "no flow here"
+    return ", ".join(flows) or "no flow here"
 
 
 def _sql_dialect(uri: str | None) -> set[str]:

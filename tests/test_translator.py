@@ -38,9 +38,7 @@ def test_default_keys_kinds_and_metadata(tmp_path: Path, sinks_env: pytest.Monke
     assert md["loom/topics"] == "t.events"
     assert md["loom/delivery"] == "at_least_once"
     assert md["loom/import_path"] == SHAPES
-    assert md["loom/error_routes"].data == {
-        k: "t.events.dlq" for k in ("business", "routing", "task", "wire")
-    }
+    assert md["loom/error_routes"] == "business, routing, task, wire -> t.events.dlq"
     assert flow.spec.group_name == "events"
 
     specs = {s.key.to_user_string(): s for s in graph.external_specs}
@@ -55,7 +53,7 @@ def test_default_keys_kinds_and_metadata(tmp_path: Path, sinks_env: pytest.Monke
     delta = specs["delta/events"]
     assert delta.metadata["dagster/uri"] == str(tmp_path / "cfg" / "delta" / "events")
     assert delta.metadata["dagster/table_name"] == "events"
-    assert "delta" in delta.kinds
+    assert delta.kinds == {"deltalake", "table"}
     ch = specs["clickhouse/analytics/events"]
     assert ch.metadata["dagster/table_name"] == "analytics.events"
     assert "hunter2" not in ch.metadata["dagster/uri"] and "***" in ch.metadata["dagster/uri"]
@@ -69,6 +67,7 @@ def test_default_keys_kinds_and_metadata(tmp_path: Path, sinks_env: pytest.Monke
         ("note", "string", True),
     ]
     assert specs["kafka/t.events.dlq"].tags.get("loom/dlq") == "true"
+    assert specs["kafka/t.events.dlq"].kinds == {"kafka", "dlq"}
     assert "loom/dlq" not in specs["kafka/t.events.out"].tags
 
 

@@ -46,7 +46,8 @@ def test_example_asset_graph_over_graphql(tmp_path: Path) -> None:
     assert reverse == EXPECTED_EDGES
     assert set(by_key["loom/orders_enrichment"]["kinds"]) == {"loom", "bytewax"}
     assert set(by_key["kafka/orders"]["kinds"]) == {"kafka"}
-    assert "delta" in by_key["delta/orders_enriched"]["kinds"]
+    assert "deltalake" in by_key["delta/orders_enriched"]["kinds"]
+    assert set(by_key["kafka/orders.dlq"]["kinds"]) == {"kafka", "dlq"}
     assert "clickhouse" in by_key["clickhouse/analytics/orders_enriched"]["kinds"]
     assert by_key["loom/orders_enrichment"]["isMaterializable"] is True
     assert by_key["kafka/orders"]["isMaterializable"] is False

@@ -1,0 +1,131 @@
+"""Deploy bench: a materialization (compile, lineage check, preflight, launch, health gate) next to the
+same flow run by hand with loom's StreamingRunner, and steady-state throughput into Delta of both.
+
+    .venv/bin/python bench/deploy.py [--messages 60000]
+
+Prints figures measured side by side in this one run (no thresholds asserted here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from _common import ROOT, committed_total, wait_committed
+
+import dagster as dg
+from loom_dagster import DeploymentStore, LoomDeployResource, LoomFlowSpec, build_loom_defs
+from loom_dagster.dev.kafka import KafkaBroker, create_topics
+from loom_dagster.dev.produce import produce
+from tests.conftest import ticks_config
+from tests.flows.delta_only import Tick
+
+PARTITIONS = 3
+BUFFER = 500
+BARE = """
+import sys
+from loom.streaming.bytewax import StreamingRunner
+from loom_dagster.loading import import_flow, load_config
+flow = import_flow("tests.flows.delta_only:ticks_flow")
+StreamingRunner.from_context(flow, config=load_config([sys.argv[1]], "test"), environment="test").run()
+"""
+
+
+def _setup(bootstrap: str, root: Path, name: str, messages: int) -> tuple[Path, str, str]:
+    prefix = f"{name}{uuid.uuid4().hex[:6]}"
+    create_topics(bootstrap, [f"{prefix}.ticks", f"{prefix}.ticks.out", f"{prefix}.ticks.dlq"], PARTITIONS)
+    config = ticks_config(
+        root / name / "config", brokers=bootstrap, prefix=prefix, delta_uri=str(root / name / "delta"),
+        buffer_max_records=BUFFER, buffer_max_age_s=1.0,
+    )
+    if messages:
+        produce(bootstrap, f"{prefix}.ticks", (Tick(id=f"i{i}", seq=i) for i in range(messages)), key=lambda t: t.id)
+    return config, f"{prefix}-ticks", f"{prefix}.ticks"
+
+
+def _throughput(bootstrap: str, group: str, topic: str, messages: int, started: float) -> dict[str, float]:
+    """Committed-offset rate between 10% and the last full buffer (loom flushes a table buffer only
+    when more data arrives, so the final partial buffer of a finite input is never committed)."""
+    t10, c10 = wait_committed(bootstrap, group, topic, PARTITIONS, messages // 10, 600)
+    t_end, c_end = wait_committed(bootstrap, group, topic, PARTITIONS, messages - BUFFER, 600)
+    return {"msgs_per_s": (c_end - c10) / max(t_end - t10, 1e-9), "measured_msgs": c_end - c10}
+
+
+def run_bare(bootstrap: str, root: Path, messages: int) -> dict[str, float]:
+    """The same flow started by hand with loom's runner: spawn -> first commit, and throughput."""
+    config, group, topic = _setup(bootstrap, root, "bare", messages)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", BARE, str(config / "base.yaml")], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        first, _ = wait_committed(bootstrap, group, topic, PARTITIONS, 1, 120)
+        result = _throughput(bootstrap, group, topic, messages, started)
+        result["start_to_first_commit_s"] = first - started
+        return result
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_deployed(bootstrap: str, root: Path, messages: int) -> dict[str, float]:
+    """The flow deployed by materializing its asset: deploy-to-healthy and the launched job's throughput."""
+    config, group, topic = _setup(bootstrap, root, "deployed", messages)
+    state = root / "deployed" / "state"
+    defs = build_loom_defs([LoomFlowSpec("tests.flows.delta_only:ticks_flow", config=config, environment="test")])
+    resource = LoomDeployResource(state_dir=str(state))
+    with dg.instance_for_test() as instance:
+        started = time.monotonic()
+        result = dg.materialize(list(defs.assets or []), selection=[dg.AssetKey(["loom", "ticks"])],
+                                resources={"loom": resource}, instance=instance)
+        healthy = time.monotonic()
+    assert result.success
+    (mat,) = result.asset_materializations_for_node("deploy_ticks")
+    deployment = DeploymentStore(state).current("ticks")
+    assert deployment is not None
+    try:
+        first, _ = wait_committed(bootstrap, group, topic, PARTITIONS, 1, 120)
+        figures = _throughput(bootstrap, group, topic, messages, started)
+        figures.update(
+            deploy_to_healthy_s=healthy - started,
+            gate_s=float(mat.metadata["loom/gate_s"].value),  # type: ignore[arg-type]
+            materialize_to_first_commit_s=first - started,
+        )
+        return figures
+    finally:
+        resource.deployer().undeploy("ticks", by="bench")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=60_000)
+    args = parser.parse_args()
+    with KafkaBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        bootstrap = broker.bootstrap_servers
+        run_bare(bootstrap, root / "warmup", 2000)  # warm the page cache and the JIT-less imports
+        bare = run_bare(bootstrap, root, args.messages)
+        deployed = run_deployed(bootstrap, root, args.messages)
+    print(f"\nflow: Kafka ({PARTITIONS} partitions) -> Delta + output topic, {args.messages} messages, 1 worker")
+    print(f"{'':34}{'by hand (loom runner)':>24}{'deployed (materialize)':>26}")
+    print(f"{'start -> first commit (s)':34}{bare['start_to_first_commit_s']:>24.2f}"
+          f"{deployed['materialize_to_first_commit_s']:>26.2f}")
+    print(f"{'deploy -> healthy (s)':34}{'-':>24}{deployed['deploy_to_healthy_s']:>26.2f}")
+    print(f"{'  of which health gate (s)':34}{'-':>24}{deployed['gate_s']:>26.2f}")
+    print(f"{'steady throughput (msgs/s)':34}{bare['msgs_per_s']:>24.0f}{deployed['msgs_per_s']:>26.0f}")
+    print(f"throughput ratio deployed/by hand: {deployed['msgs_per_s'] / bare['msgs_per_s']:.3f} (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()
