@@ -18,9 +18,9 @@ import time
 import uuid
 from pathlib import Path
 
-from _common import ROOT, committed_total, wait_committed
-
 import dagster as dg
+from _common import ROOT, wait_committed
+
 from loom_dagster import DeploymentStore, LoomDeployResource, LoomFlowSpec, build_loom_defs
 from loom_dagster.dev.kafka import KafkaBroker, create_topics
 from loom_dagster.dev.produce import produce
@@ -42,11 +42,20 @@ def _setup(bootstrap: str, root: Path, name: str, messages: int) -> tuple[Path, 
     prefix = f"{name}{uuid.uuid4().hex[:6]}"
     create_topics(bootstrap, [f"{prefix}.ticks", f"{prefix}.ticks.out", f"{prefix}.ticks.dlq"], PARTITIONS)
     config = ticks_config(
-        root / name / "config", brokers=bootstrap, prefix=prefix, delta_uri=str(root / name / "delta"),
-        buffer_max_records=BUFFER, buffer_max_age_s=1.0,
+        root / name / "config",
+        brokers=bootstrap,
+        prefix=prefix,
+        delta_uri=str(root / name / "delta"),
+        buffer_max_records=BUFFER,
+        buffer_max_age_s=1.0,
     )
     if messages:
-        produce(bootstrap, f"{prefix}.ticks", (Tick(id=f"i{i}", seq=i) for i in range(messages)), key=lambda t: t.id)
+        produce(
+            bootstrap,
+            f"{prefix}.ticks",
+            (Tick(id=f"i{i}", seq=i) for i in range(messages)),
+            key=lambda t: t.id,
+        )
     return config, f"{prefix}-ticks", f"{prefix}.ticks"
 
 
@@ -63,8 +72,14 @@ def run_bare(bootstrap: str, root: Path, messages: int) -> dict[str, float]:
     config, group, topic = _setup(bootstrap, root, "bare", messages)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-c", BARE, str(config / "base.yaml")], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BARE, str(config / "base.yaml")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         first, _ = wait_committed(bootstrap, group, topic, PARTITIONS, 1, 120)
         result = _throughput(bootstrap, group, topic, messages, started)
@@ -83,12 +98,18 @@ def run_deployed(bootstrap: str, root: Path, messages: int) -> dict[str, float]:
     """The flow deployed by materializing its asset: deploy-to-healthy and the launched job's throughput."""
     config, group, topic = _setup(bootstrap, root, "deployed", messages)
     state = root / "deployed" / "state"
-    defs = build_loom_defs([LoomFlowSpec("tests.flows.delta_only:ticks_flow", config=config, environment="test")])
+    defs = build_loom_defs(
+        [LoomFlowSpec("tests.flows.delta_only:ticks_flow", config=config, environment="test")]
+    )
     resource = LoomDeployResource(state_dir=str(state))
     with dg.instance_for_test() as instance:
         started = time.monotonic()
-        result = dg.materialize(list(defs.assets or []), selection=[dg.AssetKey(["loom", "ticks"])],
-                                resources={"loom": resource}, instance=instance)
+        result = dg.materialize(
+            list(defs.assets or []),
+            selection=[dg.AssetKey(["loom", "ticks"])],
+            resources={"loom": resource},
+            instance=instance,
+        )
         healthy = time.monotonic()
     assert result.success
     (mat,) = result.asset_materializations_for_node("deploy_ticks")
@@ -117,14 +138,20 @@ def main() -> None:
         run_bare(bootstrap, root / "warmup", 2000)  # warm the page cache and the JIT-less imports
         bare = run_bare(bootstrap, root, args.messages)
         deployed = run_deployed(bootstrap, root, args.messages)
-    print(f"\nflow: Kafka ({PARTITIONS} partitions) -> Delta + output topic, {args.messages} messages, 1 worker")
+    print(
+        f"\nflow: Kafka ({PARTITIONS} partitions) -> Delta + output topic, {args.messages} messages, 1 worker"
+    )
     print(f"{'':34}{'by hand (loom runner)':>24}{'deployed (materialize)':>26}")
-    print(f"{'start -> first commit (s)':34}{bare['start_to_first_commit_s']:>24.2f}"
-          f"{deployed['materialize_to_first_commit_s']:>26.2f}")
+    print(
+        f"{'start -> first commit (s)':34}{bare['start_to_first_commit_s']:>24.2f}"
+        f"{deployed['materialize_to_first_commit_s']:>26.2f}"
+    )
     print(f"{'deploy -> healthy (s)':34}{'-':>24}{deployed['deploy_to_healthy_s']:>26.2f}")
     print(f"{'  of which health gate (s)':34}{'-':>24}{deployed['gate_s']:>26.2f}")
     print(f"{'steady throughput (msgs/s)':34}{bare['msgs_per_s']:>24.0f}{deployed['msgs_per_s']:>26.0f}")
-    print(f"throughput ratio deployed/by hand: {deployed['msgs_per_s'] / bare['msgs_per_s']:.3f} (target >= 0.95)")
+    print(
+        f"throughput ratio deployed/by hand: {deployed['msgs_per_s'] / bare['msgs_per_s']:.3f} (target >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

@@ -92,8 +92,9 @@ class FlowDeployer:
         if not self.options.launch:
             return DeployResult(compiled=compiled)
         request = launch_request(spec, compiled, run_id)
-        if self.options.preflight and self._running(declared.name):
-            # Only a running job needs protecting: without one, the health gate is the check.
+        if self.options.preflight and (self._running(declared.name) or spec.processes > 1):
+            # A running job needs protecting (without one, the health gate is the check); a cluster
+            # shape is only validated by loom when the dataflow is prepared, so check it before launch.
             self.launcher.preflight(request, self.options.preflight_timeout_s)
             log("preflight passed: the new version imports, compiles and prepares in a fresh process")
         with self.store.lock(declared.name, holder=f"run {run_id or '?'}"):

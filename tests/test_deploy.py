@@ -3,6 +3,7 @@ job running detached as ``python -m loom_dagster.runtime``."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from loom_dagster import LoomFlowSpec, build_loom_defs
 from loom_dagster.dev.kafka import KafkaBroker
 from loom_dagster.launchers import procfs
 from tests.support.deploy_env import DeployBench, bench_fixture, runtime_pids_for
@@ -189,3 +191,48 @@ def test_undeploy_job_stops_the_flow(bench: DeployBench) -> None:
     assert runtime_pids_for(bench.state_dir) == []
     record = bench.store.current("ticks")
     assert record is not None and record.stopped_on_purpose and record.stopped_by
+
+
+def test_cluster_of_two_processes(bench: DeployBench) -> None:
+    """processes=2: a Bytewax cluster on loopback; both processes connect, all rows land once."""
+    bench.produce(0, 600)
+    spec = bench.spec()
+    defs = build_loom_defs([dataclasses.replace(spec, processes=2)])
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            list(defs.assets or []),
+            selection=[dg.AssetKey(["loom", "ticks"])],
+            resources={"loom": bench.resource()},
+            instance=instance,
+            raise_on_error=False,
+        )
+    assert result.success, _failure_message(result)
+    assert int(_metadata(result)["loom/processes"]) == 2  # type: ignore[call-overload]
+    pids = bench.alive_pids()
+    assert len(pids) == 2 and sorted(pids) == sorted(runtime_pids_for(bench.state_dir))
+    ids = bench.wait_for_delta(set(bench.produced))
+    assert not [i for i in bench.produced if ids[i] != 1]
+    drain = bench.resource().deployer()
+    drain.undeploy("ticks", by="test")
+    assert runtime_pids_for(bench.state_dir) == []
+
+
+def test_cluster_refusal_is_reported_before_launch(bench: DeployBench) -> None:
+    """loom refuses CollectBatch + at_least_once on a multi-process cluster: the deploy fails before
+    anything is launched, with loom's issue code."""
+    spec = LoomFlowSpec(
+        "tests.flows.batching:batch_flow", config=bench.config, environment="test", processes=2
+    )
+    defs = build_loom_defs([spec])
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            list(defs.assets or []),
+            selection=[dg.AssetKey(["loom", "ticks"])],
+            resources={"loom": bench.resource()},
+            instance=instance,
+            raise_on_error=False,
+        )
+    message = _failure_message(result)
+    assert "DELIVERY_KEYED_MULTIPROCESS" in message and "nothing was stopped" in message
+    assert runtime_pids_for(bench.state_dir) == []
+    assert bench.store.current("ticks") is None

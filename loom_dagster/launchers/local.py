@@ -177,7 +177,10 @@ class LocalProcessLauncher(Launcher):
                 f"preflight of flow {request.flow_name!r} took over {timeout_s:.0f}s"
             ) from exc
         if done.returncode != 0:
-            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+            output = done.stderr or done.stdout
+            marker = output.rfind("preflight failed: ")
+            detail = output[marker + len("preflight failed: ") :] if marker >= 0 else output
+            tail = "\n".join(detail.strip().splitlines()[-25:])
             raise DeploymentError(
                 f"the new version of flow {request.flow_name!r} fails before start (nothing was stopped):\n"
                 f"{redact_text(tail)}"

@@ -12,6 +12,18 @@ import sys
 
 from loom_dagster.redact import redact_text
 
+MARKER = "preflight failed: "
+
+
+def describe_failure(exc: BaseException, flow_label: str) -> str:
+    """The failure in one block: loom's issues one per line (code, component, message), else the error."""
+    issues = getattr(exc, "issues", None)
+    if issues:
+        from loom_dagster.compile import render_compilation_error
+
+        return render_compilation_error(flow_label, exc)
+    return f"{type(exc).__name__}: {redact_text(str(exc))}"
+
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="loom_dagster.launchers.preflight")
@@ -32,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check(args)
     except Exception as exc:
-        print(f"preflight failed: {type(exc).__name__}: {redact_text(str(exc))}", file=sys.stderr)
+        print(f"{MARKER}{describe_failure(exc, args.import_path)}", file=sys.stderr)
         return 2
     print("preflight ok")
     return 0
