@@ -151,7 +151,8 @@ def _current(store: DeploymentStore, flow: str) -> Deployment:
 def cmd_status(args: argparse.Namespace) -> int:
     store = DeploymentStore(args.state_dir)
     launcher = LocalProcessLauncher()
-    rows = [flow_status(d, launcher, with_lag=not args.no_lag) for d in store.all()]
+    deployments = [d for d in store.all() if args.all or not d.stopped_on_purpose]
+    rows = [flow_status(d, launcher, with_lag=not args.no_lag) for d in deployments]
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True, default=str))
     elif not rows:
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="every deployed flow on this host")
     status.add_argument("--json", action="store_true")
     status.add_argument("--no-lag", action="store_true", help="skip the broker round trip for lag")
+    status.add_argument("--all", action="store_true", help="include flows stopped on purpose")
     status.set_defaults(run=cmd_status)
     logs = commands.add_parser("logs", help="a flow's job log")
     logs.add_argument("flow")

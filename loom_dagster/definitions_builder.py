@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import dagster as dg
 
 from loom_dagster.assets import RESOURCE_KEY, assets_from_graph, build_loom_asset_graph
+from loom_dagster.graph import LoomAssetGraph
 from loom_dagster.jobs import build_undeploy_job
 from loom_dagster.resources import LoomDeployResource
+from loom_dagster.schedules import build_redeploy_schedule
+from loom_dagster.sensors.settings import LoomSensorSettings
 from loom_dagster.spec import LoomFlowSpec
 from loom_dagster.translator import LoomTranslator
 
@@ -18,17 +22,61 @@ def build_loom_defs(
     *,
     translator: LoomTranslator | None = None,
     resource: LoomDeployResource | None = None,
+    sensors: LoomSensorSettings | None = None,
+    redeploy_cron: str | None = None,
+    redeploy_flows: Sequence[str] | None = None,
+    redeploy_skip_unchanged: bool = True,
 ) -> dg.Definitions:
-    """Dagster definitions for loom flows: assets with lineage, the deploy resource, the undeploy job.
+    """Dagster definitions for loom flows: assets with lineage, the deploy resource, the undeploy job,
+    the health / lag / sink sensors with their declared checks, and (opt-in) a redeploy schedule.
 
     Example:
         >>> defs = build_loom_defs([LoomFlowSpec(  # doctest: +SKIP
-        ...     "definitions.flows.orders:orders_flow", config="definitions/config",
-        ...     environment="development")])
+        ...     "definitions.flows.orders:orders_flow", config="definitions/config/orders",
+        ...     environment="development")], redeploy_cron="0 3 * * *")
     """
     graph = build_loom_asset_graph(flows, translator)
+    settings = sensors or LoomSensorSettings()
+    sensor_defs, check_defs = build_loom_sensors(graph, settings)
+    schedules = []
+    if redeploy_cron:
+        schedules.append(
+            build_redeploy_schedule(
+                graph, redeploy_cron, flows=redeploy_flows, skip_unchanged=redeploy_skip_unchanged
+            )
+        )
     return dg.Definitions(
         assets=assets_from_graph(graph),
+        asset_checks=check_defs,
         jobs=[build_undeploy_job([node.compiled.flow.name for node in graph.flows])],
+        sensors=sensor_defs,
+        schedules=schedules,
         resources={RESOURCE_KEY: resource or LoomDeployResource()},
     )
+
+
+def build_loom_sensors(
+    graph: LoomAssetGraph, settings: LoomSensorSettings
+) -> tuple[list[dg.SensorDefinition], list[Any]]:
+    """The enabled sensors and every check they report (declared so the UI lists them)."""
+    from loom_dagster.sensors.health import build_job_health_checks, build_job_health_sensor
+    from loom_dagster.sensors.lag import build_kafka_lag_checks, build_kafka_lag_sensor, kafka_lag_targets
+    from loom_dagster.sensors.sinks import build_sink_freshness_checks, build_sink_health_sensor
+
+    status = (
+        dg.DefaultSensorStatus.RUNNING if settings.default_status_running else dg.DefaultSensorStatus.STOPPED
+    )
+    sensors: list[dg.SensorDefinition] = []
+    checks: list[Any] = []
+    if not graph.flows:
+        return sensors, checks
+    if settings.job_health.enabled:
+        sensors.append(build_job_health_sensor(graph, settings.job_health, default_status=status))
+        checks.append(build_job_health_checks(graph))
+    if settings.kafka_lag.enabled and kafka_lag_targets(graph):
+        sensors.append(build_kafka_lag_sensor(graph, settings.kafka_lag, default_status=status))
+        checks.append(build_kafka_lag_checks(graph, settings.kafka_lag))
+    if settings.sink_health.enabled and any(node.compiled.flow.storage_sinks for node in graph.flows):
+        sensors.append(build_sink_health_sensor(graph, settings.sink_health, default_status=status))
+        checks.append(build_sink_freshness_checks(graph, settings.sink_health))
+    return sensors, [c for c in checks if c is not None]

@@ -1,0 +1,222 @@
+"""Kafka lag sensor bench: broker requests and wall time of one sensor tick for 1, 10, 50 and 200 flows
+(6 partitions each, one consumer group each) on a real broker, batched vs the per-group AdminClient path.
+
+    .venv/bin/python bench/lag_sensor.py [--flows 200] [--partitions 6]
+
+Each group is committed 30 messages behind on half its partitions and nothing consumes or produces during
+the ticks, so once a window has 3 samples every flow reads STOP. Starts a Kafka broker (``KafkaBroker``)
+unless ``LOOM_DAGSTER_KAFKA_BOOTSTRAP`` is set. Prints figures measured in this one run; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import dagster as dg  # noqa: E402
+from confluent_kafka import ConsumerGroupTopicPartitions, Producer, TopicPartition  # noqa: E402
+from confluent_kafka.admin import AdminClient  # noqa: E402
+
+from loom_dagster.dev.kafka import KafkaBroker, create_topics  # noqa: E402
+from loom_dagster.graph import FlowNode, LoomAssetGraph  # noqa: E402
+from loom_dagster.kafka_lag import fetch_offsets  # noqa: E402
+from loom_dagster.records import LoomFlow, LoomSourceTopic  # noqa: E402
+from loom_dagster.sensors.lag import build_kafka_lag_sensor, kafka_lag_targets  # noqa: E402
+from loom_dagster.sensors.settings import KafkaLagSettings  # noqa: E402
+
+MESSAGES_PER_PARTITION = 50
+SIZES = (1, 10, 50, 200)
+
+
+@contextmanager
+def broker() -> Iterator[str]:
+    """Bootstrap servers of the bench broker (ours, stopped afterwards, or LOOM_DAGSTER_KAFKA_BOOTSTRAP)."""
+    with KafkaBroker() as kafka:
+        yield kafka.bootstrap_servers
+
+
+def prepare(bootstrap: str, prefix: str, flows: int, partitions: int) -> list[str]:
+    """Topics with data and consumer groups with committed offsets (half the partitions 30 behind)."""
+    topics = [f"{prefix}.flow{i}" for i in range(flows)]
+    started = time.perf_counter()
+    create_topics(bootstrap, topics, partitions=partitions, timeout=120)
+    created = time.perf_counter()
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    for topic in topics:
+        for p in range(partitions):
+            for n in range(MESSAGES_PER_PARTITION):
+                producer.produce(topic, value=b"m%d" % n, partition=p)
+            producer.poll(0)
+    producer.flush(60)
+    produced = time.perf_counter()
+    commit_groups(bootstrap, prefix, topics, partitions)
+    print(
+        f"setup: {flows} topics x {partitions} partitions created in {created - started:.1f} s, "
+        f"{flows * partitions * MESSAGES_PER_PARTITION} messages in {produced - created:.1f} s, "
+        f"{flows} groups committed in {time.perf_counter() - produced:.1f} s"
+    )
+    return topics
+
+
+def commit_groups(bootstrap: str, prefix: str, topics: list[str], partitions: int) -> None:
+    """Commit offsets for every flow's group (one AdminClient call per group, concurrent), retrying the
+    groups a fresh broker refused (``__consumer_offsets`` still loading)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    pending = dict(enumerate(topics))
+    for _ in range(10):
+        futures = {}
+        for i, topic in pending.items():
+            offsets = [
+                TopicPartition(topic, p, MESSAGES_PER_PARTITION - (30 if p % 2 else 0))
+                for p in range(partitions)
+            ]
+            request = [ConsumerGroupTopicPartitions(f"{prefix}-g{i}", offsets)]
+            futures[i] = next(iter(admin.alter_consumer_group_offsets(request, request_timeout=60).values()))
+        failed = {}
+        for i, future in futures.items():
+            try:
+                if any(tp.error for tp in future.result().topic_partitions):
+                    failed[i] = pending[i]
+            except Exception:
+                failed[i] = pending[i]
+        if not failed:
+            return
+        pending = failed
+        time.sleep(0.5)
+    raise RuntimeError(f"could not commit offsets for {len(pending)} group(s)")
+
+
+def graph_of(bootstrap: str, prefix: str, topics: list[str]) -> LoomAssetGraph:
+    """A LoomAssetGraph of synthetic Kafka-sourced flows (records + loom ConsumerSettings, no compile)."""
+    from loom.streaming.kafka import ConsumerSettings
+
+    nodes = []
+    for i, topic in enumerate(topics):
+        group = f"{prefix}-g{i}"
+        flow = LoomFlow(
+            name=f"flow{i}",
+            import_path="bench:flow",
+            plan_hash="h",
+            config_hash="c",
+            environment="bench",
+            source_kind="kafka",
+            consumer_group=group,
+            delivery="at_least_once",
+            source_topics=(LoomSourceTopic(topic, f"flow{i}", group),),
+        )
+        settings = ConsumerSettings(
+            brokers=(bootstrap,), group_id=group, topics=(topic,), delivery="at_least_once"
+        )
+        compiled = SimpleNamespace(flow=flow, plan=SimpleNamespace(source=SimpleNamespace(settings=settings)))
+        nodes.append(FlowNode(compiled=cast(Any, compiled), spec=dg.AssetSpec(["loom", f"flow{i}"])))
+    return LoomAssetGraph(flows=nodes, external_specs=[])
+
+
+def tick(
+    sensor: dg.SensorDefinition, instance: dg.DagsterInstance, cursor: str | None
+) -> tuple[float, int, str, dict[str, int]]:
+    """One sensor evaluation: wall seconds, broker requests, the new cursor, flows per status."""
+    context = dg.build_sensor_context(instance=instance, cursor=cursor)
+    started = time.perf_counter()
+    data = sensor.evaluate_tick(context)
+    elapsed = time.perf_counter() - started
+    events = cast(list[dg.AssetCheckEvaluation], data.asset_events)
+    requests = int(cast(int, events[0].metadata["broker_requests"].value))
+    statuses: dict[str, int] = {}
+    for event in events:
+        status = str(event.metadata["status"].value)
+        statuses[status] = statuses.get(status, 0) + 1
+    return elapsed, requests, data.cursor or "", statuses
+
+
+def measure(graph: LoomAssetGraph, instance: dg.DagsterInstance, ticks: int) -> dict[str, Any]:
+    """*ticks* consecutive sensor ticks on *graph*, plus the per-group path's cost for comparison."""
+    settings = KafkaLagSettings(window=10)
+    sensor = build_kafka_lag_sensor(graph, settings, default_status=dg.DefaultSensorStatus.STOPPED)
+    cursor: str | None = None
+    times, requests = [], set()
+    statuses: dict[str, int] = {}
+    for _ in range(ticks):
+        elapsed, count, cursor, statuses = tick(sensor, instance, cursor)
+        times.append(elapsed)
+        requests.add(count)
+    targets = [t for _, t in kafka_lag_targets(graph)]
+    per_group = fetch_offsets(targets, timeout_s=settings.request_timeout_s, batch_groups=False)
+    batched = fetch_offsets(targets, timeout_s=settings.request_timeout_s)
+    return {
+        "flows": len(graph.flows),
+        "partitions": sum(len(t.partitions) for t in batched.targets.values()),
+        "requests": sorted(requests),
+        "by_api": batched.by_api(),
+        "first_s": times[0],
+        "warm_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
+        "warm_min_s": min(times[1:]) if len(times) > 1 else times[0],
+        "fetch_s": batched.seconds,
+        "per_group_requests": per_group.requests,
+        "per_group_fetch_s": per_group.seconds,
+        "cursor": len(cursor or ""),
+        "ticks": ticks,
+        "statuses": statuses,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the bench and print the table."""
+    parser = argparse.ArgumentParser(prog="bench/lag_sensor.py")
+    parser.add_argument("--flows", type=int, default=200)
+    parser.add_argument("--partitions", type=int, default=6)
+    args = parser.parse_args(argv)
+    prefix = f"lagbench{uuid.uuid4().hex[:6]}"
+    with broker() as bootstrap, dg.instance_for_test() as instance:
+        print(f"broker {bootstrap}; {args.flows} flows x {args.partitions} partitions, one group per flow")
+        topics = prepare(bootstrap, prefix, args.flows, args.partitions)
+        full = graph_of(bootstrap, prefix, topics)
+        fetch_offsets([t for _, t in kafka_lag_targets(full)])  # warm-up: leaders and coordinator ready
+        headline = measure(full, instance, ticks=10)
+        print(
+            f"\none sensor tick, {headline['flows']} flows x {args.partitions} partitions "
+            f"({headline['partitions']} partitions): {headline['warm_s']:.3f} s warm median, "
+            f"{headline['warm_min_s']:.3f} s warm min "
+            f"({headline['first_s']:.3f} s first), broker requests {headline['requests']} "
+            f"{headline['by_api']}; cursor after 10 ticks (window 10): {headline['cursor']} chars; "
+            f"statuses {headline['statuses']}"
+        )
+        rows = [measure(graph_of(bootstrap, prefix, topics[:n]), instance, ticks=3) for n in SIZES]
+        rows[-1] = headline if SIZES[-1] == args.flows else rows[-1]
+        print_table(rows)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The per-size table (one sensor tick = one batched fetch + evaluation + check events)."""
+    columns = [
+        ("flows", 5, lambda r: r["flows"]),
+        ("parts", 6, lambda r: r["partitions"]),
+        ("requests", 9, lambda r: "/".join(map(str, r["requests"]))),
+        ("tick first s", 13, lambda r: f"{r['first_s']:.3f}"),
+        ("tick warm med s", 16, lambda r: f"{r['warm_s']:.3f}"),
+        ("tick warm min s", 16, lambda r: f"{r['warm_min_s']:.3f}"),
+        ("fetch s", 8, lambda r: f"{r['fetch_s']:.3f}"),
+        ("per-group requests", 19, lambda r: r["per_group_requests"]),
+        ("per-group fetch s", 18, lambda r: f"{r['per_group_fetch_s']:.3f}"),
+        ("cursor chars", 13, lambda r: r["cursor"]),
+        ("after ticks", 12, lambda r: r["ticks"]),
+    ]
+    print("\n" + " ".join(f"{name:>{width}}" for name, width, _ in columns))
+    for row in rows:
+        print(" ".join(f"{str(get(row)):>{width}}" for _, width, get in columns))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,489 @@
+"""Sink health in Dagster: a sensor that reports a runless materialization of a sink table each time
+new data lands in it, and a ``freshness`` asset check per sink.
+
+The sensor reads every sink's metadata each tick (``loom_dagster.sink_health``), keeps the last
+reading per sink in its cursor, emits ONE ``AssetMaterialization`` per sink whose data changed and none
+otherwise, and an ``AssetCheckEvaluation`` of ``freshness`` when a sink's freshness status changes (and
+at least every ``check_refresh_s``). ``build_sink_freshness_checks`` declares those checks, so the UI
+lists them, and runs the same evaluation on demand.
+"""
+
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+
+from loom_dagster.checks import KAFKA_LAG, SINK_FRESHNESS
+from loom_dagster.graph import LoomAssetGraph
+from loom_dagster.records import SinkBackend
+from loom_dagster.sensors.settings import SinkHealthSettings
+from loom_dagster.sink_health import (
+    DEFAULT_TIMEOUT_S,
+    FreshnessVerdict,
+    ReadStatus,
+    Severity,
+    SinkReading,
+    SinkTarget,
+    SourceLag,
+    evaluate_freshness,
+    read_sinks,
+    sink_targets,
+)
+
+Clock = Callable[[], float]
+LAG_METADATA_KEYS = ("total_lag", "loom/total_lag")
+"""Metadata keys of the ``kafka_lag`` check evaluation holding a flow's total lag (first found wins)."""
+CURSOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SinkState:
+    """What the sensor remembers about one sink between ticks (one entry of its cursor).
+
+    ``reading`` is the last successful reading (the baseline for change detection); the cursor keeps
+    only its marker, version, rows and time, so 200 sinks stay around 20 KiB.
+    """
+
+    reading: SinkReading | None = None
+    last_data_at: float | None = None
+    check_status: str | None = None
+    check_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Compact JSON-safe dict for the cursor (``None`` values left out)."""
+        r = self.reading
+        data = {
+            "m": r.marker if r else None,
+            "v": r.version if r else None,
+            "r": r.rows if r else None,
+            "lm": _rounded(r.last_modified) if r else None,
+            "d": _rounded(self.last_data_at),
+            "c": self.check_status,
+            "ct": _rounded(self.check_at),
+        }
+        return {"ok": r is not None, **{k: v for k, v in data.items() if v is not None}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], target: SinkTarget) -> "SinkState":
+        """Inverse of ``to_json`` for *target*."""
+        reading = None
+        if data.get("ok"):
+            reading = SinkReading(
+                asset_key=target.asset_key,
+                backend=target.backend,
+                status=ReadStatus.OK,
+                read_at=0.0,
+                marker=data.get("m"),
+                version=data.get("v"),
+                rows=data.get("r"),
+                last_modified=data.get("lm"),
+            )
+        return cls(reading, data.get("d"), data.get("c"), data.get("ct"))
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 3) if value is not None else None
+
+
+@dataclass(frozen=True)
+class SinkTick:
+    """Outcome of one tick for one sink: the events to report and the new state."""
+
+    state: SinkState
+    materialization: dg.AssetMaterialization | None = None
+    evaluation: dg.AssetCheckEvaluation | None = None
+    verdict: FreshnessVerdict | None = field(default=None, compare=False)
+
+
+# -- Kafka lag of the writing flows ---------------------------------------------------------------
+
+
+class LagLookup:
+    """Latest ``kafka_lag`` evaluation of each flow, read from the instance once per tick and flow."""
+
+    def __init__(self, instance: dg.DagsterInstance) -> None:
+        self._instance = instance
+        self._cache: dict[str, SourceLag | None] = {}
+
+    def for_target(self, target: SinkTarget) -> list[SourceLag]:
+        """Known lags of the flows writing *target*."""
+        lags = [self.latest(key) for key in target.flow_keys]
+        return [lag for lag in lags if lag is not None]
+
+    def latest(self, flow_key: str) -> SourceLag | None:
+        """The flow's latest total lag, or ``None`` when unknown."""
+        if flow_key not in self._cache:
+            self._cache[flow_key] = latest_source_lag(self._instance, flow_key)
+        return self._cache[flow_key]
+
+
+def latest_source_lag(instance: dg.DagsterInstance, flow_key: str) -> SourceLag | None:
+    """Total lag from the newest ``kafka_lag`` check evaluation on the flow asset (runless or in a run).
+
+    Runless evaluations update one row in place, so the newest is chosen by event time, not row id.
+    """
+    check_key = dg.AssetCheckKey(asset_key=dg.AssetKey.from_user_string(flow_key), name=KAFKA_LAG)
+    try:
+        records = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=5)
+    except NotImplementedError:
+        return None
+    found = [(r.event.timestamp, r.evaluation) for r in records if r.event is not None and r.evaluation]
+    if not found:
+        return None
+    evaluated_at, evaluation = max(found, key=lambda pair: pair[0])
+    values = (_metadata_value(evaluation.metadata, key) for key in LAG_METADATA_KEYS)
+    total = next((v for v in map(_as_int, values) if v is not None), None)
+    return SourceLag(flow_key, total, evaluated_at) if total is not None else None
+
+
+def build_sink_health_sensor(
+    graph: LoomAssetGraph,
+    settings: SinkHealthSettings,
+    *,
+    name: str = "loom_sink_health",
+    default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
+    clock: Clock = time.time,
+    check_refresh_s: float = 600.0,
+    max_workers: int = 16,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dg.SensorDefinition:
+    """A sensor reading every storage sink of *graph* each ``settings.interval_s``.
+
+    Per tick and sink: one runless ``AssetMaterialization`` when new data landed since the last tick
+    (none otherwise), and a ``freshness`` ``AssetCheckEvaluation`` when the status changes or the last
+    one is older than ``check_refresh_s``. Declare the checks with ``build_sink_freshness_checks``.
+    """
+    targets = sink_targets(graph, settings)
+
+    @dg.sensor(
+        name=name,
+        minimum_interval_seconds=settings.interval_s,
+        default_status=default_status,
+        description=f"Reads the metadata of {len(targets)} loom sink table(s): reports a materialization "
+        "when new data lands and evaluates their freshness (warn/fail windows, silent while the source lags).",
+    )
+    def _sink_health(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        now = clock()
+        states = load_cursor(context.cursor, targets)
+        states.update(baseline_states(context.instance, [t for t in targets if t.asset_key not in states]))
+        previous = {k: s.reading for k, s in states.items() if s.reading is not None}
+        readings = read_sinks(targets, previous, max_workers=max_workers, timeout_s=timeout_s)
+        lags = LagLookup(context.instance)
+        ticks = [
+            sink_tick(
+                t, r, states[t.asset_key], now=now, settings=settings, lags=lags, refresh_s=check_refresh_s
+            )
+            for t, r in zip(targets, readings, strict=True)
+        ]
+        events: list[dg.AssetMaterialization | dg.AssetCheckEvaluation] = []
+        for tick in ticks:
+            events += [e for e in (tick.materialization, tick.evaluation) if e is not None]
+        context.log.info(_summary(targets, readings, ticks))
+        cursor = dump_cursor({t.asset_key: tick.state for t, tick in zip(targets, ticks, strict=True)})
+        return dg.SensorResult(asset_events=events, cursor=cursor)
+
+    return _sink_health
+
+
+def sink_tick(
+    target: SinkTarget,
+    reading: SinkReading,
+    state: SinkState,
+    *,
+    now: float,
+    settings: SinkHealthSettings,
+    lags: LagLookup,
+    refresh_s: float,
+) -> SinkTick:
+    """Compare one reading with the sink's state: materialize on new data, evaluate freshness."""
+    prior = state.reading
+    changed = reading.has_data and reading.marker != (prior.marker if prior is not None else None)
+    last_data_at = _last_data_at(reading, state, changed, now)
+    verdict = freshness_verdict(target, reading, last_data_at, now, settings, lags)
+    materialization = sink_materialization(target, reading, last_data_at) if changed else None
+    due = (
+        state.check_status != verdict.status.value
+        or state.check_at is None
+        or now - state.check_at >= refresh_s
+    )
+    evaluation = freshness_evaluation(target, verdict, reading) if due else None
+    new_state = SinkState(
+        reading=reading if reading.ok else prior,
+        last_data_at=last_data_at if reading.ok else state.last_data_at,
+        check_status=verdict.status.value if due else state.check_status,
+        check_at=now if due else state.check_at,
+    )
+    return SinkTick(new_state, materialization, evaluation, verdict)
+
+
+def _last_data_at(reading: SinkReading, state: SinkState, changed: bool, now: float) -> float | None:
+    """The table's own time of new data when it has one, else when the sensor first saw the change."""
+    if not reading.ok:
+        return state.last_data_at
+    if not reading.has_data:
+        return None
+    if not changed and state.last_data_at is not None:
+        return state.last_data_at
+    return reading.last_modified if reading.last_modified is not None else now
+
+
+def freshness_verdict(
+    target: SinkTarget,
+    reading: SinkReading,
+    last_data_at: float | None,
+    now: float,
+    settings: SinkHealthSettings,
+    lags: LagLookup,
+) -> FreshnessVerdict:
+    """``evaluate_freshness`` with the writing flows' Kafka lag, looked up only when data is late."""
+    freshness = settings.freshness_for(target.asset_key)
+    late = reading.has_data and last_data_at is not None and now - last_data_at > freshness.warn_after_s
+    return evaluate_freshness(
+        reading,
+        last_data_at=last_data_at,
+        now=now,
+        freshness=freshness,
+        lags=lags.for_target(target) if late else (),
+    )
+
+
+def sink_materialization(
+    target: SinkTarget, reading: SinkReading, last_data_at: float | None
+) -> dg.AssetMaterialization:
+    """The runless materialization reported when new data landed in a sink."""
+    added = f"{reading.rows_added} new row(s)" if reading.rows_added is not None else "new data"
+    return dg.AssetMaterialization(
+        asset_key=dg.AssetKey.from_user_string(target.asset_key),
+        description=f"{added} in {target.backend.value} table {target.table} (seen by the sink health sensor)",
+        metadata=materialization_metadata(target, reading, last_data_at),
+    )
+
+
+def materialization_metadata(
+    target: SinkTarget, reading: SinkReading, last_data_at: float | None
+) -> dict[str, Any]:
+    """Version, time of the new data, rows and rows added; never a URL or a secret."""
+    metadata: dict[str, Any] = {
+        "loom/backend": target.backend.value,
+        "loom/marker": reading.marker or "",
+        "loom/flows": ", ".join(target.flow_names),
+        "loom/read_ms": reading.read_ms,
+    }
+    if reading.version is not None:
+        metadata["loom/version"] = reading.version
+    if last_data_at is not None:
+        metadata["loom/last_data_at"] = dg.MetadataValue.timestamp(last_data_at)
+    if reading.rows is not None:
+        metadata["loom/rows"] = reading.rows
+        if target.backend is not SinkBackend.DELTA:
+            metadata["dagster/row_count"] = reading.rows
+    if reading.rows_added is not None:
+        metadata["loom/rows_added"] = reading.rows_added
+    metadata.update({f"loom/{k}": v for k, v in reading.extra.items() if v is not None})
+    return metadata
+
+
+def freshness_evaluation(
+    target: SinkTarget, verdict: FreshnessVerdict, reading: SinkReading
+) -> dg.AssetCheckEvaluation:
+    """The ``freshness`` check evaluation of one sink."""
+    return dg.AssetCheckEvaluation(
+        asset_key=dg.AssetKey.from_user_string(target.asset_key),
+        check_name=SINK_FRESHNESS,
+        passed=verdict.passed,
+        severity=check_severity(verdict),
+        metadata=freshness_metadata(verdict, reading),
+        description=verdict.message,
+    )
+
+
+def check_severity(verdict: FreshnessVerdict) -> dg.AssetCheckSeverity:
+    """Dagster severity of a verdict (WARN or ERROR; ERROR when it passed, Dagster's default)."""
+    return dg.AssetCheckSeverity.WARN if verdict.severity is Severity.WARN else dg.AssetCheckSeverity.ERROR
+
+
+def freshness_metadata(verdict: FreshnessVerdict, reading: SinkReading) -> dict[str, Any]:
+    """Status, age, windows, the source lag when it mattered, and the read status/error (redacted)."""
+    metadata: dict[str, Any] = {
+        "loom/freshness": verdict.status.value,
+        "loom/warn_after_s": float(verdict.freshness.warn_after_s),
+        "loom/fail_after_s": float(verdict.freshness.fail_after_s),
+        "loom/read_status": reading.status.value,
+    }
+    if verdict.age_s is not None:
+        metadata["loom/age_s"] = round(verdict.age_s, 1)
+    if verdict.last_data_at is not None:
+        metadata["loom/last_data_at"] = dg.MetadataValue.timestamp(verdict.last_data_at)
+    if verdict.source_lag is not None:
+        metadata["loom/source_lag"] = verdict.source_lag.total_lag
+        metadata["loom/source_flow"] = verdict.source_lag.flow_key
+    if reading.error:
+        metadata["loom/error"] = reading.error
+    return metadata
+
+
+# -- cursor and baseline --------------------------------------------------------------------------
+
+
+def load_cursor(cursor: str | None, targets: Sequence[SinkTarget]) -> dict[str, SinkState]:
+    """Per-sink states from the sensor cursor (sinks no longer in the graph are dropped); an unreadable
+    or older cursor starts afresh."""
+    if not cursor:
+        return {}
+    try:
+        data = json.loads(cursor)
+        if data.get("v") != CURSOR_VERSION:
+            return {}
+        sinks = data["sinks"]
+        return {
+            t.asset_key: SinkState.from_json(sinks[t.asset_key], t) for t in targets if t.asset_key in sinks
+        }
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def dump_cursor(states: Mapping[str, SinkState]) -> str:
+    """The sensor cursor: JSON of the last reading and check status per sink."""
+    sinks = {k: s.to_json() for k, s in sorted(states.items())}
+    return json.dumps({"v": CURSOR_VERSION, "sinks": sinks}, separators=(",", ":"))
+
+
+def baseline_states(instance: dg.DagsterInstance, targets: Sequence[SinkTarget]) -> dict[str, SinkState]:
+    """States of sinks the cursor does not know, from their latest materializations (one query).
+
+    So a reset cursor (or a renamed sensor) does not report the same data again.
+    """
+    keys = {t.asset_key: dg.AssetKey.from_user_string(t.asset_key) for t in targets}
+    events = instance.get_latest_materialization_events(list(keys.values())) if keys else {}
+    return {t.asset_key: state_from_materialization(events.get(keys[t.asset_key]), t) for t in targets}
+
+
+def state_from_materialization(event: dg.EventLogEntry | None, target: SinkTarget) -> SinkState:
+    """The state recorded in a sink materialization reported by this sensor (empty for any other)."""
+    materialization = event.asset_materialization if event is not None else None
+    if event is None or materialization is None:
+        return SinkState()
+    metadata = materialization.metadata
+    marker = _metadata_value(metadata, "loom/marker")
+    if not marker:
+        return SinkState()
+    last_data_at = _as_float(_metadata_value(metadata, "loom/last_data_at")) or event.timestamp
+    reading = SinkReading(
+        asset_key=target.asset_key,
+        backend=target.backend,
+        status=ReadStatus.OK,
+        read_at=event.timestamp,
+        marker=str(marker),
+        version=_as_int(_metadata_value(metadata, "loom/version")),
+        last_modified=last_data_at,
+        rows=_as_int(_metadata_value(metadata, "loom/rows")),
+    )
+    return SinkState(reading=reading, last_data_at=last_data_at)
+
+
+# -- on-demand checks ------------------------------------------------------------------------------
+
+
+def build_sink_freshness_checks(
+    graph: LoomAssetGraph,
+    settings: SinkHealthSettings,
+    *,
+    name: str = "loom_sink_freshness",
+    clock: Clock = time.time,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dg.AssetChecksDefinition:
+    """``freshness`` checks on every sink of *graph* (listed in the UI, runnable one by one).
+
+    The body reads each selected sink once: the time of its last data comes from the table (Delta
+    commit, ClickHouse part, SQL timestamp column), else from the sink's latest materialization.
+    """
+    targets = {t.asset_key: t for t in sink_targets(graph, settings)}
+    if not targets:
+        raise ValueError("the asset graph has no storage sinks: there is nothing to check for freshness")
+    specs = [freshness_check_spec(t, settings) for t in targets.values()]
+
+    @dg.multi_asset_check(
+        specs=specs,
+        can_subset=True,
+        name=name,
+        description="Freshness of loom sink tables, from their metadata and the source Kafka lag.",
+    )
+    def _freshness(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
+        chosen = [
+            targets[k.asset_key.to_user_string()]
+            for k in context.selected_asset_check_keys
+            if k.asset_key.to_user_string() in targets
+        ]
+        readings = read_sinks(chosen, timeout_s=timeout_s)
+        now, lags = clock(), LagLookup(context.instance)
+        for target, reading in zip(chosen, readings, strict=True):
+            last = reading.last_modified if reading.has_data else None
+            if reading.has_data and last is None:
+                last = materialized_data_at(context.instance, target)
+            verdict = freshness_verdict(target, reading, last, now, settings, lags)
+            yield dg.AssetCheckResult(
+                asset_key=dg.AssetKey.from_user_string(target.asset_key),
+                check_name=SINK_FRESHNESS,
+                passed=verdict.passed,
+                severity=check_severity(verdict),
+                metadata=freshness_metadata(verdict, reading),
+                description=verdict.message,
+            )
+
+    return _freshness
+
+
+def freshness_check_spec(target: SinkTarget, settings: SinkHealthSettings) -> dg.AssetCheckSpec:
+    """The declared ``freshness`` check of one sink."""
+    windows = settings.freshness_for(target.asset_key)
+    return dg.AssetCheckSpec(
+        SINK_FRESHNESS,
+        asset=dg.AssetKey.from_user_string(target.asset_key),
+        description=f"New data within {windows.warn_after_s:g}s (warn) / {windows.fail_after_s:g}s (fail); "
+        f"fails at once when silent past the warn window while {', '.join(target.flow_names)} lags.",
+    )
+
+
+def materialized_data_at(instance: dg.DagsterInstance, target: SinkTarget) -> float | None:
+    """When data last landed according to the sink's latest (sensor-reported) materialization."""
+    key = dg.AssetKey.from_user_string(target.asset_key)
+    return state_from_materialization(instance.get_latest_materialization_event(key), target).last_data_at
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _metadata_value(metadata: Mapping[str, Any], key: str) -> Any:
+    value = metadata.get(key)
+    return getattr(value, "value", value)
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _summary(
+    targets: Sequence[SinkTarget], readings: Sequence[SinkReading], ticks: Sequence[SinkTick]
+) -> str:
+    changed = sum(t.materialization is not None for t in ticks)
+    failing = [t.verdict.status.value for t in ticks if t.verdict is not None and not t.verdict.passed]
+    unread = sum(not r.ok for r in readings)
+    return (
+        f"read {len(targets)} sink(s): {changed} with new data, {unread} unreadable, "
+        f"{len(failing)} failing freshness"
+    )
