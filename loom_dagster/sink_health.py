@@ -475,7 +475,7 @@ def metric_rows(metrics: Any) -> int | None:
     if not isinstance(metrics, Mapping):
         return None
     for key in _DELTA_ROW_METRICS:
-        value = _as_int(metrics.get(key))
+        value = as_int(metrics.get(key))
         if value is not None:
             return value
     return None
@@ -485,13 +485,13 @@ def _stats_rows(stats: Any) -> int | None:
     if not isinstance(stats, str) or "numRecords" not in stats:
         return None
     try:
-        return _as_int(json.loads(stats).get("numRecords"))
+        return as_int(json.loads(stats).get("numRecords"))
     except ValueError:
         return None
 
 
 def _commit_time(info: Mapping[str, Any]) -> float | None:
-    millis = _as_int(info.get("inCommitTimestamp")) or _as_int(info.get("timestamp"))
+    millis = as_int(info.get("inCommitTimestamp")) or as_int(info.get("timestamp"))
     return millis / 1000.0 if millis else None
 
 
@@ -633,9 +633,9 @@ def _clickhouse_reading(
     total_rows: Any,
     parts: Sequence[Any],
 ) -> SinkReading:
-    rows, blocks, mtime, part_count = (_as_int(v) or 0 for v in parts)
+    rows, blocks, mtime, part_count = (as_int(v) or 0 for v in parts)
     if "MergeTree" not in engine:  # no parts: fall back to system.tables.total_rows
-        rows, blocks = _as_int(total_rows) or 0, 0
+        rows, blocks = as_int(total_rows) or 0, 0
     return SinkReading(
         asset_key=target.asset_key,
         backend=target.backend,
@@ -766,7 +766,8 @@ def _difference(rows: int, previous: SinkReading | None) -> int | None:
     return rows - previous.rows if previous is not None and previous.rows is not None else None
 
 
-def _as_int(value: Any) -> int | None:
+def as_int(value: Any) -> int | None:
+    """An int from a metadata/JSON value; ``None`` for bools, missing or non-numeric values."""
     if isinstance(value, bool) or value is None:
         return None
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from loom_dagster import LoomFlowSpec, build_loom_defs
+from loom_dagster import LoomFlowSpec
 from loom_dagster.dev.kafka import KafkaBroker
 from loom_dagster.launchers import procfs
 from tests.support.deploy_env import DeployBench, bench_fixture, runtime_pids_for
@@ -196,16 +196,8 @@ def test_undeploy_job_stops_the_flow(bench: DeployBench) -> None:
 def test_cluster_of_two_processes(bench: DeployBench) -> None:
     """processes=2: a Bytewax cluster on loopback; both processes connect, all rows land once."""
     bench.produce(0, 600)
-    spec = bench.spec()
-    defs = build_loom_defs([dataclasses.replace(spec, processes=2)])
     with dg.instance_for_test() as instance:
-        result = dg.materialize(
-            list(defs.assets or []),
-            selection=[dg.AssetKey(["loom", "ticks"])],
-            resources={"loom": bench.resource()},
-            instance=instance,
-            raise_on_error=False,
-        )
+        result = bench.materialize(instance, spec=dataclasses.replace(bench.spec(), processes=2))
     assert result.success, _failure_message(result)
     assert int(_metadata(result)["loom/processes"]) == 2  # type: ignore[call-overload]
     pids = bench.alive_pids()
@@ -223,15 +215,8 @@ def test_cluster_refusal_is_reported_before_launch(bench: DeployBench) -> None:
     spec = LoomFlowSpec(
         "tests.flows.batching:batch_flow", config=bench.config, environment="test", processes=2
     )
-    defs = build_loom_defs([spec])
     with dg.instance_for_test() as instance:
-        result = dg.materialize(
-            list(defs.assets or []),
-            selection=[dg.AssetKey(["loom", "ticks"])],
-            resources={"loom": bench.resource()},
-            instance=instance,
-            raise_on_error=False,
-        )
+        result = bench.materialize(instance, spec=spec)
     message = _failure_message(result)
     assert "DELIVERY_KEYED_MULTIPROCESS" in message and "nothing was stopped" in message
     assert runtime_pids_for(bench.state_dir) == []

@@ -18,6 +18,7 @@ import pytest
 
 from tests.support.browser import CHROMIUM, BrowserError, Chromium
 from tests.support.dagster_dev import ROOT, dagster_dev
+from tests.support.example import EXAMPLE_EDGES
 
 pytestmark = [
     pytest.mark.slow,
@@ -41,17 +42,7 @@ EXPECTED_NODES: dict[str, tuple[str, str | None]] = {
     "revenue_by_customer": ("revenue_by_customer", None),
 }
 
-EXPECTED_EDGES = {
-    ("kafka/orders", "loom/orders_enrichment"),
-    ("loom/orders_enrichment", "delta/orders_enriched"),
-    ("loom/orders_enrichment", "clickhouse/analytics/orders_enriched"),
-    ("loom/orders_enrichment", "kafka/orders.enriched"),
-    ("loom/orders_enrichment", "kafka/orders.dlq"),
-    ("kafka/orders.enriched", "loom/order_ledger"),
-    ("loom/order_ledger", "sql/warehouse/order_ledger"),
-    ("delta/orders_enriched", "orders_by_band"),
-    ("clickhouse/analytics/orders_enriched", "revenue_by_customer"),
-}
+EXPECTED_EDGES = EXAMPLE_EDGES
 
 # What the asset graph has rendered: nodes (label, kind tags, SVG bounds), edge paths, groups, zoom.
 # Dagster draws the graph as one <svg>: groups and assets are <foreignObject>s, edges are <path>s, all in

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.dagster_dev import dagster_dev, graphql
+from tests.support.example import EXAMPLE_EDGES
 
 pytestmark = pytest.mark.slow
 
@@ -23,17 +24,7 @@ query {
 }
 """
 
-EXPECTED_EDGES = {
-    ("kafka/orders", "loom/orders_enrichment"),
-    ("loom/orders_enrichment", "delta/orders_enriched"),
-    ("loom/orders_enrichment", "clickhouse/analytics/orders_enriched"),
-    ("loom/orders_enrichment", "kafka/orders.enriched"),
-    ("loom/orders_enrichment", "kafka/orders.dlq"),
-    ("kafka/orders.enriched", "loom/order_ledger"),
-    ("loom/order_ledger", "sql/warehouse/order_ledger"),
-    ("delta/orders_enriched", "orders_by_band"),
-    ("clickhouse/analytics/orders_enriched", "revenue_by_customer"),
-}
+EXPECTED_EDGES = EXAMPLE_EDGES
 
 
 def test_example_asset_graph_over_graphql(tmp_path: Path) -> None:

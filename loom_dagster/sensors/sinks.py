@@ -28,6 +28,7 @@ from loom_dagster.sink_health import (
     SinkReading,
     SinkTarget,
     SourceLag,
+    as_int,
     evaluate_freshness,
     read_sinks,
     sink_targets,
@@ -135,7 +136,7 @@ def latest_source_lag(instance: dg.DagsterInstance, flow_key: str) -> SourceLag 
         return None
     evaluated_at, evaluation = max(found, key=lambda pair: pair[0])
     values = (_metadata_value(evaluation.metadata, key) for key in LAG_METADATA_KEYS)
-    total = next((v for v in map(_as_int, values) if v is not None), None)
+    total = next((v for v in map(as_int, values) if v is not None), None)
     return SourceLag(flow_key, total, evaluated_at) if total is not None else None
 
 
@@ -377,9 +378,9 @@ def state_from_materialization(event: dg.EventLogEntry | None, target: SinkTarge
         status=ReadStatus.OK,
         read_at=event.timestamp,
         marker=str(marker),
-        version=_as_int(_metadata_value(metadata, "loom/version")),
+        version=as_int(_metadata_value(metadata, "loom/version")),
         last_modified=last_data_at,
-        rows=_as_int(_metadata_value(metadata, "loom/rows")),
+        rows=as_int(_metadata_value(metadata, "loom/rows")),
     )
     return SinkState(reading=reading, last_data_at=last_data_at)
 
@@ -459,15 +460,6 @@ def materialized_data_at(instance: dg.DagsterInstance, target: SinkTarget) -> fl
 def _metadata_value(metadata: Mapping[str, Any], key: str) -> Any:
     value = metadata.get(key)
     return getattr(value, "value", value)
-
-
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _as_float(value: Any) -> float | None:

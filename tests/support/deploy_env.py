@@ -54,10 +54,14 @@ class DeployBench:
         return build_loom_defs([self.spec(**env)])
 
     def materialize(
-        self, instance: dg.DagsterInstance, resource: LoomDeployResource | None = None, **env: str
+        self,
+        instance: dg.DagsterInstance,
+        resource: LoomDeployResource | None = None,
+        spec: LoomFlowSpec | None = None,
+        **env: str,
     ) -> dg.ExecuteInProcessResult:
-        """Materialize (deploy) the ticks flow asset on *instance*."""
-        defs = self.defs(**env)
+        """Materialize (deploy) the ticks flow asset (or *spec*'s flow) on *instance*."""
+        defs = build_loom_defs([spec]) if spec is not None else self.defs(**env)
         return dg.materialize(
             list(defs.assets or []),
             selection=[dg.AssetKey(["loom", "ticks"])],
