@@ -1,6 +1,5 @@
 """Scheduled redeploys: re-materialize selected flows on a cron, optionally skipping unchanged ones."""
 
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any

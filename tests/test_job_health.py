@@ -75,8 +75,6 @@ def _kill_job(bench: DeployBench) -> int:
     return pid
 
 
-
-
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_sigkilled_job_is_restarted_and_catches_up(bench: DeployBench) -> None:

@@ -886,7 +886,9 @@ def cli_start(state_dir: Path, port: int | None, heap: str, timeout: float) -> i
         print(external)
         return 0
     data_dir = Path(tempfile.mkdtemp(prefix="kafka-data-", dir=state_dir))
-    broker = KafkaBroker(data_dir=data_dir, port=port, heap=heap, startup_timeout=timeout, die_with_parent=False)
+    broker = KafkaBroker(
+        data_dir=data_dir, port=port, heap=heap, startup_timeout=timeout, die_with_parent=False
+    )
     try:
         broker.start()
     except BaseException:

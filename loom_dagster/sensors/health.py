@@ -1,7 +1,6 @@
 """Job health sensor (a reconciler): observe every deployed flow, report ``job_running``, restart dead
 or hung jobs with exponential backoff and a cap on restarts per window; never restart an undeployed flow."""
 
-
 import json
 import socket
 import time
