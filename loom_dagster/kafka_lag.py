@@ -182,6 +182,9 @@ class LagTarget:
     group: str
     topics: tuple[str, ...]
     cluster: KafkaCluster
+    idle_tail: int = 0
+    """Rows a healthy job may hold in loom table buffers on an idle topic (their offsets stay
+    uncommitted until more data arrives): a STOP with at most this much lag is reported OK."""
 
 
 def cluster_for(consumer_settings: Any) -> KafkaCluster:
@@ -197,12 +200,12 @@ def cluster_for(consumer_settings: Any) -> KafkaCluster:
     return KafkaCluster(bootstrap=brokers, config=tuple(sorted(conf.items())))
 
 
-def lag_target(name: str, flow: LoomFlow, consumer_settings: Any) -> LagTarget | None:
+def lag_target(name: str, flow: LoomFlow, consumer_settings: Any, idle_tail: int = 0) -> LagTarget | None:
     """The target of a Kafka-sourced flow (``None`` for a Mongo-sourced one)."""
     if flow.source_kind != "kafka" or not flow.consumer_group or not flow.source_topics:
         return None
     topics = tuple(dict.fromkeys(t.topic for t in flow.source_topics))
-    return LagTarget(name, flow.consumer_group, topics, cluster_for(consumer_settings))
+    return LagTarget(name, flow.consumer_group, topics, cluster_for(consumer_settings), idle_tail)
 
 
 def _conf_str(value: object) -> str:
@@ -1193,6 +1196,7 @@ def evaluate_flow(
         return FlowLag(target.name, target.group, LagStatus.UNREACHABLE, offsets.unreachable, 0)
     parts = tuple(_partition_lag(p, windows, now, min_samples) for p in offsets.partitions)
     total = sum(p.lag or 0 for p in parts)
+    parts = _forgive_idle_tail(parts, total, target.idle_tail)
     status, reason = _flow_status(parts, offsets.missing_topics, total, settings)
     lagging = [p for p in parts if p.lag]
     times = [p.time_lag_s for p in lagging if p.time_lag_s is not None]
@@ -1209,6 +1213,23 @@ def evaluate_flow(
         produce_rate=_sum_known(p.produce_rate for p in parts),
         time_lag_s=max(times) if times else (0.0 if not lagging else None),
         stalled_for_s=max(stalled) if stalled else None,
+    )
+
+
+def _forgive_idle_tail(
+    parts: tuple[PartitionLag, ...], total: int, idle_tail: int
+) -> tuple[PartitionLag, ...]:
+    """loom flushes a table buffer only when more data arrives, so on an idle topic a healthy job keeps
+    up to a buffer of rows (and their offsets) uncommitted: STOP within that tail is reported OK."""
+    stopped = [p for p in parts if p.status is LagStatus.STOP]
+    if not stopped or total > idle_tail or any(p.status is LagStatus.STALL for p in parts):
+        return parts
+    reason = (
+        f"idle: {total} message(s) wait in loom's table buffer (up to {idle_tail}) until more data "
+        "arrives; they are committed after the next flush"
+    )
+    return tuple(
+        replace(p, status=LagStatus.OK, reason=reason) if p.status is LagStatus.STOP else p for p in parts
     )
 
 

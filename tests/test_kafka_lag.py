@@ -604,3 +604,33 @@ def test_deployed_job_lag_goes_stall_then_ok(bench: DeployBench) -> None:
         recovered = _tick_until(ticker, "OK", 60, max_lag=2, between=nudge)
         assert _status_of(recovered) == "OK", recovered.description
         print(f"\n[deployed] stalled: {stalled.description}\n[deployed] recovered: {recovered.description}")
+
+
+def test_idle_tail_of_a_table_buffer_is_not_a_stop() -> None:
+    """A healthy loom job on a quiet topic keeps its last rows (and offsets) in a table buffer: with the
+    tail within the flow's buffer size, STOP is reported as OK; beyond it, STOP stays."""
+    from loom_dagster.kafka_lag import (
+        KafkaCluster,
+        LagSample,
+        LagStatus,
+        LagTarget,
+        PartitionOffsets,
+        PartitionWindow,
+        TargetOffsets,
+        evaluate_flow,
+    )
+    from loom_dagster.sensors.settings import KafkaLagSettings
+
+    def flow_status(idle_tail: int, lag: int) -> tuple[LagStatus, str]:
+        target = LagTarget("loom/f", "g", ("t",), KafkaCluster("127.0.0.1:9"), idle_tail)
+        window = PartitionWindow("t", 0)
+        for ts in range(5):
+            window = window.add(LagSample(float(ts), 100 + lag, 100), 10)
+        offsets = TargetOffsets(target, (PartitionOffsets("t", 0, 100 + lag, 100),))
+        flow = evaluate_flow(offsets, {("t", 0): window}, KafkaLagSettings(), now=4.0)
+        return flow.status, flow.partitions[0].reason
+
+    status, reason = flow_status(idle_tail=500, lag=40)
+    assert status is LagStatus.OK and "wait in loom's table buffer" in reason
+    assert flow_status(idle_tail=500, lag=600)[0] is LagStatus.STOP
+    assert flow_status(idle_tail=0, lag=40)[0] is LagStatus.STOP

@@ -2,13 +2,16 @@
 
 Drives Debian's Chromium over the DevTools protocol (``tests/support/browser.py``): opens the global asset
 lineage, expands every group, and checks that the flows, topics, Delta, ClickHouse and SQL tables render as
-nodes joined by the expected edges; then opens the flow asset's page. Screenshots go to ``docs/screenshots``.
+nodes joined by the expected edges; then deploys the orders flow and opens its page (deployment metadata)
+and its checks (evaluated by the daemon's sensors). Screenshots go to ``docs/screenshots``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +19,13 @@ from typing import Any
 
 import pytest
 
+from definitions.setup_dev import TOPICS, create_clickhouse_table
+from loom_dagster import DeploymentStore
+from loom_dagster.dev.kafka import KafkaBroker, create_topics
+from loom_dagster.dev.produce import produce, sample_orders
+from loom_dagster.launchers import procfs
 from tests.support.browser import CHROMIUM, BrowserError, Chromium
-from tests.support.dagster_dev import ROOT, dagster_dev
+from tests.support.dagster_dev import ROOT, dagster_dev, launch_materialization, wait_run
 from tests.support.example import EXAMPLE_EDGES
 
 pytestmark = [
@@ -86,16 +94,30 @@ TARGET_SCALE = 0.75  # full nodes (name, status rows, kind tags) need zoom >= 0.
 
 
 @pytest.fixture()
-def dev_url(tmp_path: Path) -> Iterator[str]:
-    """``dagster dev`` on the example; the instance is the example's, minus the community pop-up."""
+def dev_url(tmp_path: Path, kafka: KafkaBroker, clickhouse: Any) -> Iterator[str]:
+    """``dagster dev`` on the example with a real broker and ClickHouse engine; the instance is the
+    example's, minus the community pop-up. Jobs deployed during the test are stopped afterwards."""
     home = tmp_path / "home"
     home.mkdir()
     instance = (ROOT / "definitions" / "dagster.yaml").read_text()
     (home / "dagster.yaml").write_text(instance + "\nnux:\n  enabled: false\n")
+    create_topics(kafka.bootstrap_servers, TOPICS, partitions=3)
+    create_clickhouse_table(clickhouse.url)
+    env = {
+        "LOOM_DATA_DIR": str(tmp_path / "data"),
+        "LOOM_KAFKA_BOOTSTRAP": kafka.bootstrap_servers,
+        "LOOM_CLICKHOUSE_URL": clickhouse.url,
+    }
     started = time.monotonic()
-    with dagster_dev(home, env={"LOOM_DATA_DIR": str(tmp_path / "data")}, timeout_s=240) as url:
-        print(f"dagster dev ready in {time.monotonic() - started:.1f}s")
-        yield url
+    try:
+        with dagster_dev(home, env=env, timeout_s=240) as url:
+            print(f"dagster dev ready in {time.monotonic() - started:.1f}s")
+            yield url
+    finally:
+        for deployment in DeploymentStore(home / "loom").all():
+            for proc in deployment.job.processes:
+                if procfs.is_alive(proc.pid, proc.start_ticks):
+                    os.kill(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture()
@@ -106,9 +128,11 @@ def browser() -> Iterator[Chromium]:
         yield chromium
 
 
-def test_asset_graph_and_flow_page_in_chromium(dev_url: str, browser: Chromium, tmp_path: Path) -> None:
+def test_asset_graph_and_flow_page_in_chromium(
+    dev_url: str, browser: Chromium, tmp_path: Path, kafka: KafkaBroker
+) -> None:
     try:
-        check_graph_and_flow_page(dev_url, browser)
+        check_graph_and_flow_page(dev_url, browser, kafka.bootstrap_servers)
     except (AssertionError, TimeoutError, BrowserError):
         try:
             print(f"failure screenshot: {browser.screenshot(tmp_path / 'failure.png')}")
@@ -117,7 +141,7 @@ def test_asset_graph_and_flow_page_in_chromium(dev_url: str, browser: Chromium, 
         raise
 
 
-def check_graph_and_flow_page(dev_url: str, browser: Chromium) -> None:
+def check_graph_and_flow_page(dev_url: str, browser: Chromium, bootstrap: str) -> None:
     timings: dict[str, float] = {}
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
 
@@ -133,13 +157,19 @@ def check_graph_and_flow_page(dev_url: str, browser: Chromium) -> None:
     )
     browser.screenshot(SCREENSHOTS / "asset-graph.png")
 
+    # Deploy the flow (as the Materialize button does), so its page shows the deployment and checks.
+    run_id = launch_materialization(dev_url, [["loom", "orders_enrichment"]])
+    assert wait_run(dev_url, run_id) == "SUCCESS"
+    produce(bootstrap, "orders", sample_orders(300), key=lambda o: o.customer_id)
+
     started = time.monotonic()
     browser.set_viewport(1600, 1000)
     browser.open(f"{dev_url}/assets/loom/orders_enrichment", timeout=PAGE_TIMEOUT)
     browser.wait_for(
-        "document.body.innerText.includes('plan_hash') && document.body.innerText.includes('Kinds')",
+        "document.body.innerText.includes('plan_hash') && document.body.innerText.includes('Kinds')"
+        " && document.body.innerText.includes('loom/pid')",
         timeout=PAGE_TIMEOUT,
-        what="the flow asset page with its metadata and definition",
+        what="the flow asset page with its deployment metadata and definition",
     )
     browser.wait_stable("document.body.innerText.length", quiet=2.0, timeout=30)
     text = browser.text()
@@ -154,8 +184,30 @@ def check_graph_and_flow_page(dev_url: str, browser: Chromium) -> None:
         "clickhouse / analytics / orders_enriched",
     ):
         assert neighbour in text, f"{neighbour!r} not in the page's lineage\n{browser.describe()}"
+    for needle in ("loom/gate_s", "loom/log_path", "loom/host"):
+        assert needle in text, f"deployment metadata {needle!r} missing\n{browser.describe()}"
     browser.screenshot(SCREENSHOTS / "flow-asset.png", full_page=True)
     timings["flow page rendered"] = time.monotonic() - started
+
+    # The daemon's sensors report job_running (every 15 s) and kafka_lag (every 30 s) on the flow.
+    started = time.monotonic()
+    checks_url = f"{dev_url}/assets/loom/orders_enrichment?view=checks"
+    ready = (
+        "(() => { const t = document.body.innerText;"
+        " return t.includes('job_running') && t.includes('kafka_lag') && (t.match(/Succeeded/g) || []).length >= 2; })()"
+    )
+    deadline = time.monotonic() + 150
+    while True:
+        browser.open(checks_url, timeout=PAGE_TIMEOUT)
+        try:
+            browser.wait_for(ready, timeout=20, what="job_running and kafka_lag evaluated by the sensors")
+            break
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+    browser.wait_stable("document.body.innerText.length", quiet=2.0, timeout=30)
+    browser.screenshot(SCREENSHOTS / "flow-checks.png")
+    timings["checks evaluated by the daemon"] = time.monotonic() - started
     print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
 
 

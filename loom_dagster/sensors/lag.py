@@ -11,7 +11,7 @@ from typing import Any
 import dagster as dg
 
 from loom_dagster.checks import KAFKA_LAG
-from loom_dagster.graph import LoomAssetGraph
+from loom_dagster.graph import FlowNode, LoomAssetGraph
 from loom_dagster.kafka_lag import (
     FlowLag,
     LagFetch,
@@ -38,11 +38,23 @@ def kafka_lag_targets(graph: LoomAssetGraph) -> list[tuple[dg.AssetKey, LagTarge
     for node in graph.flows:
         settings = getattr(node.compiled.plan.source, "settings", None)
         target = (
-            lag_target(node.spec.key.to_user_string(), node.compiled.flow, settings) if settings else None
+            lag_target(node.spec.key.to_user_string(), node.compiled.flow, settings, idle_tail(node))
+            if settings
+            else None
         )
         if target is not None:
             out.append((node.spec.key, target))
     return out
+
+
+def idle_tail(node: FlowNode) -> int:
+    """The most rows the flow's table buffers can hold back (largest ``buffer_max_records`` x workers)."""
+    sizes = [
+        int(getattr(getattr(sink.config, "buffer_policy", None), "max_records", 0) or 0)
+        for sink in node.compiled.plan.terminal_storage_sinks.values()
+    ]
+    spec = node.compiled.spec
+    return max(sizes, default=0) * spec.processes * spec.workers_per_process
 
 
 def build_kafka_lag_checks(graph: LoomAssetGraph, settings: KafkaLagSettings) -> dg.AssetChecksDefinition:
