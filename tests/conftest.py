@@ -145,3 +145,13 @@ def _no_loom_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests choose their loom environment explicitly."""
     monkeypatch.delenv("LOOM_ENV", raising=False)
     os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_defs_state_storage() -> Iterator[None]:
+    """Each test starts without a defs-state storage left behind by another test's Dagster instance
+    (a yield fixture's instance can leave a dead one in Dagster's context variable)."""
+    from dagster._core.storage.defs_state.base import set_defs_state_storage
+
+    with set_defs_state_storage(None):
+        yield
