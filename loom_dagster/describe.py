@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import inspect
 import json
+import linecache
+import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 from enum import Enum
@@ -262,13 +267,167 @@ def _class_fingerprint(cls: type) -> str:
     if cached is not None:
         return cached
     try:
-        source = inspect.getsource(cls)
+        source = class_source(cls)
         digest = hashlib.sha256(source.encode()).hexdigest()[:12]
     except (OSError, TypeError):
         digest = "nosource"
     result = f"{_type_name(cls)}@{digest}"
     _CLASS_FINGERPRINTS[cls] = result
     return result
+
+
+_CLASS_LINES: dict[str, tuple[list[str], dict[str, tuple[int, int]]]] = {}
+_CLASS_LINES_LOCK = threading.Lock()
+
+
+def class_source(cls: type) -> str:
+    """``inspect.getsource(cls)``, reading each module's structure once instead of once per class.
+
+    ``inspect`` parses the whole module for every class it looks up, then tokenizes the class to find
+    its end; with hundreds of flows, each with its own step and payload classes, that dominated the
+    plan hash. This parses each module once and takes each class's extent from the syntax tree, with
+    ``inspect.getblock``'s rules: from the first decorator, through the last statement, plus trailing
+    comment lines indented at least as deep as the body. The text is the same.
+    """
+    file = inspect.getsourcefile(cls)
+    module = sys.modules.get(cls.__module__)
+    if not file or module is None or getattr(cls, "__wrapped__", None) is not None:
+        return inspect.getsource(cls)
+    linecache.checkcache(file)
+    lines = linecache.getlines(file, module.__dict__)
+    if not lines:
+        raise OSError("could not get source code")
+    with _CLASS_LINES_LOCK:
+        cached = _CLASS_LINES.get(file)
+        if cached is None or cached[0] is not lines:
+            finder = _ClassIndex(lines)
+            finder.visit(ast.parse("".join(lines)))
+            cached = (lines, finder.spans)
+            _CLASS_LINES[file] = cached
+    span = cached[1].get(cls.__qualname__)
+    if span is None:
+        raise OSError("could not find class definition")
+    return "".join(lines[span[0] : span[1]])
+
+
+class _ClassIndex(ast.NodeVisitor):
+    """Qualified name -> lines ``[start, end)`` of every class, the first definition in source order
+    (as ``inspect`` finds it)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        self.stack: list[str] = []
+        self.spans: dict[str, tuple[int, int]] = {}
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        self.stack += [node.name, "<locals>"]
+        self.generic_visit(node)
+        del self.stack[-2:]
+
+    visit_AsyncFunctionDef = visit_FunctionDef  # type: ignore[assignment]
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self.stack.append(node.name)
+        qualname = ".".join(self.stack)
+        if qualname not in self.spans:
+            start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
+            self.spans[qualname] = (start, self._block_end(node))
+        self.generic_visit(node)
+        self.stack.pop()
+
+    def _block_end(self, node: ast.ClassDef) -> int:
+        """Where ``inspect.getblock`` stops: after the last statement, or after the last comment line
+        that follows it (blank lines in between) indented at least as deep as the body."""
+        end = node.end_lineno or node.lineno
+        first = node.body[0]
+        head = self.lines[first.lineno - 1][: first.col_offset]
+        if head.strip():  # body on the header line: no indented block, comments are not part of it
+            return end
+        body_col = len(head)
+        for index in range(end, len(self.lines)):
+            text = self.lines[index]
+            stripped = text.strip()
+            if not stripped:
+                continue
+            if not stripped.startswith("#"):
+                break
+            if len(text) - len(text.lstrip()) >= body_col:
+                end = index + 1
+        return end
+
+
+def flow_fingerprint(flow: StreamFlow[Any, Any]) -> str:
+    """Hash of everything in a ``StreamFlow`` that its compiled plan and records can depend on.
+
+    The object graph (nodes, names, tables, backends, routes...), the source of every class and
+    function it references, and the columns of every payload struct. Two flows with the same
+    fingerprint, compiled with the same config and loom version, give the same records.
+    """
+    canonical = json.dumps(_structure(flow, 0, set()), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+
+def _structure(value: Any, depth: int, path: set[int]) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Enum):
+        return [_type_name(type(value)), _enum_value(value)]
+    if isinstance(value, type):
+        columns = payload_columns(value) if hasattr(value, "__struct_fields__") else ()
+        return [_class_fingerprint(value), [[c.name, c.type, c.nullable] for c in columns]]
+    if depth > 40 or id(value) in path:
+        return [_type_name(type(value)), "..."]
+    path = path | {id(value)}
+    if inspect.isfunction(value) or inspect.ismethod(value):
+        function: Any = getattr(value, "__func__", value)
+        cells = []
+        for cell in function.__closure__ or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                cells.append(None)
+        captured = [function.__defaults__, function.__kwdefaults__, cells]
+        return [_function_fingerprint(function), _structure(captured, depth + 1, path)]
+    if isinstance(value, functools.partial):
+        return [
+            _type_name(type(value)),
+            _structure([value.func, value.args, value.keywords], depth + 1, path),
+        ]
+    if isinstance(value, Mapping):
+        return [[_structure(k, depth + 1, path), _structure(v, depth + 1, path)] for k, v in value.items()]
+    if isinstance(value, list | tuple):
+        return [_structure(v, depth + 1, path) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((_structure(v, depth + 1, path) for v in value), key=repr)
+    return [_type_name(type(value)), _class_fingerprint(type(value)), _attributes(value, depth, path)]
+
+
+def _attributes(value: Any, depth: int, path: set[int]) -> Any:
+    names: list[str] = []
+    if is_dataclass(value):
+        names = [f.name for f in fields(value)]
+    elif hasattr(type(value), "__struct_fields__"):
+        names = list(type(value).__struct_fields__)
+    else:
+        for klass in type(value).__mro__:
+            slots = klass.__dict__.get("__slots__", ())
+            for slot in [slots] if isinstance(slots, str) else slots:
+                private = slot.startswith("__") and not slot.endswith("__")
+                names.append(f"_{klass.__name__.lstrip('_')}{slot}" if private else slot)
+        names += list(getattr(value, "__dict__", {}))
+    found = {n: getattr(value, n) for n in dict.fromkeys(names) if n != "__weakref__" and hasattr(value, n)}
+    if not found:
+        return _stable_repr(value)
+    return {n: _structure(v, depth + 1, path) for n, v in found.items()}
+
+
+def _function_fingerprint(function: Any) -> str:
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        code = getattr(function, "__code__", None)
+        source = repr((code.co_code, code.co_consts)) if code is not None else repr(function)
+    return f"{_type_name(function)}@{hashlib.sha256(source.encode()).hexdigest()[:12]}"
 
 
 def _node_label(node: Any) -> str:

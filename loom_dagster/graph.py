@@ -67,6 +67,7 @@ def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslat
         collection_specs[(coll.database, coll.collection)] = spec
 
     sink_specs: dict[dg.AssetKey, dg.AssetSpec] = {}
+    sink_writers: dict[dg.AssetKey, list[dg.AssetKey]] = {}
     for node in flow_nodes:
         flow = node.compiled.flow
         for sink in flow.storage_sinks:
@@ -74,8 +75,8 @@ def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslat
             owners.claim(
                 spec.key, sink.identity, f"{sink.backend.value} sink {sink.slot!r} of flow {flow.name!r}"
             )
-            prior = sink_specs.get(spec.key)
-            sink_specs[spec.key] = (prior or spec).merge_attributes(deps=[node.spec.key])
+            sink_specs.setdefault(spec.key, spec)  # a table several flows write: the first spec wins
+            sink_writers.setdefault(spec.key, []).append(node.spec.key)
             node.sink_keys[sink.slot] = spec.key.to_user_string()
         for out in flow.output_topics:
             node.sink_keys[out.slot] = topic_specs[out.topic].key.to_user_string()
@@ -83,7 +84,10 @@ def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslat
         upstream += [collection_specs[(c.database, c.collection)].key for c in flow.source_collections]
         node.spec = node.spec.merge_attributes(deps=upstream)
 
-    externals = [*topic_specs.values(), *collection_specs.values(), *sink_specs.values()]
+    sinks = [
+        spec.merge_attributes(deps=list(dict.fromkeys(sink_writers[key]))) for key, spec in sink_specs.items()
+    ]
+    externals = [*topic_specs.values(), *collection_specs.values(), *sinks]
     return LoomAssetGraph(flows=flow_nodes, external_specs=_dedupe_deps(externals))
 
 
@@ -122,10 +126,13 @@ def _merge_collections(flows: Sequence[LoomFlow]) -> list[LoomSourceCollection]:
 
 
 def _dedupe_deps(specs: list[dg.AssetSpec]) -> list[dg.AssetSpec]:
+    """Each dep once (the last ``AssetDep`` per key, at its first position); specs without
+    duplicates are returned as they are."""
     out = []
     for spec in specs:
-        unique = {d.asset_key: d for d in spec.deps}
-        out.append(spec.replace_attributes(deps=list(unique.values())))
+        deps = list(spec.deps)
+        unique = {d.asset_key: d for d in deps}
+        out.append(spec if len(unique) == len(deps) else spec.replace_attributes(deps=list(unique.values())))
     return out
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
+import re
 import sys
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,14 +108,115 @@ def config_files(sources: Sequence[str | os.PathLike[str]], environment: str | N
 
 
 def load_config(sources: Sequence[str | os.PathLike[str]], environment: str | None) -> ConfigContext:
-    """Load and merge a flow's loom config the way loom applications do (overlays, ``LOOM__*``)."""
+    """Load and merge a flow's loom config the way loom applications do (overlays, ``LOOM__*``).
+
+    Within a process the result is reused while nothing it derives from changed: the files' bytes,
+    the environment, the ``LOOM__*`` variables and the variables the files read through
+    ``${oc.env:...}``. Flows sharing a config directory therefore parse it once, and a materialization
+    in a run worker reuses the load of its definitions. Treat the returned context as read-only.
+    Configs with ``includes`` or with resolvers other than ``oc.*`` (``${ssm:}``, ``${secrets:}``,
+    whose values OmegaConf caches on the config object) are loaded fresh every time.
+    """
+    files = config_files(sources, environment)
+    env = resolve_environment_name(environment)
+    snapshot = snapshot_config_files(files)
+    key = snapshot.cache_key(env, snapshot.referenced_environment()) if snapshot is not None else None
+    if key is not None:
+        with _CONFIG_LOCK:
+            cached = _CONFIG_CACHE.get(key)
+            if cached is not None:
+                _CONFIG_CACHE.move_to_end(key)
+                return cached
+    config = _load_application_config(files, env)
+    if key is not None:
+        with _CONFIG_LOCK:
+            _CONFIG_CACHE[key] = config
+            while len(_CONFIG_CACHE) > _CONFIG_CACHE_SIZE:
+                _CONFIG_CACHE.popitem(last=False)
+    return config
+
+
+def _load_application_config(files: tuple[str, ...], environment: str) -> ConfigContext:
     from loom.core.config.overrides import load_application_config
 
-    files = config_files(sources, environment)
     try:
-        return load_application_config(*files, environment=resolve_environment_name(environment))
+        return load_application_config(*files, environment=environment)
     except Exception as exc:
         raise FlowLoadError(f"cannot load loom config {', '.join(files)}: {_first_line(exc)}") from exc
+
+
+def clear_config_cache() -> None:
+    """Forget every config ``load_config`` kept in this process."""
+    with _CONFIG_LOCK:
+        _CONFIG_CACHE.clear()
+
+
+_CONFIG_CACHE: OrderedDict[str, ConfigContext] = OrderedDict()
+_CONFIG_CACHE_SIZE = 256
+_CONFIG_LOCK = threading.Lock()
+
+_RESOLVER = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:")
+_ENV_REFERENCE = re.compile(r"oc\.env\s*:\s*([^,}\s]*)")
+_ENV_NAME = re.compile(r"[A-Za-z_]\w*")
+_INCLUDES = re.compile(r"^includes\s*:", re.MULTILINE)
+_SAFE_RESOLVERS = frozenset(
+    {"oc.env", "oc.decode", "oc.create", "oc.deprecated", "oc.select", "oc.dict.keys", "oc.dict.values"}
+)
+_OVERRIDE_PREFIX = "LOOM__"
+
+
+@dataclass(frozen=True)
+class ConfigSnapshot:
+    """The bytes of a config's files, taken once: what a cached load or compile is keyed on.
+
+    ``env_names`` are the variables the files read through ``${oc.env:NAME}``.
+    """
+
+    files: tuple[str, ...]
+    digests: tuple[str, ...]
+    env_names: tuple[str, ...]
+
+    def cache_key(self, environment: str, extra: Mapping[str, str] | None = None) -> str:
+        """Hash of the files, the environment, the ``LOOM__*`` variables and *extra* values."""
+        digest = hashlib.sha256()
+        for part in (environment, *self.files, *self.digests):
+            digest.update(part.encode())
+            digest.update(b"\0")
+        overrides = sorted((k, v) for k, v in os.environ.items() if k.startswith(_OVERRIDE_PREFIX))
+        for name, value in [*overrides, *sorted((extra or {}).items())]:
+            digest.update(f"{name}={value}".encode())
+            digest.update(b"\0")
+        return digest.hexdigest()
+
+    def referenced_environment(self) -> dict[str, str]:
+        """Current values of the variables the files read (``<unset>`` for a missing one)."""
+        return {name: os.environ.get(name, "\0<unset>") for name in self.env_names}
+
+
+def snapshot_config_files(files: Sequence[str]) -> ConfigSnapshot | None:
+    """Read and hash *files*; ``None`` when their content alone does not determine the config.
+
+    That is: a remote file, an ``includes`` list, a resolver other than OmegaConf's own ``oc.*``, or
+    an ``oc.env`` whose variable name is not written out plainly.
+    """
+    digests: list[str] = []
+    env_names: set[str] = set()
+    for file in files:
+        if "://" in file:
+            return None
+        try:
+            data = Path(file).read_bytes()
+        except OSError:
+            return None
+        text = data.decode("utf-8", errors="replace")
+        if _INCLUDES.search(text) or any(r not in _SAFE_RESOLVERS for r in _RESOLVER.findall(text)):
+            return None
+        names = _ENV_REFERENCE.findall(text)
+        if not all(_ENV_NAME.fullmatch(n) for n in names):  # a computed or quoted name: not tracked
+            return None
+        env_names.update(names)
+        digests.append(hashlib.sha256(data).hexdigest())
+    return ConfigSnapshot(tuple(files), tuple(digests), tuple(sorted(env_names)))
 
 
 def _first_line(exc: BaseException) -> str:

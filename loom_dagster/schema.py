@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import msgspec
@@ -25,8 +26,11 @@ _SIMPLE: dict[type[msgspec.inspect.Type], str] = {
 }
 
 
+_COLUMNS: weakref.WeakKeyDictionary[type[Any], tuple[LoomColumn, ...]] = weakref.WeakKeyDictionary()
+
+
 def payload_columns(payload_type: type[Any]) -> tuple[LoomColumn, ...]:
-    """Columns of a msgspec struct payload, in declaration order.
+    """Columns of a msgspec struct payload, in declaration order (computed once per type).
 
     Example:
         >>> import msgspec
@@ -36,6 +40,19 @@ def payload_columns(payload_type: type[Any]) -> tuple[LoomColumn, ...]:
         >>> [(c.name, c.type, c.nullable) for c in payload_columns(Row)]
         [('id', 'string', False), ('amount', 'float64', True)]
     """
+    try:
+        return _COLUMNS[payload_type]
+    except (KeyError, TypeError):  # TypeError: not weak-referenceable (not a class)
+        pass
+    columns = _payload_columns(payload_type)
+    try:
+        _COLUMNS[payload_type] = columns
+    except TypeError:
+        pass
+    return columns
+
+
+def _payload_columns(payload_type: type[Any]) -> tuple[LoomColumn, ...]:
     try:
         info = msgspec.inspect.type_info(payload_type)
     except (TypeError, ValueError):
