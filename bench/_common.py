@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -20,6 +20,8 @@ def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> 
     try:
         parts = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
         return sum(max(tp.offset, 0) for tp in parts)
+    except KafkaException:  # e.g. NOT_COORDINATOR while the broker loads the offsets topic: ask again
+        return 0
     finally:
         consumer.close()
 

@@ -73,12 +73,13 @@ def run_bare(bootstrap: str, root: Path, messages: int) -> dict[str, float]:
     config, group, topic = _setup(bootstrap, root, "bare", messages)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
+    log = open(root / "bare.log", "ab")  # the launched job logs to a file too: same I/O on both sides
     proc = subprocess.Popen(
         [sys.executable, "-c", BARE, str(config / "base.yaml")],
         env=env,
         cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
@@ -93,6 +94,7 @@ def run_bare(bootstrap: str, root: Path, messages: int) -> dict[str, float]:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+        log.close()
 
 
 def run_deployed(bootstrap: str, root: Path, messages: int) -> dict[str, float]:
