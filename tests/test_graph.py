@@ -9,24 +9,16 @@ import pytest
 
 from loom_dagster import DuplicateAssetKeyError, LoomFlowSpec, build_loom_asset_graph, build_loom_defs
 from tests.conftest import shapes_config
+from tests.support.example import asset_edges
 
 SHAPES = "tests.flows.shapes:make_flow"
 AUDIT = "tests.flows.shapes:make_second_reader"
 
 
-def _edges(defs: dg.Definitions) -> set[tuple[str, str]]:
-    graph = defs.resolve_asset_graph()
-    return {
-        (parent.to_user_string(), key.to_user_string())
-        for key in graph.get_all_asset_keys()
-        for parent in graph.get(key).parent_keys
-    }
-
-
 def test_example_chains_flows_through_one_topic_asset() -> None:
     from definitions.definitions import defs
 
-    edges = _edges(defs)
+    edges = asset_edges(defs)
     assert ("loom/orders_enrichment", "kafka/orders.enriched") in edges
     assert ("kafka/orders.enriched", "loom/order_ledger") in edges
     keys = [k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()]
@@ -43,7 +35,7 @@ def test_flows_sharing_a_source_share_one_topic_and_table(
             LoomFlowSpec(AUDIT, config=cfg, environment="test"),
         ]
     )
-    edges = _edges(defs)
+    edges = asset_edges(defs)
     assert {("kafka/t.events", "loom/events"), ("kafka/t.events", "loom/events_audit")} <= edges
     assert {("loom/events", "delta/events"), ("loom/events_audit", "delta/events")} <= edges
     keys = [k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()]

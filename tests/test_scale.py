@@ -21,6 +21,7 @@ from loom_dagster.catalog import CompileCache, compile_spec, compile_specs
 from loom_dagster.describe import class_source, flow_fingerprint
 from loom_dagster.loading import clear_config_cache, load_config
 from tests.conftest import shapes_config
+from tests.support.example import asset_edges
 
 COUNT = 200
 # Per flow: the flow, a Delta, a ClickHouse and a SQL table, an output topic and a DLQ; half the flows
@@ -40,22 +41,13 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
         yield directory, specs
 
 
-def _edges(defs: dg.Definitions) -> set[tuple[str, str]]:
-    graph = defs.resolve_asset_graph()
-    return {
-        (parent.to_user_string(), key.to_user_string())
-        for key in graph.get_all_asset_keys()
-        for parent in graph.get(key).parent_keys
-    }
-
-
 def test_200_flows_load_and_validate(generated: tuple[Path, list[LoomFlowSpec]]) -> None:
     directory, specs = generated
     defs = build_loom_defs(specs)
     dg.Definitions.validate_loadable(defs)
 
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
-    edges = _edges(defs)
+    edges = asset_edges(defs)
     expected = plain_graph(COUNT)
     assert len(keys) == EXPECTED_ASSETS == len(expected.all_keys)
     assert len(edges) == EXPECTED_EDGES == len(expected.edges)
@@ -193,5 +185,5 @@ def test_shared_config_layout_loads_the_config_once(tmp_path: Path, monkeypatch:
     assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} == set(
         expected.all_keys
     )
-    assert _edges(defs) == expected.edges
+    assert asset_edges(defs) == expected.edges
     assert calls == {"load": 1, "hash": 1}
