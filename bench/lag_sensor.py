@@ -2,23 +2,28 @@
 (6 partitions each, one consumer group each) on a real broker, batched vs the per-group AdminClient path.
 
     .venv/bin/python bench/lag_sensor.py [--flows 200] [--partitions 6]
+    .venv/bin/python bench/lag_sensor.py --smoke       # 2 flows x 2 partitions, seconds; no figures
 
-Each group is committed 30 messages behind on half its partitions and nothing consumes or produces during
-the ticks, so once a window has 3 samples every flow reads STOP. Starts a Kafka broker (``KafkaBroker``)
-unless ``LOOM_DAGSTER_KAFKA_BOOTSTRAP`` is set. Prints figures measured in this one run; asserts nothing.
+The flows are real: ``tests.flows.shapes`` with only its output topic (no table buffer, so no idle tail),
+one config per flow, compiled by loom and laid out by ``build_asset_graph`` like a code location's. Each
+group is committed 30 messages behind on half its partitions and nothing consumes or produces during the
+ticks, so once a window has 3 samples every flow reads STOP. Starts a Kafka broker (``KafkaBroker``) unless
+``LOOM_DAGSTER_KAFKA_BOOTSTRAP`` is set. Prints figures measured in this one run; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,15 +34,28 @@ import dagster as dg  # noqa: E402
 from confluent_kafka import ConsumerGroupTopicPartitions, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
+from loom_dagster.catalog import CompiledFlow, compile_spec  # noqa: E402
 from loom_dagster.dev.kafka import KafkaBroker, create_topics  # noqa: E402
-from loom_dagster.graph import FlowNode, LoomAssetGraph  # noqa: E402
+from loom_dagster.graph import LoomAssetGraph, build_asset_graph  # noqa: E402
 from loom_dagster.kafka_lag import fetch_offsets  # noqa: E402
-from loom_dagster.records import LoomFlow, LoomSourceTopic  # noqa: E402
+from loom_dagster.resources import LoomDeployResource  # noqa: E402
 from loom_dagster.sensors.lag import build_kafka_lag_sensor, kafka_lag_targets  # noqa: E402
 from loom_dagster.sensors.settings import KafkaLagSettings  # noqa: E402
+from loom_dagster.spec import LoomFlowSpec  # noqa: E402
+from loom_dagster.translator import LoomTranslator  # noqa: E402
 
 MESSAGES_PER_PARTITION = 50
 SIZES = (1, 10, 50, 200)
+SMOKE_FLOWS, SMOKE_PARTITIONS = 2, 2
+SHAPES = "tests.flows.shapes:make_flow"
+CONFIG = """
+kafka:
+  consumer: {{brokers: ["{bootstrap}"], group_id: {group}, topics: [{topic}], delivery: at_least_once}}
+  producer: {{brokers: ["{bootstrap}"]}}
+  producers:
+    events_out: {{brokers: ["{bootstrap}"], topic: {topic}.out}}
+    events_dlq: {{brokers: ["{bootstrap}"], topic: {topic}.dlq}}
+"""
 
 
 @contextmanager
@@ -98,41 +116,42 @@ def commit_groups(bootstrap: str, prefix: str, topics: list[str], partitions: in
     raise RuntimeError(f"could not commit offsets for {len(pending)} group(s)")
 
 
-def graph_of(bootstrap: str, prefix: str, topics: list[str]) -> LoomAssetGraph:
-    """A LoomAssetGraph of synthetic Kafka-sourced flows (records + loom ConsumerSettings, no compile)."""
-    from loom.streaming.kafka import ConsumerSettings
-
-    nodes = []
+def compile_flows(bootstrap: str, prefix: str, topics: list[str], root: Path) -> list[CompiledFlow]:
+    """One real compiled flow per topic (``shapes`` writing only its output topic), group ``<prefix>-g<i>``."""
+    os.environ["LOOM_TEST_SINKS"] = "topic"  # no table buffer: no idle tail, so a stuck group is a STOP
+    started = time.perf_counter()
+    compiled = []
     for i, topic in enumerate(topics):
-        group = f"{prefix}-g{i}"
-        flow = LoomFlow(
-            name=f"flow{i}",
-            import_path="bench:flow",
-            plan_hash="h",
-            config_hash="c",
-            environment="bench",
-            source_kind="kafka",
-            consumer_group=group,
-            delivery="at_least_once",
-            source_topics=(LoomSourceTopic(topic, f"flow{i}", group),),
-        )
-        settings = ConsumerSettings(
-            brokers=(bootstrap,), group_id=group, topics=(topic,), delivery="at_least_once"
-        )
-        compiled = SimpleNamespace(flow=flow, plan=SimpleNamespace(source=SimpleNamespace(settings=settings)))
-        nodes.append(FlowNode(compiled=cast(Any, compiled), spec=dg.AssetSpec(["loom", f"flow{i}"])))
-    return LoomAssetGraph(flows=nodes, external_specs=[])
+        cfg = root / f"flow{i}"
+        cfg.mkdir(parents=True, exist_ok=True)
+        text = CONFIG.format(bootstrap=bootstrap, group=f"{prefix}-g{i}", topic=topic)
+        (cfg / "base.yaml").write_text(textwrap.dedent(text).lstrip())
+        os.environ["LOOM_TEST_FLOW_NAME"] = f"flow{i}"  # read by the factory each time it is imported
+        compiled.append(compile_spec(LoomFlowSpec(SHAPES, config=cfg, environment="test")))
+    print(f"setup: {len(topics)} flows compiled in {time.perf_counter() - started:.1f} s")
+    return compiled
+
+
+def graph_of(compiled: list[CompiledFlow]) -> LoomAssetGraph:
+    """The asset graph of *compiled* flows, as a code location lays it out."""
+    return build_asset_graph(compiled, LoomTranslator())
 
 
 def tick(
-    sensor: dg.SensorDefinition, instance: dg.DagsterInstance, cursor: str | None
+    sensor: dg.SensorDefinition, instance: dg.DagsterInstance, cursor: str | None, state_dir: Path
 ) -> tuple[float, int, str, dict[str, int]]:
-    """One sensor evaluation: wall seconds, broker requests, the new cursor, flows per status."""
-    context = dg.build_sensor_context(instance=instance, cursor=cursor)
+    """One sensor evaluation: wall seconds, broker requests, the new cursor, flows per status.
+
+    The sensor reads each flow's deployment record through the ``loom`` resource (for ``STARTING``);
+    here none of the flows is deployed, so every read finds no record."""
+    resources = {"loom": LoomDeployResource(state_dir=str(state_dir))}
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
     started = time.perf_counter()
     data = sensor.evaluate_tick(context)
     elapsed = time.perf_counter() - started
     events = cast(list[dg.AssetCheckEvaluation], data.asset_events)
+    if not events:
+        raise RuntimeError(f"the sensor reported no check evaluation: {data.skip_message or data}")
     requests = int(cast(int, events[0].metadata["broker_requests"].value))
     statuses: dict[str, int] = {}
     for event in events:
@@ -141,7 +160,9 @@ def tick(
     return elapsed, requests, data.cursor or "", statuses
 
 
-def measure(graph: LoomAssetGraph, instance: dg.DagsterInstance, ticks: int) -> dict[str, Any]:
+def measure(
+    graph: LoomAssetGraph, instance: dg.DagsterInstance, ticks: int, state_dir: Path
+) -> dict[str, Any]:
     """*ticks* consecutive sensor ticks on *graph*, plus the per-group path's cost for comparison."""
     settings = KafkaLagSettings(window=10)
     sensor = build_kafka_lag_sensor(graph, settings, default_status=dg.DefaultSensorStatus.STOPPED)
@@ -149,7 +170,7 @@ def measure(graph: LoomAssetGraph, instance: dg.DagsterInstance, ticks: int) -> 
     times, requests = [], set()
     statuses: dict[str, int] = {}
     for _ in range(ticks):
-        elapsed, count, cursor, statuses = tick(sensor, instance, cursor)
+        elapsed, count, cursor, statuses = tick(sensor, instance, cursor, state_dir)
         times.append(elapsed)
         requests.add(count)
     targets = [t for _, t in kafka_lag_targets(graph)]
@@ -177,25 +198,35 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench/lag_sensor.py")
     parser.add_argument("--flows", type=int, default=200)
     parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the bench still runs")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.flows, args.partitions = SMOKE_FLOWS, SMOKE_PARTITIONS
+    sizes = sorted({n for n in SIZES if n < args.flows} | {args.flows})
+    headline_ticks = 3 if args.smoke else 10
     prefix = f"lagbench{uuid.uuid4().hex[:6]}"
-    with broker() as bootstrap, dg.instance_for_test() as instance:
+    with (
+        broker() as bootstrap,
+        dg.instance_for_test() as instance,
+        tempfile.TemporaryDirectory(prefix="lag-bench-") as tmp,
+    ):
         print(f"broker {bootstrap}; {args.flows} flows x {args.partitions} partitions, one group per flow")
         topics = prepare(bootstrap, prefix, args.flows, args.partitions)
-        full = graph_of(bootstrap, prefix, topics)
+        compiled = compile_flows(bootstrap, prefix, topics, Path(tmp))
+        full = graph_of(compiled)
         fetch_offsets([t for _, t in kafka_lag_targets(full)])  # warm-up: leaders and coordinator ready
-        headline = measure(full, instance, ticks=10)
+        state_dir = Path(tmp) / "state"
+        headline = measure(full, instance, headline_ticks, state_dir)
         print(
             f"\none sensor tick, {headline['flows']} flows x {args.partitions} partitions "
             f"({headline['partitions']} partitions): {headline['warm_s']:.3f} s warm median, "
             f"{headline['warm_min_s']:.3f} s warm min "
             f"({headline['first_s']:.3f} s first), broker requests {headline['requests']} "
-            f"{headline['by_api']}; cursor after 10 ticks (window 10): {headline['cursor']} chars; "
-            f"statuses {headline['statuses']}"
+            f"{headline['by_api']}; cursor after {headline_ticks} ticks (window 10): {headline['cursor']} "
+            f"chars; statuses {headline['statuses']}"
         )
-        rows = [measure(graph_of(bootstrap, prefix, topics[:n]), instance, ticks=3) for n in SIZES]
-        rows[-1] = headline if SIZES[-1] == args.flows else rows[-1]
-        print_table(rows)
+        rows = [measure(graph_of(compiled[:n]), instance, 3, state_dir) for n in sizes[:-1]]
+        print_table([*rows, headline])
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

@@ -3,6 +3,7 @@ code location with the same asset keys and edges, each load in a fresh interpret
 
     .venv/bin/python bench/load_defs.py [--counts 1,50,200] [--repeat 3] [--dir DIR] [--layout shared]
     .venv/bin/python bench/load_defs.py --profile 200          # cProfile of one 200-flow load
+    .venv/bin/python bench/load_defs.py --smoke                # 2 flows, every variant once; no figures
 
 Variants (every one in its own subprocess, so imports are counted fairly; medians over --repeat):
 
@@ -354,9 +355,12 @@ def main() -> None:
     )
     parser.add_argument("--profile-cache", default="off", help="LOOM_DAGSTER_COMPILE_CACHE for --profile")
     parser.add_argument("--profile-lazy", action="store_true", help="--profile with plan-free sensors only")
+    parser.add_argument("--smoke", action="store_true", help="2 flows, every variant once (checks it runs)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.counts, args.repeat, args.variants, args.profile = "2", 1, ",".join(VARIANTS), 0
 
     if args.code_root:
         sys.path.insert(0, args.code_root)

@@ -2,6 +2,7 @@
 10 commits next to one with 10,000 commits (built with small appends, cached between runs).
 
     .venv/bin/python bench/sink_health.py [--tables 200] [--commits 10000] [--cache-dir DIR]
+    .venv/bin/python bench/sink_health.py --smoke    # 3 tables, 10 vs 20 commits in a temp dir, one repeat
 
 Prints figures measured side by side in this one run (no thresholds asserted here). The deltalake
 comparison runs in a child process: deltalake + pyarrow may abort the interpreter at exit.
@@ -163,19 +164,20 @@ def bench_tick(tables: int) -> None:
             tick("idle")
 
 
-def bench_read(cache: Path, commits: int) -> None:
+def bench_read(cache: Path, commits: int, repeat: int = 200, child_repeat: int = 20) -> None:
     """The Delta health read on 10 vs *commits* commits: cold (no previous reading) and steady."""
     small, big = cache / "commits_10", cache / f"commits_{commits}"
     for uri, n in ((small, 10), (big, commits)):
         built = ensure_table(uri, n)
         if built > 0.5:
             print(f"built {uri} ({n} commits) in {built:.0f}s")
-    print(f"\nDelta health read (log only), median / best of 200, {small.name} vs {big.name}:")
+    print(f"\nDelta health read (log only), median / best of {repeat}, {small.name} vs {big.name}:")
     rows = []
     for uri in (small, big):
         target = delta_target(uri, uri.name)
         first = read_sink(target)
-        assert first.ok and first.version is not None, first
+        if not first.ok or first.version is None:
+            raise RuntimeError(f"health read of {uri} failed: {first}")
         behind = SinkReading(
             target.asset_key, target.backend, first.status, 0.0, marker="0", version=first.version - 1
         )
@@ -183,9 +185,9 @@ def bench_read(cache: Path, commits: int) -> None:
             (
                 uri.name,
                 first.version,
-                timed(partial(read_sink, target), 200),
-                timed(partial(read_sink, target, first), 200),
-                timed(partial(read_sink, target, behind), 200),
+                timed(partial(read_sink, target), repeat),
+                timed(partial(read_sink, target, first), repeat),
+                timed(partial(read_sink, target, behind), repeat),
             )
         )
     header = (
@@ -199,16 +201,16 @@ def bench_read(cache: Path, commits: int) -> None:
         )
     ratio = rows[1][2][0] / rows[0][2][0]
     print(f"  cold read ratio {big.name} / {small.name}: {ratio:.2f}x (median)")
-    bench_deltalake(small, big)
+    bench_deltalake(small, big, child_repeat)
 
 
 DELTALAKE_CHILD = """
 import json, sys, time, statistics
 from deltalake import DeltaTable
 out = {}
-for uri in sys.argv[1:]:
+for uri in sys.argv[2:]:
     samples = []
-    for _ in range(20):
+    for _ in range(int(sys.argv[1])):
         started = time.perf_counter()
         table = DeltaTable(uri)
         table.version(); table.history(limit=1)
@@ -218,20 +220,22 @@ print(json.dumps(out), flush=True)
 """
 
 
-def bench_deltalake(small: Path, big: Path) -> None:
+def bench_deltalake(small: Path, big: Path, repeat: int = 20) -> None:
     """For comparison: ``DeltaTable(uri)`` + ``version()`` + ``history(limit=1)``, in a child process."""
     proc = subprocess.run(
-        [sys.executable, "-c", DELTALAKE_CHILD, str(small), str(big)],
+        [sys.executable, "-c", DELTALAKE_CHILD, str(repeat), str(small), str(big)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("{")), None)
     if line is None:
-        print(f"  deltalake comparison failed (rc {proc.returncode}): {proc.stderr[-300:]}")
-        return
+        raise RuntimeError(f"deltalake comparison failed (rc {proc.returncode}): {proc.stderr[-300:]}")
     figures = json.loads(line)
-    print("\nFor comparison, deltalake DeltaTable(uri) + version() + history(limit=1), median / best of 20:")
+    print(
+        "\nFor comparison, deltalake DeltaTable(uri) + version() + history(limit=1), "
+        f"median / best of {repeat}:"
+    )
     for uri, (median, best) in figures.items():
         print(f"  {Path(uri).name:<16}{median:10.2f} / {best:6.2f} ms")
     print(f"  (child process exit code {proc.returncode})")
@@ -244,11 +248,16 @@ def main() -> None:
     parser.add_argument(
         "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "loom-sink-health-bench"
     )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the bench still runs")
     args = parser.parse_args()
-    print(f"== one sink health tick over {args.tables} Delta tables ==")
-    bench_tick(args.tables)
-    print(f"\n== Delta health read: 10 vs {args.commits} commits (cache: {args.cache_dir}) ==")
-    bench_read(args.cache_dir, args.commits)
+    repeat, child_repeat = (1, 1) if args.smoke else (200, 20)
+    with tempfile.TemporaryDirectory(prefix="sink-health-smoke-") as smoke_dir:
+        if args.smoke:
+            args.tables, args.commits, args.cache_dir = 3, 20, Path(smoke_dir)
+        print(f"== one sink health tick over {args.tables} Delta tables ==")
+        bench_tick(args.tables)
+        print(f"\n== Delta health read: 10 vs {args.commits} commits (cache: {args.cache_dir}) ==")
+        bench_read(args.cache_dir, args.commits, repeat, child_repeat)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 its topics, collections and tables."""
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dagster as dg
 
 from loom_dagster.catalog import compile_specs, config_section
+from loom_dagster.checks import DEPLOY_CHECKS
 from loom_dagster.deploy import DeployResult
+from loom_dagster.deploy_checks import DeployChecksReport
 from loom_dagster.errors import LoomDagsterError
 from loom_dagster.graph import FlowNode, LoomAssetGraph, build_asset_graph
 from loom_dagster.records import LoomFlow
@@ -23,6 +25,7 @@ class LoomDeployConfig(dg.Config):
     """Run config of a flow materialization."""
 
     environment: str | None = None
+    accept_offset_reset: bool = False
 
 
 def build_loom_asset_graph(
@@ -56,22 +59,41 @@ def op_name(flow_name: str) -> str:
 
 
 def flow_deploy_asset(node: FlowNode) -> dg.AssetsDefinition:
-    """The materializable asset of one flow: materializing it deploys (or validates) the flow."""
+    """The materializable asset of one flow: materializing it deploys (or validates) the flow.
+
+    It carries the ``deploy_checks`` check (loom's deploy checks); executing that check alone runs
+    the checks and deploys nothing.
+    """
     spec, compiled = node.spec, node.compiled
     declared, sink_keys = compiled.flow, dict(node.sink_keys)
     flow_spec = compiled.spec
+    check_spec = dg.AssetCheckSpec(
+        DEPLOY_CHECKS,
+        asset=spec.key,
+        description="loom's deploy checks (loom.core.checks) for the target environment: errors block the "
+        "deploy where loom enforces them (production, staging), warnings WARN, silenced ids listed.",
+    )
 
     @dg.multi_asset(
         specs=[spec],
+        check_specs=[check_spec],
         name=op_name(declared.name),
         pool=f"loom_{op_name(declared.name)}",
         description=spec.description,
+        can_subset=True,
     )
     def _deploy(
         context: dg.AssetExecutionContext, config: LoomDeployConfig, loom: LoomDeployResource
-    ) -> dg.MaterializeResult:
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         deployer = loom.deployer()
+        reports: list[DeployChecksReport] = []
+        report_checks = dg.AssetCheckKey(spec.key, DEPLOY_CHECKS) in context.selected_asset_check_keys
         try:
+            if spec.key not in context.selected_asset_keys:
+                fresh = deployer.validate(flow_spec, declared, sink_keys, config.environment)
+                deployer.run_deploy_checks(fresh, reports.append, log=context.log.info)
+                yield deploy_checks_result(spec.key, reports[-1])
+                return
             result = deployer.deploy(
                 flow_spec,
                 declared,
@@ -79,18 +101,60 @@ def flow_deploy_asset(node: FlowNode) -> dg.AssetsDefinition:
                 environment=config.environment,
                 run_id=context.run.run_id,
                 log=context.log.info,
+                accept_offset_reset=config.accept_offset_reset,
+                on_checks=reports.append,
             )
         except LoomDagsterError as exc:
+            if reports and report_checks:
+                yield deploy_checks_result(spec.key, reports[-1])
             raise dg.Failure(
-                description=str(exc), metadata={"loom/error": type(exc).__name__}, allow_retries=False
+                description=str(exc),
+                metadata=failure_metadata(exc),
+                allow_retries=False,
             ) from exc
-        return dg.MaterializeResult(
+        if reports and report_checks:
+            yield deploy_checks_result(spec.key, reports[-1])
+        yield dg.MaterializeResult(
             asset_key=spec.key,
             metadata=deploy_metadata(declared, result),
             data_version=dg.DataVersion(result.compiled.flow.plan_hash),
         )
 
     return _deploy
+
+
+def deploy_checks_result(key: dg.AssetKey, report: DeployChecksReport) -> dg.AssetCheckResult:
+    """The ``deploy_checks`` result: fails (ERROR) when it blocks, WARN on any other finding."""
+    if report.blocks:
+        passed, severity = False, dg.AssetCheckSeverity.ERROR
+    elif report.findings:
+        passed, severity = False, dg.AssetCheckSeverity.WARN
+    else:
+        passed, severity = True, dg.AssetCheckSeverity.WARN
+    return dg.AssetCheckResult(
+        asset_key=key,
+        check_name=DEPLOY_CHECKS,
+        passed=passed,
+        severity=severity,
+        description=report.summary(),
+        metadata={
+            "errors": dg.MetadataValue.text("\n".join(f.describe() for f in report.errors) or "none"),
+            "warnings": dg.MetadataValue.text("\n".join(f.describe() for f in report.warnings) or "none"),
+            "silenced": ", ".join(report.silenced) or "none",
+            "environment": report.environment,
+            "enforced": report.enforced,
+        },
+    )
+
+
+def failure_metadata(exc: Exception) -> dict[str, Any]:
+    """Metadata of a failed deploy: the error class, and the measured numbers where there are some."""
+    metadata: dict[str, Any] = {"loom/error": type(exc).__name__}
+    for attribute, key in (("report", "loom/report"), ("plan", "loom/offsets")):
+        found = getattr(exc, attribute, None)
+        if found is not None and hasattr(found, "metadata"):
+            metadata[key] = metadata_json(found.metadata())
+    return metadata
 
 
 def deploy_metadata(declared: LoomFlow, result: DeployResult) -> dict[str, Any]:
@@ -106,6 +170,10 @@ def deploy_metadata(declared: LoomFlow, result: DeployResult) -> dict[str, Any]:
     }
     if declared.plan_hash != flow.plan_hash:
         metadata["loom/declared_plan_hash"] = declared.plan_hash
+    if result.tables is not None:
+        metadata["loom/sink_tables"] = metadata_json(result.tables.metadata())
+    if result.offsets is not None:
+        metadata["loom/offsets"] = metadata_json(result.offsets.metadata())
     deployment = result.deployment
     if deployment is None:
         metadata["loom/deployed"] = False

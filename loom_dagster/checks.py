@@ -10,3 +10,7 @@ KAFKA_LAG = "kafka_lag"
 
 SINK_FRESHNESS = "freshness"
 """On each storage sink asset: new data within the warn/fail windows; flags 'silent while source lags'."""
+
+DEPLOY_CHECKS = "deploy_checks"
+"""On each flow asset, reported by every materialization: loom's own deploy checks (``loom.core.checks``)
+for the target environment; errors block the deploy where loom enforces them, warnings WARN."""

@@ -20,6 +20,8 @@ from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.errors import LoomDagsterError
 from loom_dagster.launchers import procfs
 from loom_dagster.launchers.local import LocalProcessLauncher, log_tail
+from loom_dagster.redact import redact_text
+from loom_dagster.runtime.status import SinkError
 
 
 class CliError(LoomDagsterError):
@@ -58,9 +60,24 @@ def flow_status(
     row["records_in"] = sum(int(s.get("records_in") or 0) for s in report.statuses)
     row["errors"] = sum(int(s.get("errors") or 0) for s in report.statuses)
     row["last_write"] = _last_writes(report.statuses)
+    problems = _problems(report.statuses)
+    if problems:
+        row["problems"] = problems
     if with_lag and alive:
         row["lag"] = source_lag(deployment)
     return row
+
+
+def _problems(statuses: Sequence[dict[str, Any]]) -> list[str]:
+    """A failing sink write (still unresolved) and a final error, per process, redacted."""
+    found: list[str] = []
+    for status in statuses:
+        sink_error = SinkError.from_dict(status.get("sink_error"))
+        if sink_error is not None and sink_error.active:
+            found.append(redact_text(sink_error.summary()))
+        if status.get("error"):
+            found.append(redact_text(str(status["error"])))
+    return list(dict.fromkeys(found))
 
 
 def _last_writes(statuses: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -127,9 +144,9 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
             ]
         )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
+    table = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    table += [f"{row['flow']}: {problem}" for row in rows for problem in row.get("problems") or ()]
+    return "\n".join(table)
 
 
 def _ago(seconds: float, suffix: str = " ago") -> str:

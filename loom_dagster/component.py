@@ -34,7 +34,7 @@ the directory of the defs.yaml):
       redeploy_skip_unchanged: true
       sensors:                     # LoomSensorSettings; every field optional
         default_status_running: true
-        job_health: {enabled: true, interval_s: 15, heartbeat_timeout_s: 30, restart: true,
+        job_health: {enabled: true, interval_s: 15, restart: true,
                      backoff_initial_s: 10, backoff_max_s: 600, max_restarts: 5, restart_window_s: 3600}
         kafka_lag: {enabled: true, interval_s: 30, window: 10, warn_lag: 1000, error_lag: 100000,
                     request_timeout_s: 10}
@@ -53,6 +53,8 @@ the directory of the defs.yaml):
         preflight: true
         python_executable: null
         heartbeat_timeout_s: 30
+        create_missing_tables: false   # create missing SQL/ClickHouse sink tables before launch
+        connect_timeout_s: 10      # each pre-launch check (broker, databases)
 
 Templates (``{{ env('X', 'default') }}``) work in every value, as in any Dagster component. A wrong
 key or value fails the code location load with the defs.yaml, the line and the field path, e.g.
@@ -225,14 +227,13 @@ class JobHealthModel(_YamlModel):
 
     enabled: bool = _JOB.enabled
     interval_s: int = _JOB.interval_s
-    heartbeat_timeout_s: float = _JOB.heartbeat_timeout_s
     restart: bool = _JOB.restart
     backoff_initial_s: float = _JOB.backoff_initial_s
     backoff_max_s: float = _JOB.backoff_max_s
     max_restarts: int = _JOB.max_restarts
     restart_window_s: float = _JOB.restart_window_s
 
-    _check_positive = field_validator("interval_s", "heartbeat_timeout_s", "restart_window_s")(_positive)
+    _check_positive = field_validator("interval_s", "restart_window_s")(_positive)
     _check_non_negative = field_validator("backoff_initial_s", "backoff_max_s", "max_restarts")(_non_negative)
 
     def to_settings(self) -> JobHealthSettings:
@@ -325,8 +326,16 @@ class DeployResourceModel(_YamlModel):
     heartbeat_timeout_s: float = Field(
         default=_RES["heartbeat_timeout_s"].default, description=_RES["heartbeat_timeout_s"].description
     )
+    create_missing_tables: bool = Field(
+        default=_RES["create_missing_tables"].default, description=_RES["create_missing_tables"].description
+    )
+    connect_timeout_s: float = Field(
+        default=_RES["connect_timeout_s"].default, description=_RES["connect_timeout_s"].description
+    )
 
-    _check_positive = field_validator("health_timeout_s", "heartbeat_timeout_s")(_positive)
+    _check_positive = field_validator("health_timeout_s", "heartbeat_timeout_s", "connect_timeout_s")(
+        _positive
+    )
     _check_non_negative = field_validator("drain_timeout_s")(_non_negative)
 
     def to_resource(self) -> LoomDeployResource:

@@ -1,9 +1,11 @@
 """Deploy, redeploy, roll back and undeploy a flow: the lifecycle behind materializing a flow asset.
 
-Deploy = compile with the run-time config -> lineage check -> preflight of the new version in a fresh
-process (when a running job could be taken down) -> (flow lock) drain the running job -> launch ->
-health gate -> record. If the new job fails its gate, it is killed and the previous deployment is
-started again. Compile, lineage and preflight failures never touch the running job.
+Deploy = compile with the run-time config -> lineage check -> loom's deploy checks -> sink tables
+checked on the real systems -> offset safety (a change of group/topics/reset measured on the broker)
+-> preflight of the new version in a fresh process (when a running job could be taken down) -> (flow
+lock) drain the running job -> launch -> health gate -> record. If the new job fails its gate, it is
+killed and the previous deployment is started again. Every step before the lock is a check: a failure
+there never touches the running job.
 """
 
 from __future__ import annotations
@@ -17,15 +19,35 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loom_dagster.catalog import CompiledFlow, compile_spec
+from loom_dagster.deploy_checks import DeployChecksFailed, DeployChecksReport, run_flow_deploy_checks
 from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.errors import DeploymentError
 from loom_dagster.launchers.base import JobState, LaunchedJob, Launcher, LaunchRequest
 from loom_dagster.launchers.local import log_tail
 from loom_dagster.lineage import check_lineage
+from loom_dagster.offset_safety import OffsetPlan, plan_offsets
 from loom_dagster.records import LoomFlow
+from loom_dagster.sink_tables import SinkTablesReport, check_sink_tables
 from loom_dagster.spec import LoomFlowSpec
 
 Log = Callable[[str], None]
+OnChecks = Callable[[DeployChecksReport], None]
+
+
+class SinkTablesError(DeploymentError):
+    """A sink table is missing, unreachable or does not match its payload; nothing was launched."""
+
+    def __init__(self, flow_name: str, report: SinkTablesReport) -> None:
+        super().__init__(report.describe(flow_name))
+        self.report = report
+
+
+class OffsetResetRefused(DeploymentError):
+    """The new version would start from ``auto_offset_reset`` and the run did not accept it."""
+
+    def __init__(self, flow_name: str, plan: OffsetPlan) -> None:
+        super().__init__(plan.describe(flow_name))
+        self.plan = plan
 
 
 @dataclass(frozen=True)
@@ -37,6 +59,8 @@ class DeployOptions:
     drain_timeout_s: float = 30.0
     preflight: bool = True
     preflight_timeout_s: float = 120.0
+    create_missing_tables: bool = False
+    connect_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +72,9 @@ class DeployResult:
     previous: Deployment | None = None
     drain_seconds: float | None = None
     gate_seconds: float | None = None
+    checks: DeployChecksReport | None = None
+    tables: SinkTablesReport | None = None
+    offsets: OffsetPlan | None = None
 
 
 class FlowDeployer:
@@ -85,12 +112,20 @@ class FlowDeployer:
         environment: str | None = None,
         run_id: str | None = None,
         log: Log = print,
+        accept_offset_reset: bool = False,
+        on_checks: OnChecks | None = None,
     ) -> DeployResult:
-        """Validate, then (if launching) replace the running job with the new version safely."""
+        """Check everything that can be checked, then (if launching) replace the running job safely.
+
+        ``on_checks`` receives loom's deploy-check report as soon as it exists (also when it blocks).
+        """
         compiled = self.validate(spec, declared, sink_keys, environment)
         log(f"compiled flow {declared.name!r} (plan {compiled.flow.plan_hash}); lineage check passed")
+        checks = self.run_deploy_checks(compiled, on_checks, log)
         if not self.options.launch:
-            return DeployResult(compiled=compiled)
+            return DeployResult(compiled=compiled, checks=checks)
+        tables = self.check_tables(compiled, sink_keys, log)
+        offsets = self.check_offsets(compiled, accept_offset_reset, log)
         request = launch_request(spec, compiled, run_id)
         if self.options.preflight and (self._running(declared.name) or spec.processes > 1):
             # A running job needs protecting (without one, the health gate is the check); a cluster
@@ -98,10 +133,61 @@ class FlowDeployer:
             self.launcher.preflight(request, self.options.preflight_timeout_s)
             log("preflight passed: the new version imports, compiles and prepares in a fresh process")
         with self.store.lock(declared.name, holder=f"run {run_id or '?'}"):
-            return self._replace_running(compiled, request, run_id, log)
+            result = self._replace_running(compiled, request, run_id, log, offsets)
+        return replace(result, checks=checks, tables=tables, offsets=offsets)
+
+    def run_deploy_checks(
+        self, compiled: CompiledFlow, on_checks: OnChecks | None = None, log: Log = print
+    ) -> DeployChecksReport:
+        """loom's deploy checks for the flow's environment; raise ``DeployChecksFailed`` if they block."""
+        report = run_flow_deploy_checks(compiled.spec, compiled.flow.environment)
+        if on_checks is not None:
+            on_checks(report)
+        if report.blocks:
+            raise DeployChecksFailed(compiled.flow.name, report)
+        log(report.describe(compiled.flow.name))
+        return report
+
+    def check_tables(
+        self, compiled: CompiledFlow, sink_keys: dict[str, str] | None = None, log: Log = print
+    ) -> SinkTablesReport:
+        """Every storage sink's table checked on the real system; raise ``SinkTablesError`` on a problem."""
+        report = check_sink_tables(
+            compiled,
+            sink_keys=sink_keys,
+            create_missing=self.options.create_missing_tables,
+            timeout_s=self.options.connect_timeout_s,
+        )
+        if not report.ok:
+            raise SinkTablesError(compiled.flow.name, report)
+        if report.created:
+            log(f"created missing sink tables: {', '.join(report.created)}")
+        if report.checked or report.pending:
+            log(f"sink tables ok: {', '.join([*report.checked, *report.pending])}")
+        return report
+
+    def check_offsets(
+        self, compiled: CompiledFlow, accept_reset: bool, log: Log = print
+    ) -> OffsetPlan | None:
+        """Where the new job starts on its topics; refuse an unaccepted reset of a changed group/topic."""
+        previous = self.store.current(compiled.flow.name)
+        previous_source = previous.extra.get("source") if previous is not None else None
+        plan = plan_offsets(compiled, previous_source, timeout_s=self.options.connect_timeout_s)
+        if plan is None:
+            return None
+        if plan.requires_acceptance:
+            if not accept_reset:
+                raise OffsetResetRefused(compiled.flow.name, plan)
+            log("offset reset accepted by the run config:\n" + plan.describe(compiled.flow.name))
+        return plan
 
     def _replace_running(
-        self, compiled: CompiledFlow, request: LaunchRequest, run_id: str | None, log: Log
+        self,
+        compiled: CompiledFlow,
+        request: LaunchRequest,
+        run_id: str | None,
+        log: Log,
+        offsets: OffsetPlan | None = None,
     ) -> DeployResult:
         name = compiled.flow.name
         previous = self.store.current(name)
@@ -129,7 +215,7 @@ class FlowDeployer:
             deployed_at=time.time(),
             run_id=run_id,
             previous_plan_hash=previous.plan_hash if previous else None,
-            extra={"source": source_summary(compiled)},
+            extra=deployment_extra(compiled, offsets),
         )
         self.store.save(deployment)
         return DeployResult(compiled, deployment, previous, drain_seconds, gate_seconds)
@@ -230,15 +316,28 @@ def launch_request(spec: LoomFlowSpec, compiled: CompiledFlow, run_id: str | Non
     )
 
 
+def deployment_extra(compiled: CompiledFlow, offsets: OffsetPlan | None) -> dict[str, object]:
+    """What a deployment records beyond its job: the source, and where the job started reading."""
+    extra: dict[str, object] = {"source": source_summary(compiled)}
+    if offsets is not None:
+        extra["start_offsets"] = {
+            topic: {str(partition): offset for partition, offset in parts.items()}
+            for topic, parts in offsets.start_offsets.items()
+        }
+    return extra
+
+
 def source_summary(compiled: CompiledFlow) -> dict[str, object]:
-    """What an operator tool needs to read the flow's lag: brokers, group, topics (no secrets)."""
+    """What an operator tool needs to read the flow's lag: brokers, group, topics, reset (no secrets)."""
     settings = getattr(compiled.plan.source, "settings", None)
+    reset = getattr(settings, "auto_offset_reset", None)
     return {
         "kind": compiled.flow.source_kind,
         "brokers": list(getattr(settings, "brokers", ()) or ()),
         "group_id": compiled.flow.consumer_group,
         "topics": [t.topic for t in compiled.flow.source_topics],
         "secured": getattr(settings, "security", None) is not None,
+        "auto_offset_reset": str(getattr(reset, "value", reset)) if reset is not None else None,
     }
 
 

@@ -93,6 +93,9 @@ class LagStatus(StrEnum):
     """Status of a partition or a flow (a flow takes the worst of its partitions and the lag thresholds).
 
     * ``OK``: lag is zero, or the consumer is keeping up (lag not growing while it commits).
+    * ``STARTING``: no committed offset yet on a partition with data, within the starting window of a
+      fresh deployment (loom commits only after the first table flush); lag = end - the offset the job
+      started from. Passes.
     * ``WARN``: the consumer commits but lag grew between every pair of samples of the window
       (falling behind), or the flow's total lag is at least ``warn_lag``.
     * ``ERR``: the flow's total lag is at least ``error_lag``.
@@ -100,13 +103,15 @@ class LagStatus(StrEnum):
     * ``STOP``: the committed offset did not move over the window, with messages left to consume and no
       new data arriving (the consumer is gone; nothing to wake it).
     * ``REWIND``: the committed offset went backwards within the window (offset reset, replay).
-    * ``NO_COMMITS``: the group has no committed offset on a partition that holds data (not started yet).
+    * ``NO_COMMITS``: the group has no committed offset on a partition that holds data (not started yet,
+      or still none once the starting window of the deployment is over).
     * ``UNAVAILABLE``: the cluster answered but not for this partition (leader election, authorization).
     * ``MISSING_TOPIC``: a source topic does not exist (deleted, or not created yet).
     * ``UNREACHABLE``: no broker of the cluster answered within ``request_timeout_s``.
     """
 
     OK = "OK"
+    STARTING = "STARTING"
     WARN = "WARN"
     NO_COMMITS = "NO_COMMITS"
     REWIND = "REWIND"
@@ -125,7 +130,7 @@ class LagStatus(StrEnum):
     @property
     def severity(self) -> LagSeverity:
         """OK, WARN (worth a look) or ERROR (the flow is not consuming, or cannot be checked)."""
-        if self is LagStatus.OK:
+        if self in (LagStatus.OK, LagStatus.STARTING):
             return LagSeverity.OK
         if self in (LagStatus.WARN, LagStatus.NO_COMMITS, LagStatus.REWIND, LagStatus.UNAVAILABLE):
             return LagSeverity.WARN
@@ -212,6 +217,55 @@ def _conf_str(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+STARTING_MARGIN_S = 30.0
+"""Least margin added to the largest table-buffer age for the starting window (see ``starting_window_s``)."""
+
+
+def starting_window_s(buffer_max_age_s: float, interval_s: float) -> float:
+    """How long after a deployment's start a partition without commits is ``STARTING``, not ``NO_COMMITS``.
+
+    loom commits a partition's offsets only after its first table flush, at most ``buffer_max_age_s``
+    after data arrives (the largest of the flow's table sinks; 0 without tables), then the sensor must
+    sample it: the margin is two sensor intervals, at least ``STARTING_MARGIN_S``.
+    """
+    return max(0.0, buffer_max_age_s) + max(STARTING_MARGIN_S, 2.0 * interval_s)
+
+
+@dataclass(frozen=True)
+class DeploymentStart:
+    """When a flow's current deployment started, how long it may go without commits, and the offsets
+    its job started from (``(topic, partition) -> offset``, recorded by the deploy)."""
+
+    started_at: float
+    window_s: float
+    offsets: Mapping[tuple[str, int], int] = field(default_factory=dict)
+
+    def within(self, now: float) -> bool:
+        """Whether *now* is inside the starting window."""
+        return now - self.started_at <= self.window_s
+
+    def start_offset(self, topic: str, partition: int) -> int | None:
+        """The offset the job started from on one partition (``None``: not recorded)."""
+        return self.offsets.get((topic, partition))
+
+    @classmethod
+    def from_record(cls, started_at: float, extra: Mapping[str, Any], window_s: float) -> DeploymentStart:
+        """From a deployment record's ``extra["start_offsets"]`` (``{topic: {"partition": offset}}``:
+        JSON keys are strings); a missing or malformed entry gives no offsets."""
+        offsets: dict[tuple[str, int], int] = {}
+        raw = extra.get("start_offsets")
+        if isinstance(raw, Mapping):
+            for topic, parts in raw.items():
+                if not isinstance(parts, Mapping):
+                    continue
+                for partition, offset in parts.items():
+                    try:
+                        offsets[(str(topic), int(partition))] = int(offset)
+                    except (TypeError, ValueError):
+                        continue
+        return cls(float(started_at), float(window_s), offsets)
 
 
 # --------------------------------------------------------------------------- fetch results
@@ -470,13 +524,22 @@ def _end_offsets(
     admin: Any, wanted: dict[str, set[tuple[str, int]]], timeout_s: float
 ) -> dict[tuple[str, int], int | str]:
     """End offsets (read-committed, as loom's consumer sees them) of every partition in ONE call."""
+    partitions = sorted({tp for parts in wanted.values() for tp in parts})
+    return _list_offsets(admin, partitions, "latest", timeout_s)
+
+
+def _list_offsets(
+    admin: Any, partitions: Sequence[tuple[str, int]], which: str, timeout_s: float
+) -> dict[tuple[str, int], int | str]:
+    """The ``earliest`` (low watermark) or ``latest`` (read-committed end) offset of every partition in ONE
+    ``list_offsets`` call; an ``str`` value is that partition's error."""
     from confluent_kafka import IsolationLevel, TopicPartition
     from confluent_kafka.admin import OffsetSpec
 
-    partitions = sorted({tp for parts in wanted.values() for tp in parts})
     if not partitions:
         return {}
-    request = {TopicPartition(t, p): OffsetSpec.latest() for t, p in partitions}
+    spec = OffsetSpec.earliest() if which == "earliest" else OffsetSpec.latest()
+    request = {TopicPartition(t, p): spec for t, p in partitions}
     futures = admin.list_offsets(
         request, isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=timeout_s
     )
@@ -485,8 +548,95 @@ def _end_offsets(
         try:
             out[(tp.topic, tp.partition)] = int(future.result().offset)
         except Exception as exc:
-            out[(tp.topic, tp.partition)] = f"end offset failed: {exc}"
+            label = "end" if which == "latest" else "earliest"
+            out[(tp.topic, tp.partition)] = f"{label} offset failed: {exc}"
     return out
+
+
+@dataclass(frozen=True)
+class OffsetSnapshot:
+    """Watermarks of some topics and the committed offsets of some groups, read once without joining any
+    group (``snapshot_offsets``). Keys are ``(topic, partition)``; ``None``: the group has no commit there."""
+
+    partitions: Mapping[str, tuple[int, ...]]
+    missing_topics: tuple[str, ...]
+    low: Mapping[tuple[str, int], int]
+    high: Mapping[tuple[str, int], int]
+    committed: Mapping[str, Mapping[tuple[str, int], int | None]]
+
+    def committed_offset(self, group: str, topic: str, partition: int) -> int | None:
+        """*group*'s committed offset on one partition (``None``: no commit, or group not asked)."""
+        return self.committed.get(group, {}).get((topic, partition))
+
+
+class OffsetSnapshotError(ConnectionError):
+    """The cluster could not be reached, or did not answer for every partition within the timeout."""
+
+
+def snapshot_offsets(
+    cluster: KafkaCluster, topics: Sequence[str], groups: Sequence[str], *, timeout_s: float = 10.0
+) -> OffsetSnapshot:
+    """Low and high watermarks of every partition of *topics* and the committed offsets of *groups* there.
+
+    Uses the AdminClient only (``describe_topics``, ``list_offsets``, ``list_consumer_group_offsets``):
+    no consumer, no group membership. Everything is bounded by *timeout_s* (plus a fast TCP probe that
+    fails at once on a closed port). Partition errors (a fresh topic without a leader yet) are retried
+    until the deadline. Raises ``OffsetSnapshotError`` (the cluster's bootstrap is NOT in the text: the
+    caller names the brokers, redacted) when unreachable or when a partition never answered.
+    """
+    deadline = time.monotonic() + timeout_s
+    refused = _probe(cluster, min(timeout_s, _PROBE_TIMEOUT_S))
+    if refused is not None:
+        raise OffsetSnapshotError(refused)
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(dict[str, Any](cluster.client_config()))
+    names = sorted(set(topics))
+    try:
+        described = _describe_topics(admin, names, timeout_s) if names else {}
+    except Exception as exc:  # transport, authentication, timeout
+        raise OffsetSnapshotError(f"metadata request failed: {exc}") from exc
+    bad = {t: m for t, m in described.items() if isinstance(m, str) and "UNKNOWN_TOPIC" not in m}
+    if bad:
+        raise OffsetSnapshotError(
+            "topic metadata failed: " + "; ".join(f"{t}: {m}" for t, m in sorted(bad.items()))
+        )
+    partitions = {t: m for t, m in described.items() if isinstance(m, tuple)}
+    missing = tuple(t for t in names if t not in partitions)
+    wanted = sorted((t, p) for t, parts in partitions.items() for p in parts)
+    low, high, committed = _snapshot_rounds(admin, wanted, sorted(set(groups)), deadline)
+    return OffsetSnapshot(partitions, missing, low, high, committed)
+
+
+def _snapshot_rounds(
+    admin: Any, wanted: list[tuple[str, int]], groups: list[str], deadline: float
+) -> tuple[
+    dict[tuple[str, int], int], dict[tuple[str, int], int], dict[str, dict[tuple[str, int], int | None]]
+]:
+    """Committed offsets first, then watermarks (so that end >= committed); retried while errors remain."""
+    while True:
+        left = max(0.5, deadline - time.monotonic())
+        raw = _group_offsets_admin(admin, dict.fromkeys(groups, set(wanted)), left) if wanted else {}
+        low_raw = _list_offsets(admin, wanted, "earliest", max(0.5, deadline - time.monotonic()))
+        high_raw = _list_offsets(admin, wanted, "latest", max(0.5, deadline - time.monotonic()))
+        errors = [f"{t}[{p}]: {v}" for (t, p), v in {**low_raw, **high_raw}.items() if isinstance(v, str)]
+        errors += [
+            f"group {g} {t}[{p}]: {v}"
+            for g, offs in raw.items()
+            for (t, p), v in offs.items()
+            if isinstance(v, str)
+        ]
+        if not errors:
+            committed = {
+                g: {tp: v for tp, v in raw.get(g, {}).items() if not isinstance(v, str)} for g in groups
+            }
+            low = {tp: v for tp, v in low_raw.items() if isinstance(v, int)}
+            high = {tp: v for tp, v in high_raw.items() if isinstance(v, int)}
+            return low, high, committed
+        if time.monotonic() + 0.2 >= deadline:
+            shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
+            raise OffsetSnapshotError(f"offsets not available for every partition: {shown}")
+        time.sleep(0.2)
 
 
 def _target_offsets(
@@ -1046,8 +1196,8 @@ class FlowLag:
 
     @property
     def passed(self) -> bool:
-        """True only for ``OK``."""
-        return self.status is LagStatus.OK
+        """True for ``OK`` and ``STARTING`` (severity OK)."""
+        return self.status.severity is LagSeverity.OK
 
     def counts(self) -> dict[str, int]:
         """How many partitions are in each status."""
@@ -1055,11 +1205,16 @@ class FlowLag:
 
 
 def evaluate_window(
-    window: PartitionWindow, *, now: float | None = None, min_samples: int = MIN_SAMPLES
+    window: PartitionWindow,
+    *,
+    now: float | None = None,
+    min_samples: int = MIN_SAMPLES,
+    start: DeploymentStart | None = None,
 ) -> PartitionLag:
     """Burrow's rules on one partition's window (oldest sample first).
 
-    Order: no sample -> UNAVAILABLE; no committed offset -> NO_COMMITS (OK if the partition is empty);
+    Order: no sample -> UNAVAILABLE; no committed offset -> STARTING within *start*'s window, else
+    NO_COMMITS (OK if the partition is empty; lag from the recorded start offset when known);
     committed offset went back -> REWIND; then, over the trailing run of samples with lag > 0 (after any
     rewind), when it has at least *min_samples* samples: committed offset unchanged over its last
     *min_samples* or more samples -> STALL if the end offset grew meanwhile, else STOP; lag grew between
@@ -1092,11 +1247,7 @@ def evaluate_window(
         produce_rate=produce,
     )
     if last.committed is None:
-        if last.end == 0:
-            return replace(base, reason="empty partition, nothing to commit yet")
-        return replace(
-            base, status=LagStatus.NO_COMMITS, reason=f"no committed offset yet (not started); end {last.end}"
-        )
+        return _without_commits(base, last.end, now, start)
     found: list[tuple[LagStatus, str]] = []
     if rewind is not None:
         found.append((LagStatus.REWIND, f"committed offset went back from {rewind[0]} to {rewind[1]}"))
@@ -1112,6 +1263,27 @@ def evaluate_window(
     stuck = status in (LagStatus.STALL, LagStatus.STOP)
     time_lag = 0.0 if not last.lag else (last.lag / consume if consume and not stuck else None)
     return replace(base, status=status, reason=reason, time_lag_s=time_lag, stalled_for_s=stalled)
+
+
+def _without_commits(base: PartitionLag, end: int, now: float, start: DeploymentStart | None) -> PartitionLag:
+    """A partition the group never committed on: empty (OK), STARTING in the window, else NO_COMMITS."""
+    if end == 0:
+        return replace(base, reason="empty partition, nothing to commit yet")
+    offset = start.start_offset(base.topic, base.partition) if start is not None else None
+    lag = None if offset is None else max(0, end - offset)
+    origin = "start offset not recorded" if offset is None else f"started at offset {offset}, lag {lag}"
+    if start is not None and start.within(now):
+        age = max(0.0, now - start.started_at)
+        reason = (
+            f"no commit yet, deployed {age:.0f} s ago ({origin}; loom commits after the first table "
+            f"flush, expected within {start.window_s:.0f} s); end {end}"
+        )
+        return replace(base, lag=lag, status=LagStatus.STARTING, reason=reason)
+    since = "" if start is None else f" {max(0.0, now - start.started_at):.0f} s after the deployment;"
+    reason = f"no committed offset yet (not started);{since} end {end}" + (
+        f" ({origin})" if offset is not None else ""
+    )
+    return replace(base, lag=lag, status=LagStatus.NO_COMMITS, reason=reason)
 
 
 def _ok_reason(last: LagSample) -> str:
@@ -1189,12 +1361,16 @@ def evaluate_flow(
     *,
     now: float | None = None,
     min_samples: int = MIN_SAMPLES,
+    start: DeploymentStart | None = None,
 ) -> FlowLag:
-    """A flow's status: UNREACHABLE / MISSING_TOPIC first, else the worst partition, then the thresholds."""
+    """A flow's status: UNREACHABLE / MISSING_TOPIC first, else the worst partition, then the thresholds.
+
+    *start*: the flow's current deployment (``STARTING`` instead of ``NO_COMMITS`` within its window).
+    """
     target = offsets.target
     if offsets.unreachable is not None:
         return FlowLag(target.name, target.group, LagStatus.UNREACHABLE, offsets.unreachable, 0)
-    parts = tuple(_partition_lag(p, windows, now, min_samples) for p in offsets.partitions)
+    parts = tuple(_partition_lag(p, windows, now, min_samples, start) for p in offsets.partitions)
     total = sum(p.lag or 0 for p in parts)
     parts = _forgive_idle_tail(parts, total, target.idle_tail)
     status, reason = _flow_status(parts, offsets.missing_topics, total, settings)
@@ -1238,6 +1414,7 @@ def _partition_lag(
     windows: Mapping[tuple[str, int], PartitionWindow],
     now: float | None,
     min_samples: int,
+    start: DeploymentStart | None = None,
 ) -> PartitionLag:
     """Evaluate one partition, or mark it UNAVAILABLE when this fetch failed for it."""
     if part.error is not None or part.end is None:
@@ -1251,7 +1428,7 @@ def _partition_lag(
         window = PartitionWindow(part.topic, part.partition).add(
             LagSample(now if now is not None else time.time(), part.end, part.committed), 1
         )
-    return evaluate_window(window, now=now, min_samples=min_samples)
+    return evaluate_window(window, now=now, min_samples=min_samples, start=start)
 
 
 def _flow_status(
@@ -1310,10 +1487,12 @@ def check_lag(
     *,
     at: float | None = None,
     batch_groups: bool = True,
+    starts: Mapping[str, DeploymentStart] | None = None,
 ) -> LagReport:
     """Fetch once for every target, advance the windows (``None``: a one-shot check) and evaluate.
 
-    *at* overrides the sample timestamp (tests inject time instead of sleeping).
+    *at* overrides the sample timestamp (tests inject time instead of sleeping). *starts*: the current
+    deployment of each target (by target name), for the ``STARTING`` window.
     """
     fetch = fetch_offsets(targets, timeout_s=settings.request_timeout_s, batch_groups=batch_groups)
     advanced = advance_windows(
@@ -1334,6 +1513,7 @@ def check_lag(
                 settings,
                 now=now,
                 min_samples=min(MIN_SAMPLES, max(2, settings.window)),
+                start=(starts or {}).get(target.name),
             )
         )
     return LagReport(tuple(flows), advanced, fetch)

@@ -28,7 +28,7 @@ class LoomDeployResource(dg.ConfigurableResource):
     )
     mode: Literal["deploy", "validate"] = Field(
         default="deploy",
-        description="'deploy' launches the job; 'validate' only compiles and checks lineage (for CI).",
+        description="'deploy' launches the job; 'validate' only compiles, checks lineage and runs loom's deploy checks (for CI).",
     )
     health_timeout_s: float = Field(default=60.0, description="Seconds a new job has to connect.")
     drain_timeout_s: float = Field(default=30.0, description="Seconds a stopping job has to drain.")
@@ -39,6 +39,14 @@ class LoomDeployResource(dg.ConfigurableResource):
         default=None, description="Python that runs jobs (default: this one)."
     )
     heartbeat_timeout_s: float = Field(default=30.0, description="A job silent this long counts as hung.")
+    create_missing_tables: bool = Field(
+        default=False,
+        description="Create a missing SQL/ClickHouse sink table from its payload struct before launch "
+        "(otherwise a missing table fails the deploy, listing the DDL that creates it).",
+    )
+    connect_timeout_s: float = Field(
+        default=10.0, description="Seconds each pre-launch check may take to reach a broker or database."
+    )
 
     def deployer(self) -> FlowDeployer:
         """The deployer configured by this resource."""
@@ -48,5 +56,7 @@ class LoomDeployResource(dg.ConfigurableResource):
             health_timeout_s=self.health_timeout_s,
             drain_timeout_s=self.drain_timeout_s,
             preflight=self.preflight,
+            create_missing_tables=self.create_missing_tables,
+            connect_timeout_s=self.connect_timeout_s,
         )
         return FlowDeployer(launcher, DeploymentStore(self.state_dir), options)

@@ -19,7 +19,7 @@ import pytest
 from loom_dagster import LoomFlowSpec
 from loom_dagster.dev.kafka import KafkaBroker
 from loom_dagster.launchers import procfs
-from tests.support.deploy_env import DeployBench, bench_fixture, runtime_pids_for
+from tests.support.deploy_env import TICKS, DeployBench, bench_fixture, runtime_pids_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,13 +137,34 @@ def test_failing_start_leaves_nothing_running(bench: DeployBench) -> None:
     assert runtime_pids_for(bench.state_dir) == []
 
 
-def test_unreachable_broker_fails_the_gate(bench: DeployBench) -> None:
+def test_unreachable_broker_is_refused_before_launch(bench: DeployBench) -> None:
+    """The offset check reaches the brokers first: an unreachable one fails the run, nothing launched."""
     text = (bench.config / "base.yaml").read_text().replace(bench.bootstrap, "127.0.0.1:9")
     (bench.config / "base.yaml").write_text(text)
     with dg.instance_for_test() as instance:
-        result = bench.materialize(instance, bench.resource(health_timeout_s=15))
+        started = time.monotonic()
+        result = bench.materialize(instance, bench.resource(health_timeout_s=15, connect_timeout_s=3))
+        elapsed = time.monotonic() - started
     message = _failure_message(result)
-    assert "failed its health gate" in message
+    assert "127.0.0.1:9" in message and "kafka.consumer.brokers" in message, message
+    assert "failed its health gate" not in message
+    assert bench.store.current("ticks") is None
+    assert runtime_pids_for(bench.state_dir) == []
+    assert elapsed < 30, elapsed
+
+
+def test_unreachable_broker_with_the_check_passed_fails_the_gate(bench: DeployBench) -> None:
+    """A broker that only the job cannot reach (its own environment) still fails at the health gate."""
+    with dg.instance_for_test() as instance:
+        spec = LoomFlowSpec(
+            TICKS,
+            config=bench.config,
+            environment="test",
+            env={"LOOM__KAFKA__CONSUMER__BROKERS": '["127.0.0.1:9"]'},
+        )
+        result = bench.materialize(instance, bench.resource(health_timeout_s=15), spec=spec)
+    message = _failure_message(result)
+    assert "failed its health gate" in message, message
     assert runtime_pids_for(bench.state_dir) == []
 
 

@@ -78,7 +78,7 @@ def test_example_deploys_survives_restart_and_is_healed_by_the_daemon(
                 "/".join(n["assetKey"]["path"]): {c["name"] for c in n["assetChecksOrError"]["checks"]}
                 for n in graphql(url, CHECKS)["assetNodes"]
             }
-            assert checks["loom/orders_enrichment"] == {"job_running", "kafka_lag"}
+            assert checks["loom/orders_enrichment"] == {"deploy_checks", "job_running", "kafka_lag"}
             assert checks["delta/orders_enriched"] == {"freshness"}
 
             run_id = launch_materialization(url, [["loom", "orders_enrichment"]])
@@ -92,7 +92,9 @@ def test_example_deploys_survives_restart_and_is_healed_by_the_daemon(
             assert _alive(store, "orders_enrichment") == [pid]  # not started twice
             os.kill(pid, signal.SIGKILL)
             restarted = _wait(
-                lambda: [p for p in _alive(store, "orders_enrichment") if p != pid], 150, "the health sensor restart"
+                lambda: [p for p in _alive(store, "orders_enrichment") if p != pid],
+                150,
+                "the health sensor restart",
             )
             assert len(restarted) == 1
         produce(kafka.bootstrap_servers, "orders", sample_orders(200, start=200), key=lambda o: o.customer_id)

@@ -18,16 +18,19 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from loom_dagster import LoomFlowSpec
+from loom_dagster import LoomDeployResource, LoomFlowSpec
 from loom_dagster.assets import build_loom_asset_graph
 from loom_dagster.checks import KAFKA_LAG
+from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.dev.kafka import KafkaBroker
 from loom_dagster.graph import FlowNode, LoomAssetGraph
 from loom_dagster.kafka_lag import (
+    DeploymentStart,
     FlowLag,
     KafkaCluster,
     LagFetch,
     LagSample,
+    LagSeverity,
     LagStatus,
     LagTarget,
     LagWindows,
@@ -39,13 +42,16 @@ from loom_dagster.kafka_lag import (
     evaluate_flow,
     evaluate_window,
     fetch_offsets,
+    starting_window_s,
 )
+from loom_dagster.launchers.base import LaunchedJob, LaunchRequest
 from loom_dagster.records import LoomFlow
 from loom_dagster.sensors.lag import build_kafka_lag_checks, build_kafka_lag_sensor, kafka_lag_targets
 from loom_dagster.sensors.settings import KafkaLagSettings
 from tests.conftest import make_topics, ticks_config
 from tests.support.deploy_env import DeployBench, bench_fixture
 
+TICKS_IMPORT = "tests.flows.delta_only:ticks_flow"
 QUIET = KafkaLagSettings(window=5, warn_lag=10**9, error_lag=10**10, request_timeout_s=5.0)
 """Thresholds out of the way: only the window rules speak."""
 
@@ -439,11 +445,13 @@ def _graph(bootstrap: str, prefix: str, root: Path) -> LoomAssetGraph:
     return build_loom_asset_graph([spec])
 
 
-def _defs(graph: LoomAssetGraph, settings: KafkaLagSettings) -> dg.Definitions:
+def _defs(graph: LoomAssetGraph, settings: KafkaLagSettings, state_dir: Path) -> dg.Definitions:
+    """The lag sensor and check, reading deployments from *state_dir* through the ``loom`` resource."""
     return dg.Definitions(
         assets=_specs(graph),
         asset_checks=[build_kafka_lag_checks(graph, settings)],
         sensors=[build_kafka_lag_sensor(graph, settings)],
+        resources={"loom": LoomDeployResource(state_dir=str(state_dir))},
     )
 
 
@@ -460,7 +468,12 @@ class SensorTicker:
         self.sensor = defs.resolve_sensor_def("loom_kafka_lag")
 
     def tick(self) -> dg.AssetCheckEvaluation:
-        context = dg.build_sensor_context(instance=self.instance, cursor=self.cursor, definitions=self.defs)
+        context = dg.build_sensor_context(
+            instance=self.instance,
+            cursor=self.cursor,
+            definitions=self.defs,
+            resources=dict(self.defs.resources or {}),
+        )
         data = self.sensor.evaluate_tick(context)
         self.cursor = data.cursor
         (event,) = data.asset_events
@@ -483,7 +496,7 @@ def test_sensor_and_ui_check_on_a_real_instance(bootstrap: str, topic_prefix: st
     graph = _graph(bootstrap, topic_prefix, tmp_path)
     key = dg.AssetKey(["loom", "ticks"])
     check_key = dg.AssetCheckKey(key, KAFKA_LAG)
-    defs = _defs(graph, QUIET)
+    defs = _defs(graph, QUIET, tmp_path / "state")
     _produce(bootstrap, topic, 10, 3)
     _fetch_ready([t for _, t in kafka_lag_targets(graph)])
     with dg.instance_for_test() as instance:
@@ -515,6 +528,7 @@ def test_sensor_and_ui_check_on_a_real_instance(bootstrap: str, topic_prefix: st
             [*_specs(graph), build_kafka_lag_checks(graph, QUIET)],
             instance=instance,
             selection=dg.AssetSelection.checks(check_key),
+            resources={"loom": LoomDeployResource(state_dir=str(tmp_path / "state"))},
         )
         assert result.success
         (one_shot,) = result.get_asset_check_evaluations()
@@ -535,7 +549,9 @@ def test_mongo_flows_get_no_lag_check() -> None:
     graph = LoomAssetGraph(flows=[node], external_specs=[])
     assert kafka_lag_targets(graph) == []
     assert list(build_kafka_lag_checks(graph, QUIET).check_keys) == []
-    sensor = build_kafka_lag_sensor(graph, QUIET, default_status=dg.DefaultSensorStatus.STOPPED)
+    sensor = build_kafka_lag_sensor(
+        graph, QUIET, default_status=dg.DefaultSensorStatus.STOPPED, read_deployments=False
+    )
     with dg.instance_for_test() as instance:
         data = sensor.evaluate_tick(dg.build_sensor_context(instance=instance))
     assert data.skip_message == "no Kafka-sourced loom flow"
@@ -578,7 +594,7 @@ def test_deployed_job_lag_goes_stall_then_ok(bench: DeployBench) -> None:
     """
     settings = KafkaLagSettings(window=5, warn_lag=10**6, error_lag=10**7, request_timeout_s=5.0)
     graph = build_loom_asset_graph([bench.spec()])
-    defs = _defs(graph, settings)
+    defs = _defs(graph, settings, bench.state_dir)
     bench.produce(0, 300)
     nudges = iter(range(100_000, 200_000))
     nudge = lambda: bench.produce(next(nudges), 1)  # noqa: E731
@@ -634,3 +650,131 @@ def test_idle_tail_of_a_table_buffer_is_not_a_stop() -> None:
     assert status is LagStatus.OK and "wait in loom's table buffer" in reason
     assert flow_status(idle_tail=500, lag=600)[0] is LagStatus.STOP
     assert flow_status(idle_tail=0, lag=40)[0] is LagStatus.STOP
+
+
+# --------------------------------------------------------------------------- right after a deploy: STARTING
+
+
+def _starting_flow(now: float, start: DeploymentStart | None) -> FlowLag:
+    """p0: 100 messages, no commit (started at 40); p1: caught up; p2: empty, no commit."""
+    target = LagTarget("loom/f", "g", ("t",), KafkaCluster("127.0.0.1:9"))
+    parts = (
+        PartitionOffsets("t", 0, 100, None),
+        PartitionOffsets("t", 1, 50, 50),
+        PartitionOffsets("t", 2, 0, None),
+    )
+    return evaluate_flow(TargetOffsets(target, parts), {}, QUIET, now=now, start=start)
+
+
+def test_starting_within_the_window_then_no_commits() -> None:
+    start = DeploymentStart(1000.0, 40.0, {("t", 0): 40, ("t", 1): 0})
+    within = _starting_flow(1030.0, start)
+    assert within.status is LagStatus.STARTING and within.passed
+    assert within.severity is LagSeverity.OK
+    assert within.total_lag == 60 and within.counts() == {"STARTING": 1, "OK": 2}
+    p0 = within.partitions[0]
+    assert p0.lag == 60 and p0.committed is None
+    assert "deployed 30 s ago (started at offset 40, lag 60" in p0.reason and "within 40 s" in p0.reason
+
+    after = _starting_flow(1041.0, start)
+    assert after.status is LagStatus.NO_COMMITS and not after.passed
+    assert after.severity is LagSeverity.WARN and after.total_lag == 60
+    assert "41 s after the deployment" in after.partitions[0].reason
+
+    # no deployment known: today's NO_COMMITS with an unknown lag; no start offset recorded: unknown lag
+    assert _starting_flow(1030.0, None).status is LagStatus.NO_COMMITS
+    assert _starting_flow(1030.0, None).total_lag == 0
+    unrecorded = _starting_flow(1030.0, DeploymentStart(1000.0, 40.0))
+    assert unrecorded.status is LagStatus.STARTING and unrecorded.partitions[0].lag is None
+    assert "start offset not recorded" in unrecorded.reason
+
+
+def test_starting_window_and_start_offsets_from_a_record() -> None:
+    assert starting_window_s(2.0, 30) == 62.0
+    assert starting_window_s(0.0, 5) == 30.0 and starting_window_s(10.0, 60) == 130.0
+    raw = {"start_offsets": {"t": {"0": 40, "1": "7", "x": 1}, "u": "junk"}}
+    start = DeploymentStart.from_record(123.0, raw, 50.0)
+    assert start.offsets == {("t", 0): 40, ("t", 1): 7}
+    assert start.within(173.0) and not start.within(173.5)
+    assert DeploymentStart.from_record(1.0, {}, 5.0).offsets == {}
+
+
+def _record(store: DeploymentStore, at: float, start_offsets: dict[str, dict[str, int]]) -> None:
+    """Record a deployment of the ticks flow as the deployer does (the job itself is not needed here)."""
+    request = LaunchRequest("ticks", TICKS_IMPORT, (), "test", "plan", "config")
+    job = LaunchedJob("ticks", "local", socket.gethostname(), (), "", at, request)
+    extra = {"source": {"kind": "kafka"}, "start_offsets": start_offsets}
+    store.save(Deployment("ticks", job, "plan", "config", deployed_at=at, extra=extra))
+
+
+@pytest.mark.kafka
+def test_sensor_reports_starting_after_a_deploy_then_no_commits(
+    bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The sensor reads the current deployment through the ``loom`` resource: a fresh one whose group has
+    not committed yet is STARTING (passes) with lag = end - start offset; an old one is NO_COMMITS."""
+    (topic,) = make_topics(bootstrap, topic_prefix, ["ticks"], partitions=3)
+    graph = _graph(bootstrap, topic_prefix, tmp_path)
+    state = tmp_path / "state"
+    store = DeploymentStore(state)
+    defs = _defs(graph, QUIET, state)
+    _produce(bootstrap, topic, 10, 3)
+    _fetch_ready([t for _, t in kafka_lag_targets(graph)])
+    start_offsets = {topic: {"0": 4, "1": 10, "2": 0}}
+    with dg.instance_for_test() as instance:
+        ticker = SensorTicker(defs, instance)
+        _record(store, time.time(), start_offsets)
+        fresh = ticker.tick()
+        assert _status_of(fresh) == "STARTING" and fresh.passed, fresh.description
+        assert _meta(fresh, "total_lag") == 6 + 0 + 10
+        assert _meta(fresh, "starting_window_s") == 61.0  # buffer age 1 s + 2 intervals of 30 s
+        rows = {r.data["partition"]: r.data for r in _meta(fresh, "partitions").records}
+        assert {p: (r["lag"], r["committed"], r["status"]) for p, r in rows.items()} == {
+            0: (6, -1, "STARTING"),
+            1: (0, -1, "STARTING"),
+            2: (10, -1, "STARTING"),
+        }
+
+        # the UI's one-shot check reads the same deployment
+        result = dg.materialize(
+            [*_specs(graph), build_kafka_lag_checks(graph, QUIET)],
+            instance=instance,
+            selection=dg.AssetSelection.checks(dg.AssetCheckKey(dg.AssetKey(["loom", "ticks"]), KAFKA_LAG)),
+            resources={"loom": LoomDeployResource(state_dir=str(state))},
+        )
+        (one_shot,) = result.get_asset_check_evaluations()
+        assert one_shot.passed and _meta(one_shot, "status") == "STARTING"
+
+        _record(store, time.time() - 3600, start_offsets)
+        late = ticker.tick()
+        assert _status_of(late) == "NO_COMMITS" and not late.passed
+        assert late.severity is dg.AssetCheckSeverity.WARN and _meta(late, "total_lag") == 16
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_deployed_job_is_starting_until_its_first_flush(bench: DeployBench) -> None:
+    """A real deploy whose table buffer holds everything (no flush, so loom commits nothing yet): the
+    sensor reports STARTING, not NO_COMMITS, with the lag counted from the recorded start offsets."""
+    bench.config = ticks_config(
+        bench.root / "config",
+        brokers=bench.bootstrap,
+        prefix=bench.prefix,
+        delta_uri=bench.delta_uri,
+        buffer_max_records=100_000,
+        buffer_max_age_s=600.0,
+    )
+    graph = build_loom_asset_graph([bench.spec()])
+    defs = _defs(graph, QUIET, bench.state_dir)
+    bench.produce(0, 120)
+    with dg.instance_for_test() as instance:
+        assert bench.materialize(instance).success
+        deployment = bench.store.current("ticks")
+        assert deployment is not None
+        recorded = deployment.extra.get("start_offsets")
+        assert recorded == {f"{bench.prefix}.ticks": {"0": 0, "1": 0, "2": 0}}, recorded
+        event = SensorTicker(defs, instance).tick()
+        assert _status_of(event) == "STARTING" and event.passed, event.description
+        assert _meta(event, "total_lag") == 120
+        assert _meta(event, "starting_window_s") == 660.0
+        print(f"\n[deployed, before the first flush] {event.description}")

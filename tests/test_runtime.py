@@ -23,7 +23,7 @@ import pytest
 from loom.core.model import LoomStruct
 from loom.streaming import Backend, FromTopic, IntoTable, IntoTopic, Message, Process, RecordStep, StreamFlow
 
-from loom_dagster.runtime.redact import redact
+from loom_dagster.redact import redact_text as redact
 from loom_dagster.runtime.status import (
     EXIT_BAD_INPUT,
     EXIT_DRAIN_TIMEOUT,

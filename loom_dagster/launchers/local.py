@@ -14,7 +14,9 @@ from pathlib import Path
 from loom_dagster.errors import DeploymentError
 from loom_dagster.launchers import procfs
 from loom_dagster.launchers.base import JobProcess, JobReport, JobState, LaunchedJob, Launcher, LaunchRequest
+from loom_dagster.launchers.preflight import failure_detail
 from loom_dagster.redact import redact_text
+from loom_dagster.runtime.failure import MAX_REASON_CHARS, clip
 from loom_dagster.runtime.status import read_status
 
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30.0
@@ -177,13 +179,9 @@ class LocalProcessLauncher(Launcher):
                 f"preflight of flow {request.flow_name!r} took over {timeout_s:.0f}s"
             ) from exc
         if done.returncode != 0:
-            output = done.stderr or done.stdout
-            marker = output.rfind("preflight failed: ")
-            detail = output[marker + len("preflight failed: ") :] if marker >= 0 else output
-            tail = "\n".join(detail.strip().splitlines()[-25:])
             raise DeploymentError(
                 f"the new version of flow {request.flow_name!r} fails before start (nothing was stopped):\n"
-                f"{redact_text(tail)}"
+                f"{failure_detail(done.stderr or done.stdout)}"
             )
 
 
@@ -216,14 +214,23 @@ def _cluster_addresses(processes: int) -> tuple[str, ...]:
     return tuple(f"127.0.0.1:{port}" for port in ports)
 
 
-def log_tail(path: str | Path, lines: int = 40) -> str:
-    """Last *lines* lines of a log file, secrets redacted (empty when missing)."""
+def log_tail(
+    path: str | Path, lines: int = 40, window_bytes: int = 256 * 1024, max_line_chars: int = MAX_REASON_CHARS
+) -> str:
+    """Last *lines* whole lines of a log file (within its last *window_bytes*), secrets redacted, each
+    capped at *max_line_chars* keeping its head and tail; empty when missing. A failure reason fits
+    whole: the runtime caps it at the same :data:`~loom_dagster.runtime.failure.MAX_REASON_CHARS`."""
     try:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - 64 * 1024))
+            start = max(0, handle.tell() - window_bytes)
+            handle.seek(start)
             text = handle.read().decode(errors="replace")
     except OSError:
         return ""
-    return redact_text("\n".join(text.splitlines()[-lines:]))
+    kept = text.splitlines()
+    if start > 0 and kept:
+        kept = kept[1:]  # the first line is partial: a secret cut in two would not be recognized
+    if lines <= 0:
+        return ""
+    return "\n".join(clip(redact_text(line), max_line_chars) for line in kept[-lines:])

@@ -11,8 +11,17 @@ import argparse
 import sys
 
 from loom_dagster.redact import redact_text
+from loom_dagster.runtime.failure import MAX_REASON_CHARS, clip
 
 MARKER = "preflight failed: "
+
+
+def failure_detail(output: str, limit: int = MAX_REASON_CHARS) -> str:
+    """What a failed preflight printed after :data:`MARKER` (else all of it), redacted, then capped
+    at *limit* characters keeping head and tail (the remedy is usually last)."""
+    marker = output.rfind(MARKER)
+    detail = output[marker + len(MARKER) :] if marker >= 0 else output
+    return clip(redact_text(detail.strip()), limit)
 
 
 def describe_failure(exc: BaseException, flow_label: str) -> str:

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from loom_dagster.redact import redact_text as redact
 from loom_dagster.runtime.job import JobOptions, run_job
-from loom_dagster.runtime.redact import redact
 from loom_dagster.runtime.status import (
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_HEARTBEAT_S,

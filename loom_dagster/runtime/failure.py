@@ -1,13 +1,39 @@
-"""Turn an exception (often a chain of bytewax errors around the real cause) into one clean line."""
+"""Turn an exception (often a chain of bytewax errors around the real cause) into one clean line.
+
+A reason is redacted, then capped at ``MAX_REASON_CHARS`` keeping its head *and* its tail (loom puts
+the remedy last, e.g. "list its id under checks.silenced"); a cut reason is logged in full first,
+so the job's log always has the whole (redacted) text.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
 
-from loom_dagster.runtime.redact import redact
+from loom_dagster.redact import redact_text
 
 _BYTEWAX_LOCATION = re.compile(r"^\(src/[^)]*\):\s*")
-MAX_REASON_CHARS = 600
+MAX_REASON_CHARS = 8000
+"""Cap of a failure reason in the status record and everything built from it (Dagster errors)."""
+
+log = logging.getLogger("loom_dagster.runtime")
+
+
+def clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` if it fits in *limit* characters, else ``head ... [N chars cut] ... tail``.
+
+    Example:
+        >>> clip("a" * 50 + "remedy: do X", limit=42)
+        'aaaaaaaaa ... [44 chars cut] ... edy: do X'
+    """
+    if len(text) <= limit:
+        return text
+    keep = limit - len(f" ... [{len(text)} chars cut] ... ")  # the widest the marker can be
+    if keep <= 0:
+        return text[:limit]
+    head = keep // 2
+    cut = len(text) - keep
+    return f"{text[:head]} ... [{cut} chars cut] ... {text[len(text) - (keep - head) :]}"
 
 
 def exception_chain(exc: BaseException) -> list[BaseException]:
@@ -31,7 +57,7 @@ def _text(exc: BaseException) -> str:
 
 
 def one_line_reason(exc: BaseException) -> str:
-    """Root cause first, then the step that hit it, on one redacted line.
+    """Root cause first, then the step that hit it, on one redacted line of at most ``MAX_REASON_CHARS``.
 
     Example:
         ``KafkaException: KafkaError{code=_TRANSPORT,...} (while: error calling
@@ -44,7 +70,11 @@ def one_line_reason(exc: BaseException) -> str:
         context = _BYTEWAX_LOCATION.sub("", str(chain[-2]).strip())
         if context and context not in reason:
             reason = f"{reason} (while: {context})"
-    reason = " | ".join(part.strip() for part in reason.splitlines() if part.strip())
+    reason = redact_text(" | ".join(part.strip() for part in reason.splitlines() if part.strip()))
     if len(reason) > MAX_REASON_CHARS:
-        reason = reason[:MAX_REASON_CHARS] + "..."
-    return redact(reason)
+        log.error(
+            "failure reason in full (%d chars; the status record keeps head and tail): %s",
+            len(reason),
+            reason,
+        )
+    return clip(reason)

@@ -10,6 +10,9 @@ How a job ends, and what a launcher sees (exit code / final status record):
   exit 3, record ``failed``, ``connected_at`` null;
 - it fails after connecting: exit 1; a signal: drain, final offset commit, exit 0, ``stopped``.
 
+A job that dies because a sink write (a table flush) raised says so: its final ``error`` starts with
+``sink '<name>' failed to write: `` and the record's ``sink_error`` keeps the full (redacted) text.
+
 A health gate should wait for ``connected_at`` (or a final state); later, ``last_poll_at`` stops
 advancing when the dataflow stalls (e.g. a cluster peer is gone) even though heartbeats go on.
 """
@@ -24,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loom_dagster.runtime.failure import interrupted, one_line_reason
+from loom_dagster.redact import redact_text as redact
+from loom_dagster.runtime.failure import exception_chain, interrupted, one_line_reason
 from loom_dagster.runtime.observer import StatusObserver
-from loom_dagster.runtime.redact import redact
 from loom_dagster.runtime.reporter import StatusReporter
 from loom_dagster.runtime.signals import StopSignals
 from loom_dagster.runtime.status import (
@@ -194,6 +197,9 @@ def _classify_failure(exc: BaseException, reporter: StatusReporter) -> Outcome:
     if reporter.stop_requested is not None and interrupted(exc):
         return Outcome(EXIT_STOPPED)
     reason = one_line_reason(exc)
+    sink = _failed_sink(exc, reporter)
+    if sink is not None:
+        reason = f"sink {sink!r} failed to write: {reason}"
     if is_runtime_configuration_error(exc):
         return Outcome(EXIT_BAD_INPUT, f"runtime settings refused: {reason}")
     if reporter.stop_requested is not None:
@@ -201,6 +207,21 @@ def _classify_failure(exc: BaseException, reporter: StatusReporter) -> Outcome:
     if not reporter.connected:
         return Outcome(EXIT_STARTUP_FAILED, f"failed before its first poll: {reason}")
     return Outcome(EXIT_FLOW_FAILED, f"failed at run time: {reason}")
+
+
+def _failed_sink(exc: BaseException, reporter: StatusReporter) -> str | None:
+    """The sink whose failed write raised ``exc`` (its unrecovered error text is in the chain)."""
+    error = reporter.snapshot().sink_error
+    if error is None or not error.active:
+        return None
+    recorded = error.error.strip().splitlines()[0] if error.error.strip() else ""
+    if not recorded:
+        return None
+    for item in exception_chain(exc):
+        first = redact(str(item).strip()).splitlines()
+        if first and (first[0] in recorded or recorded in str(item)):
+            return error.sink
+    return None
 
 
 def _finish(reporter: StatusReporter, outcome: Outcome) -> None:

@@ -4,7 +4,12 @@ What loom 9 emits while a streaming flow runs (measured, ``loom.core.observabili
 
 - ``Scope.TRANSPORT`` ``kafka_consume`` START/END once per consumed Kafka record;
 - ``Scope.WRITE`` END once per successful sink write call, ``meta["sink"]`` (table node name or
-  output topic) and ``meta["batch_size"]``; ERROR when the write failed;
+  output topic) and ``meta["batch_size"]``; ERROR when the write failed, with ``event.error``
+  (``str(exc)``, e.g. ``(sqlite3.OperationalError) no such table: t [SQL: ...]``) and
+  ``meta["error_type"]`` (loom's ``_StorageSinkPartition.write_batch`` emits it, then re-raises:
+  a table flush failure kills the dataflow; an output-topic batch diverted to its DLQ emits it
+  without raising). The ``Scope.TERMINAL`` ``sink_write`` ERROR events of the same batch (one per
+  message) carry the same error and are not counted again;
 - ``Scope.TERMINAL`` ``error_envelope`` END once per message turned into an error envelope;
 - ``Scope.FLOW`` START right before bytewax starts the dataflow (``cli_main``).
 
@@ -16,10 +21,12 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from loom_dagster.runtime.status import SinkStatus
+from loom_dagster.redact import redact_text
+from loom_dagster.runtime.failure import clip
+from loom_dagster.runtime.status import MAX_SINK_ERROR_CHARS, SinkError, SinkStatus
 
 if TYPE_CHECKING:
     from loom.core.observability.event import LifecycleEvent
@@ -46,6 +53,7 @@ class Counters:
     flow_started_at: float | None = None
     last_consume_at: float | None = None
     sinks: dict[str, SinkStatus] = field(default_factory=dict)
+    sink_error: SinkError | None = None
 
 
 class StatusObserver:
@@ -67,8 +75,11 @@ class StatusObserver:
             if kind == _KIND_END and event.name == _CONSUME:
                 self._consumed()
         elif scope == _SCOPE_WRITE:
-            if kind != _KIND_START:
-                self._wrote(event.meta, failed=kind == _KIND_ERROR)
+            if kind == _KIND_END:
+                self._wrote(event.meta, failed=False)
+            elif kind == _KIND_ERROR:
+                self._wrote(event.meta, failed=True)
+                self._write_failed(event.meta, event.error)
         elif scope == _SCOPE_TERMINAL:
             if kind == _KIND_END and event.name == _ERROR_ENVELOPE:
                 self._errored(1)
@@ -92,14 +103,36 @@ class StatusObserver:
         records = size if isinstance(size, int) else 0
         now = time.time()
         with self._lock:
+            entry = self._counters.sinks.setdefault(sink, SinkStatus())
             if failed:
                 self._counters.failed_writes += 1
                 self._counters.errors += records
+                entry.failed_writes += 1
                 return
-            entry = self._counters.sinks.setdefault(sink, SinkStatus())
             entry.records += records
             entry.last_write_at = now
             self._counters.records_out += records
+            last = self._counters.sink_error
+            if last is not None and last.sink == sink and last.recovered_at is None:
+                last.recovered_at = now
+
+    def _write_failed(self, meta: dict[str, object], error: str | None) -> None:
+        """Remember the failure as the last sink error (text redacted, capped head + tail)."""
+        sink = str(meta.get("sink") or "unknown")
+        kind = meta.get("error_type")
+        text = clip(redact_text(error or "(no error text)"), MAX_SINK_ERROR_CHARS)
+        now = time.time()
+        with self._lock:
+            previous = self._counters.sink_error
+            same_sink = previous is not None and previous.sink == sink
+            self._counters.sink_error = SinkError(
+                sink=sink,
+                at=now,
+                error=text,
+                error_type=None if kind is None else str(kind),
+                count=self._counters.sinks[sink].failed_writes if sink in self._counters.sinks else 1,
+                first_at=previous.first_at if previous is not None and same_sink else now,
+            )
 
     def snapshot(self) -> Counters:
         """A copy of the counters, taken under the lock."""
@@ -112,5 +145,6 @@ class StatusObserver:
                 failed_writes=current.failed_writes,
                 flow_started_at=current.flow_started_at,
                 last_consume_at=current.last_consume_at,
-                sinks={name: SinkStatus(s.last_write_at, s.records) for name, s in current.sinks.items()},
+                sinks={name: replace(s) for name, s in current.sinks.items()},
+                sink_error=None if current.sink_error is None else replace(current.sink_error),
             )

@@ -9,9 +9,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from loom_dagster.redact import redact_text as redact
 from loom_dagster.runtime.observer import StatusObserver
 from loom_dagster.runtime.probe import PollProbe
-from loom_dagster.runtime.redact import redact
 from loom_dagster.runtime.status import (
     DEFAULT_HEARTBEAT_S,
     EXIT_DRAIN_TIMEOUT,
@@ -178,6 +178,7 @@ class StatusReporter:
             status.records_out = counters.records_out
             status.errors = counters.errors
             status.sinks = counters.sinks
+            status.sink_error = counters.sink_error
             if counters.flow_started_at is not None and status.state == STATE_STARTING:
                 status.state = STATE_RUNNING
             fallback_connected = counters.last_consume_at if self._probe is None else None

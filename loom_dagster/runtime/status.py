@@ -10,8 +10,19 @@ complete version, never a torn one. Times are epoch seconds (floats). Example::
     {"flow": "orders_enrichment", "pid": 4242, "host": "worker-1", "state": "running",
      "started_at": 1795885410.6, "heartbeat_at": 1795885471.6, "connected_at": 1795885412.0,
      "last_poll_at": 1795885471.5, "records_in": 1000, "records_out": 2000, "errors": 1,
-     "sinks": {"orders_delta": {"last_write_at": 1795885470.2, "records": 1000}},
-     "exit_code": null, "error": null, "process_id": null, "partitions": 1}
+     "sinks": {"orders_delta": {"last_write_at": 1795885470.2, "records": 1000, "failed_writes": 0}},
+     "sink_error": null, "exit_code": null, "error": null, "process_id": null, "partitions": 1}
+
+``sink_error`` is the last failed sink write (flush) of the process, e.g.::
+
+    {"sink": "readings_sql", "at": 1795885470.9, "first_at": 1795885470.9, "count": 1,
+     "error_type": "OperationalError", "recovered_at": null,
+     "error": "(sqlite3.OperationalError) no such table: readings\n[SQL: INSERT INTO ...]"}
+
+The text is redacted and kept whole up to ``MAX_SINK_ERROR_CHARS`` (head and tail beyond).
+``count`` is how many write calls to that sink have failed in this process. The entry is kept as
+history when a later write to the same sink succeeds: ``recovered_at`` is then set (and cleared
+again by the next failure), so a reader treats an entry with ``recovered_at`` as resolved.
 
 Exit codes of ``python -m loom_dagster.runtime`` (also written to ``exit_code``):
 
@@ -62,6 +73,7 @@ STATES = (STATE_STARTING, STATE_RUNNING, STATE_STOPPING, STATE_STOPPED, STATE_FA
 FINAL_STATES = frozenset({STATE_STOPPED, STATE_FAILED})
 
 DEFAULT_HEARTBEAT_S = 1.0
+MAX_SINK_ERROR_CHARS = 8000
 DEFAULT_DRAIN_TIMEOUT_S = 120.0
 
 
@@ -71,6 +83,52 @@ class SinkStatus:
 
     last_write_at: float | None = None
     records: int = 0
+    failed_writes: int = 0
+
+
+@dataclass
+class SinkError:
+    """The last failed write (flush) of one sink: which sink, when, why, how many times."""
+
+    sink: str
+    at: float
+    error: str
+    error_type: str | None = None
+    count: int = 1
+    first_at: float | None = None
+    recovered_at: float | None = None
+
+    @property
+    def active(self) -> bool:
+        """True until a later write to the same sink succeeds."""
+        return self.recovered_at is None
+
+    def summary(self, limit: int = 300) -> str:
+        """``sink 'x' failed to write (N times): <first line of the error>``, for one-line messages."""
+        first = next((line.strip() for line in self.error.splitlines() if line.strip()), "")
+        if len(first) > limit:
+            first = first[:limit] + "..."
+        times = "once" if self.count == 1 else f"{self.count} times"
+        kind = f"{self.error_type}: " if self.error_type and self.error_type not in first else ""
+        return f"sink {self.sink!r} failed to write ({times}): {kind}{first}"
+
+    @classmethod
+    def from_dict(cls, data: object) -> SinkError | None:
+        """Parse the ``sink_error`` entry of a status record (``None`` if absent or malformed)."""
+        if not isinstance(data, Mapping):
+            return None
+        try:
+            return cls(
+                sink=str(data["sink"]),
+                at=float(data["at"]),
+                error=str(data.get("error") or ""),
+                error_type=None if data.get("error_type") is None else str(data["error_type"]),
+                count=int(data.get("count") or 1),
+                first_at=_opt_float(data.get("first_at")),
+                recovered_at=_opt_float(data.get("recovered_at")),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
 
 
 @dataclass
@@ -89,6 +147,7 @@ class JobStatus:
     records_out: int = 0
     errors: int = 0
     sinks: dict[str, SinkStatus] = field(default_factory=dict)
+    sink_error: SinkError | None = None
     exit_code: int | None = None
     error: str | None = None
     process_id: int | None = None
@@ -142,6 +201,7 @@ class JobStatus:
                 records_out=int(data.get("records_out") or 0),
                 errors=int(data.get("errors") or 0),
                 sinks=_sinks(data.get("sinks")),
+                sink_error=SinkError.from_dict(data.get("sink_error")),
                 exit_code=_opt_int(data.get("exit_code")),
                 error=None if data.get("error") is None else str(data["error"]),
                 process_id=_opt_int(data.get("process_id")),
@@ -174,6 +234,7 @@ def _sinks(value: object) -> dict[str, SinkStatus]:
             sinks[str(name)] = SinkStatus(
                 last_write_at=_opt_float(entry.get("last_write_at")),
                 records=int(entry.get("records") or 0),
+                failed_writes=int(entry.get("failed_writes") or 0),
             )
     return sinks
 
@@ -231,6 +292,7 @@ __all__ = [
     "EXIT_STARTUP_FAILED",
     "EXIT_STOPPED",
     "FINAL_STATES",
+    "MAX_SINK_ERROR_CHARS",
     "STATES",
     "STATE_FAILED",
     "STATE_RUNNING",
@@ -238,6 +300,7 @@ __all__ = [
     "STATE_STOPPED",
     "STATE_STOPPING",
     "JobStatus",
+    "SinkError",
     "SinkStatus",
     "describe_exit_code",
     "read_status",

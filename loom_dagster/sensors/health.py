@@ -1,11 +1,27 @@
 """Job health sensor (a reconciler): observe every deployed flow, report ``job_running``, restart dead
-or hung jobs with exponential backoff and a cap on restarts per window; never restart an undeployed flow."""
+or hung jobs with exponential backoff and a cap on restarts per window; never restart an undeployed flow.
+
+Deterministic failures are not restarted at all:
+
+- a job that exited 2 (bad input: import, config, compile, deploy check) fails the check with
+  "bad input: restarting won't help: <reason>";
+- a flow whose job dies with the same error twice in a row (within ``restart_window_s``) fails it with
+  "failed N times with the same error; restarting won't help until the cause is fixed: <error>".
+  A *death* is a deployed job found dead with a final error (exit 1), or a restart run (one this
+  sensor requested) that failed, e.g. because the relaunched job died before its health gate or a
+  pre-launch check refused it. Errors are compared by :func:`error_signature` (first line, digits
+  masked). Deaths without an error (SIGKILL) or before the first poll (exit 3: broker unreachable,
+  often transient) never count, and keep the backoff/cap behaviour.
+
+Both halts hold until a new deployment (a materialization that succeeds) replaces the failed one.
+"""
 
 import json
+import re
 import socket
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import dagster as dg
@@ -15,21 +31,50 @@ from loom_dagster.deployments import Deployment
 from loom_dagster.graph import LoomAssetGraph
 from loom_dagster.launchers import procfs
 from loom_dagster.launchers.base import JobReport, JobState
+from loom_dagster.redact import redact_text
 from loom_dagster.resources import LoomDeployResource
+from loom_dagster.runtime.status import EXIT_BAD_INPUT, EXIT_FLOW_FAILED, SinkError, describe_exit_code
 from loom_dagster.sensors.settings import JobHealthSettings
 
 RESTART_TAG = "loom/restart"
 FLOW_TAG = "loom/flow"
+SAME_ERROR_LIMIT = 2
+"""Deaths in a row with the same error after which restarts stop (until a new deployment)."""
+MAX_ERROR_CHARS = 2000
+"""Cap of an error text kept in the cursor and shown in a check description."""
+_REMEMBERED_DEATHS = 20
 
 
 @dataclass
 class RestartState:
-    """Per-flow restart bookkeeping kept in the sensor cursor."""
+    """Per-flow restart bookkeeping kept in the sensor cursor.
+
+    ``deaths`` are the keys of deaths already counted (``job:<pids>@<start>`` or ``run:<id>``);
+    ``same_error_deaths`` counts the last deaths in a row whose ``last_signature`` is equal;
+    ``halted`` says why restarts stopped, until the deployment differs from ``halted_deployment``.
+    """
 
     restarts: list[float] = field(default_factory=list)
     consecutive: int = 0
     next_restart_at: float = 0.0
     gave_up: bool = False
+    deaths: list[str] = field(default_factory=list)
+    last_signature: str | None = None
+    last_error: str | None = None
+    last_death_at: float = 0.0
+    same_error_deaths: int = 0
+    halted: str | None = None
+    halted_deployment: str | None = None
+
+
+@dataclass(frozen=True)
+class Death:
+    """One failure of a flow's job: where it was seen, its error, and whether it is bad input."""
+
+    key: str
+    error: str
+    signature: str | None
+    bad_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,14 +88,22 @@ class FlowHealth:
     description: str
     metadata: dict[str, Any]
     restart_reason: str | None = None
+    death: Death | None = None
+
+
+_STATE_FIELDS = frozenset(f.name for f in fields(RestartState))
 
 
 def load_cursor(raw: str | None) -> dict[str, RestartState]:
-    """Restart states from a sensor cursor (empty on a first tick or a corrupt cursor)."""
+    """Restart states from a sensor cursor (empty on a first tick or a corrupt cursor; older cursors
+    lacking newer fields get their defaults)."""
     try:
         data = json.loads(raw) if raw else {}
-        return {name: RestartState(**state) for name, state in data.items()}
-    except (ValueError, TypeError):
+        return {
+            name: RestartState(**{k: v for k, v in state.items() if k in _STATE_FIELDS})
+            for name, state in data.items()
+        }
+    except (ValueError, TypeError, AttributeError):
         return {}
 
 
@@ -80,10 +133,97 @@ def assess(
         )
     if report.state is JobState.STARTING and time.time() - deployment.job.started_at < starting_grace_s:
         return FlowHealth(name, asset_key, True, dg.AssetCheckSeverity.WARN, "starting", metadata)
-    reason = f"{report.state.value}: {report.reason}"
+    death = job_death(deployment, report) if report.state is JobState.DEAD else None
+    if death is not None and death.bad_input:
+        reason = f"bad input: restarting won't help: {death.error}"
+        return FlowHealth(name, asset_key, False, dg.AssetCheckSeverity.ERROR, reason, metadata, death=death)
+    reason = f"{report.state.value}: {_headline(report)}"
     return FlowHealth(
-        name, asset_key, False, dg.AssetCheckSeverity.ERROR, reason, metadata, restart_reason=reason
+        name,
+        asset_key,
+        False,
+        dg.AssetCheckSeverity.ERROR,
+        reason,
+        metadata,
+        restart_reason=reason,
+        death=death,
     )
+
+
+def _headline(report: JobReport) -> str:
+    """The job's failure in one phrase: the sink that could not write, else the launcher's reason."""
+    sink_error = active_sink_error(report.statuses)
+    if sink_error is None:
+        return report.reason
+    codes = sorted({int(s["exit_code"]) for s in report.statuses if s.get("exit_code") is not None})
+    exited = "; ".join(f"the job exited {code} ({describe_exit_code(code)})" for code in codes)
+    return f"{sink_error.summary()} (last at {_clock(sink_error.at)})" + (f"; {exited}" if exited else "")
+
+
+def active_sink_error(statuses: Sequence[Mapping[str, Any]]) -> SinkError | None:
+    """The most recent sink error of the job's processes that no later write to that sink cleared."""
+    errors = [SinkError.from_dict(status.get("sink_error")) for status in statuses]
+    active = [error for error in errors if error is not None and error.active]
+    return max(active, key=lambda error: error.at, default=None)
+
+
+def job_death(deployment: Deployment, report: JobReport) -> Death | None:
+    """The death of a dead job, from its processes' final records (``None`` if none has one)."""
+    failed = [s for s in report.statuses if s.get("state") == "failed" and s.get("exit_code") is not None]
+    if not failed:
+        return None
+    status = next((s for s in failed if s.get("exit_code") == EXIT_BAD_INPUT), failed[0])
+    code = int(status["exit_code"])
+    error = _clip(redact_text(str(status.get("error") or describe_exit_code(code))), MAX_ERROR_CHARS)
+    signature = error_signature(error) if code == EXIT_FLOW_FAILED else None
+    return Death(f"job:{deployment_key(deployment)}", error, signature, bad_input=code == EXIT_BAD_INPUT)
+
+
+def deployment_key(deployment: Deployment) -> str:
+    """Identity of one launch of a flow's job (a restart or a new deployment changes it)."""
+    pids = ",".join(str(p.pid) for p in deployment.job.processes)
+    return f"{pids}@{deployment.job.started_at:.3f}"
+
+
+_CUT = re.compile(r" \(while: | \| |\n|\[SQL: |\[parameters: ")
+_PHASE = re.compile(r"^(?:failed at run time|failed before its first poll|failed while draining after \w+): ")
+_EXIT = re.compile(r"\bexit (-?\d+): ")
+
+
+def error_signature(text: str) -> str:
+    """What two failures must share to count as "the same error": the first line of the error (no
+    ``(while: ...)`` context, SQL or parameters), without the run phase, digits masked.
+
+    Example:
+        >>> error_signature("failed at run time: sink 'rows' failed to write: OperationalError: "
+        ...                 "no such table: rows (while: ...) | [parameters: [('i0', 0)]]")
+        "sink 'rows' failed to write: OperationalError: no such table: rows"
+    """
+    head = _CUT.split(text.strip(), maxsplit=1)[0]
+    head = _PHASE.sub("", head.strip())
+    head = re.sub(r"\d+", "#", head)
+    return re.sub(r"\s+", " ", head).strip().rstrip(").;: ")[:300]
+
+
+def run_death(run_id: str, message: str) -> Death:
+    """The death a failed restart run stands for: the relaunched job's final error when the message
+    carries one (``exit N: <error>``), else the run's own error (e.g. a pre-launch check)."""
+    text = _clip(redact_text(message), MAX_ERROR_CHARS)
+    found = _EXIT.search(text)
+    if found is None:
+        return Death(f"run:{run_id}", text, error_signature(text))
+    code = int(found.group(1))
+    error = text[found.end() :]
+    signature = error_signature(error) if code == EXIT_FLOW_FAILED else None
+    return Death(f"run:{run_id}", text, signature, bad_input=code == EXIT_BAD_INPUT)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _clock(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
 def job_metadata(deployment: Deployment, report: JobReport) -> dict[str, Any]:
@@ -116,6 +256,24 @@ def job_metadata(deployment: Deployment, report: JobReport) -> dict[str, Any]:
     for sink, info in sinks.items():
         if info["last_write_at"]:
             metadata[f"loom/last_write/{sink}"] = dg.MetadataValue.timestamp(info["last_write_at"])
+    metadata.update(_failure_metadata(statuses))
+    return metadata
+
+
+def _failure_metadata(statuses: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The last sink error (sink, when, count, full text) and each exited process's final error."""
+    metadata: dict[str, Any] = {}
+    sink_error = active_sink_error(statuses)
+    if sink_error is not None:
+        metadata["loom/sink_error/sink"] = sink_error.sink
+        metadata["loom/sink_error/at"] = dg.MetadataValue.timestamp(sink_error.at)
+        metadata["loom/sink_error/count"] = dg.MetadataValue.int(sink_error.count)
+        metadata["loom/sink_error"] = dg.MetadataValue.md(f"```\n{redact_text(sink_error.error)}\n```")
+    exits = [s for s in statuses if s.get("exit_code") is not None and s.get("error")]
+    if exits:
+        metadata["loom/exit_code"] = dg.MetadataValue.int(int(exits[0]["exit_code"]))
+        text = "\n".join(redact_text(str(s["error"])) for s in exits)
+        metadata["loom/error"] = dg.MetadataValue.text(_clip(text, MAX_ERROR_CHARS))
     return metadata
 
 
@@ -138,6 +296,44 @@ def plan_restart(
     if now < state.next_restart_at:
         return False, f"backing off; next restart in {state.next_restart_at - now:.0f}s"
     return True, None
+
+
+def count_death(state: RestartState, death: Death, now: float, window_s: float) -> bool:
+    """Count ``death`` once (by key); extend or restart the same-error streak. True if it was new."""
+    if death.key in state.deaths:
+        return False
+    state.deaths = [*state.deaths, death.key][-_REMEMBERED_DEATHS:]
+    recent = now - state.last_death_at < window_s
+    if death.signature is not None and death.signature == state.last_signature and recent:
+        state.same_error_deaths += 1
+    else:
+        state.same_error_deaths = 1 if death.signature is not None else 0
+    state.last_signature = death.signature
+    state.last_error = death.error
+    state.last_death_at = now
+    return True
+
+
+def halt_reason(state: RestartState, death: Death | None) -> str | None:
+    """Why restarting cannot help (bad input, the same error again), or ``None``."""
+    if death is not None and death.bad_input:
+        return f"bad input: restarting won't help: {death.error}"
+    if state.same_error_deaths >= SAME_ERROR_LIMIT:
+        return (
+            f"failed {state.same_error_deaths} times with the same error; restarting won't help until "
+            f"the cause is fixed: {state.last_error}"
+        )
+    return None
+
+
+def update_halt(state: RestartState, deployment: str, death: Death | None) -> None:
+    """Clear a halt when the deployment changed since; halt when the latest death says so."""
+    if state.halted is not None and state.halted_deployment != deployment:
+        state.halted = state.halted_deployment = state.last_signature = state.last_error = None
+        state.same_error_deaths = 0
+    reason = halt_reason(state, death)
+    if reason is not None and state.halted is None:
+        state.halted, state.halted_deployment = reason, deployment
 
 
 def record_restart(state: RestartState, settings: JobHealthSettings, now: float) -> None:
@@ -188,8 +384,18 @@ def build_job_health_sensor(
             if health.passed and report.state is JobState.HEALTHY:
                 state.consecutive = 0
                 state.gave_up = False
-            if health.restart_reason is not None:
+            in_progress = False
+            if health.death is not None or health.restart_reason is not None:
                 in_progress = restart_in_progress(context.instance, flow_name)
+                latest = _observe_deaths(
+                    context.instance, flow_name, state, health, now, settings, in_progress
+                )
+                update_halt(state, deployment_key(deployment), latest)
+            elif state.halted is not None:
+                update_halt(state, deployment_key(deployment), None)
+            if health.restart_reason is not None and state.halted is not None:
+                description = state.halted
+            elif health.restart_reason is not None:
                 restart, why_not = plan_restart(state, settings, now, in_progress)
                 if restart:
                     request = dg.RunRequest(
@@ -215,12 +421,88 @@ def build_job_health_sensor(
                     passed=health.passed,
                     severity=dg.AssetCheckSeverity.ERROR if state.gave_up else health.severity,
                     description=description,
-                    metadata={"loom/state": report.state.value, "loom/detail": description},
+                    metadata=_check_metadata(report, health, state, description),
                 )
             )
         return dg.SensorResult(run_requests=requests, asset_events=events, cursor=dump_cursor(states))
 
     return _sensor
+
+
+def _observe_deaths(
+    instance: dg.DagsterInstance,
+    flow_name: str,
+    state: RestartState,
+    health: FlowHealth,
+    now: float,
+    settings: JobHealthSettings,
+    in_progress: bool,
+) -> Death | None:
+    """Count this tick's deaths (the dead job, then a restart run that failed since); the latest."""
+    latest = None
+    if health.death is not None:
+        count_death(state, health.death, now, settings.restart_window_s)
+        latest = health.death
+    failed = None if in_progress else last_failed_restart(instance, flow_name, state.last_death_at)
+    if failed is not None and count_death(state, failed, now, settings.restart_window_s):
+        latest = failed
+    return latest
+
+
+def _check_metadata(
+    report: JobReport, health: FlowHealth, state: RestartState, detail: str
+) -> dict[str, Any]:
+    """``job_running`` metadata: state, detail, and the failure's sink / error / streak when failing."""
+    metadata: dict[str, Any] = {"loom/state": report.state.value, "loom/detail": detail}
+    if health.passed:
+        return metadata
+    for name in ("loom/sink_error/sink", "loom/sink_error", "loom/exit_code", "loom/error"):
+        if name in health.metadata:
+            metadata[name] = health.metadata[name]
+    if state.same_error_deaths:
+        metadata["loom/same_error_deaths"] = dg.MetadataValue.int(state.same_error_deaths)
+    if state.halted is not None:
+        metadata["loom/restarts_halted"] = dg.MetadataValue.text(state.halted)
+    return metadata
+
+
+def last_failed_restart(instance: dg.DagsterInstance, flow_name: str, since: float) -> Death | None:
+    """The newest restart run of the flow, if it failed after ``since``: as a death with its error."""
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(
+            tags={RESTART_TAG: "true", FLOW_TAG: flow_name},
+            statuses=[dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.SUCCESS],
+        ),
+        limit=1,
+    )
+    if not records or records[0].dagster_run.status != dg.DagsterRunStatus.FAILURE:
+        return None
+    record = records[0]
+    if (record.end_time or record.create_timestamp.timestamp()) <= since:
+        return None
+    return run_death(record.dagster_run.run_id, run_failure_text(instance, record.dagster_run.run_id))
+
+
+def run_failure_text(instance: dg.DagsterInstance, run_id: str) -> str:
+    """The error messages of a failed run's failed steps, innermost cause first (Dagster's own
+    "Error occurred while executing op" wrapper last), else the run's failure reason."""
+    texts: list[str] = []
+    for entry in instance.all_logs(run_id, of_type={dg.DagsterEventType.STEP_FAILURE}):
+        event = entry.dagster_event
+        error = event.step_failure_data.error if event is not None else None
+        chain = []
+        while error is not None:
+            chain.append(error.message.strip())
+            error = error.cause
+        for text in reversed(chain):
+            body = text.split(": ", 1)[-1]
+            if not any(body in seen for seen in texts):  # dg.Failure repeating its cause
+                texts.append(text)
+    if not texts:
+        run = instance.get_run_by_id(run_id)
+        failure = run.tags.get("dagster/failure_reason") if run is not None else None
+        texts.append(failure or "the restart run failed")
+    return "\n".join(texts)
 
 
 def restart_in_progress(instance: dg.DagsterInstance, flow_name: str) -> bool:

@@ -2,17 +2,25 @@
 window of samples (kept in its cursor) each tick, and a ``multi_asset_check`` runs a one-shot evaluation
 from the UI. Both report against the same declared check; Mongo-sourced flows get none.
 
+Right after a deploy, loom has not committed yet (it commits after the first table flush): both read
+the flow's current deployment through the ``loom`` resource (``LoomDeployResource``) and report a
+partition without commits as ``STARTING`` (passes; lag = end - the offset the job started from, from
+``extra["start_offsets"]``) within ``kafka_lag.starting_window_s`` of the deployment's start, then
+``NO_COMMITS``. ``read_deployments=False`` builds them without the resource (and without STARTING).
+
 No ``from __future__ import annotations`` here: Dagster checks the ``context`` annotation at runtime.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import dagster as dg
 
 from loom_dagster.checks import KAFKA_LAG
+from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.graph import FlowNode, LoomAssetGraph
 from loom_dagster.kafka_lag import (
+    DeploymentStart,
     FlowLag,
     LagFetch,
     LagSeverity,
@@ -20,15 +28,18 @@ from loom_dagster.kafka_lag import (
     LagWindows,
     check_lag,
     lag_target,
+    starting_window_s,
 )
+from loom_dagster.resources import LoomDeployResource
 from loom_dagster.sensors.settings import KafkaLagSettings
 
 CHECKS_NAME = "loom_kafka_lag_checks"
 MAX_TABLE_ROWS = 500
 _DESCRIPTION = (
     "Consumer lag of the flow's group on its source topics, Burrow-style over a window of samples: "
-    "OK / WARN (falling behind, or total lag >= warn_lag) / ERR (total lag >= error_lag) / STALL / STOP / "
-    "REWIND / NO_COMMITS / MISSING_TOPIC / UNAVAILABLE / UNREACHABLE."
+    "OK / STARTING (fresh deployment, no commit yet: passes) / WARN (falling behind, or total lag >= "
+    "warn_lag) / ERR (total lag >= error_lag) / STALL / STOP / REWIND / NO_COMMITS / MISSING_TOPIC / "
+    "UNAVAILABLE / UNREACHABLE."
 )
 
 
@@ -57,24 +68,80 @@ def idle_tail(node: FlowNode) -> int:
     return max(sizes, default=0) * spec.processes * spec.workers_per_process
 
 
-def build_kafka_lag_checks(graph: LoomAssetGraph, settings: KafkaLagSettings) -> dg.AssetChecksDefinition:
-    """The ``kafka_lag`` check on every Kafka-sourced flow; running it does a one-shot evaluation."""
+def buffer_max_age_s(node: FlowNode) -> float:
+    """The largest ``buffer_max_age_s`` of the flow's table sinks (0 without tables)."""
+    ages = [
+        float(getattr(getattr(sink.config, "buffer_policy", None), "max_age_s", 0.0) or 0.0)
+        for sink in node.compiled.plan.terminal_storage_sinks.values()
+    ]
+    return max(ages, default=0.0)
+
+
+def starting_windows(graph: LoomAssetGraph, settings: KafkaLagSettings) -> dict[str, tuple[str, float]]:
+    """Target name (flow asset key) -> (flow name, starting window in seconds) of every Kafka flow."""
+    names = {target.name for _, target in kafka_lag_targets(graph)}
+    return {
+        node.spec.key.to_user_string(): (
+            node.compiled.flow.name,
+            starting_window_s(buffer_max_age_s(node), settings.interval_s),
+        )
+        for node in graph.flows
+        if node.spec.key.to_user_string() in names
+    }
+
+
+def deployment_start(deployment: Deployment | None, window_s: float) -> DeploymentStart | None:
+    """The start of a flow's current deployment (``None`` if never deployed or stopped on purpose).
+
+    It starts at the later of its record time and its job's launch, so a health-sensor restart (same
+    record, new job) opens a new window.
+    """
+    if deployment is None or deployment.stopped_on_purpose:
+        return None
+    started = max(deployment.deployed_at, deployment.job.started_at)
+    return DeploymentStart.from_record(started, deployment.extra or {}, window_s)
+
+
+def deployment_starts(
+    store: DeploymentStore, windows: Mapping[str, tuple[str, float]], names: Sequence[str]
+) -> dict[str, DeploymentStart]:
+    """The deployment start of each target in *names* that has a current deployment in *store*."""
+    out = {}
+    for name in names:
+        flow_name, window_s = windows[name]
+        try:
+            current = store.current(flow_name)
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable record: plain NO_COMMITS rules
+            continue
+        start = deployment_start(current, window_s)
+        if start is not None:
+            out[name] = start
+    return out
+
+
+def build_kafka_lag_checks(
+    graph: LoomAssetGraph, settings: KafkaLagSettings, *, read_deployments: bool = True
+) -> dg.AssetChecksDefinition:
+    """The ``kafka_lag`` check on every Kafka-sourced flow; running it does a one-shot evaluation.
+
+    With *read_deployments* (default) it needs the ``loom`` resource, to tell ``STARTING`` from
+    ``NO_COMMITS`` right after a deploy.
+    """
     pairs = kafka_lag_targets(graph)
+    windows = starting_windows(graph, settings)
     specs = [
         dg.AssetCheckSpec(KAFKA_LAG, asset=key, description=f"{_DESCRIPTION} Group `{target.group}`.")
         for key, target in pairs
     ]
 
-    @dg.multi_asset_check(
-        specs=specs,
-        can_subset=True,
-        name=CHECKS_NAME,
-        description="One-shot Kafka lag of loom flows (no window: thresholds and clear statuses only).",
-    )
-    def _kafka_lag_checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
+    def run(
+        context: dg.AssetCheckExecutionContext, store: DeploymentStore | None
+    ) -> Iterator[dg.AssetCheckResult]:
         selected = context.selected_asset_check_keys
         chosen = [(k, t) for k, t in pairs if dg.AssetCheckKey(k, KAFKA_LAG) in selected]
-        report = check_lag([t for _, t in chosen], settings)
+        names = [t.name for _, t in chosen]
+        starts = deployment_starts(store, windows, names) if store is not None else None
+        report = check_lag([t for _, t in chosen], settings, starts=starts)
         common = fetch_metadata(report.fetch)
         for (key, _), flow in zip(chosen, report.flows, strict=True):
             yield dg.AssetCheckResult(
@@ -82,11 +149,35 @@ def build_kafka_lag_checks(graph: LoomAssetGraph, settings: KafkaLagSettings) ->
                 check_name=KAFKA_LAG,
                 passed=flow.passed,
                 severity=_severity(flow),
-                metadata=lag_metadata(flow, report.fetch, common),
+                metadata=lag_metadata(flow, report.fetch, common, (starts or {}).get(flow.name)),
                 description=flow.reason,
             )
 
-    return _kafka_lag_checks
+    if not read_deployments:
+
+        @dg.multi_asset_check(
+            specs=specs,
+            can_subset=True,
+            name=CHECKS_NAME,
+            description="One-shot Kafka lag of loom flows (no window: thresholds and clear statuses only).",
+        )
+        def _kafka_lag_checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
+            yield from run(context, None)
+
+        return _kafka_lag_checks
+
+    @dg.multi_asset_check(
+        specs=specs,
+        can_subset=True,
+        name=CHECKS_NAME,
+        description="One-shot Kafka lag of loom flows (no window: thresholds and clear statuses only).",
+    )
+    def _kafka_lag_checks_deployed(
+        context: dg.AssetCheckExecutionContext, loom: LoomDeployResource
+    ) -> Iterator[dg.AssetCheckResult]:
+        yield from run(context, loom.deployer().store)
+
+    return _kafka_lag_checks_deployed
 
 
 def build_kafka_lag_sensor(
@@ -95,24 +186,28 @@ def build_kafka_lag_sensor(
     *,
     name: str = "loom_kafka_lag",
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
+    read_deployments: bool = True,
 ) -> dg.SensorDefinition:
     """A sensor that fetches every flow's offsets in one batch per cluster each tick, keeps a window of
-    samples per partition in its cursor and reports ``kafka_lag`` check evaluations (runless)."""
+    samples per partition in its cursor and reports ``kafka_lag`` check evaluations (runless).
+
+    With *read_deployments* (default) it needs the ``loom`` resource: each tick reads every flow's
+    current deployment record (start time, start offsets) for the ``STARTING`` window.
+    """
     pairs = kafka_lag_targets(graph)
     targets = [t for _, t in pairs]
+    windows = starting_windows(graph, settings)
+    names = [t.name for t in targets]
 
-    @dg.sensor(
-        name=name,
-        minimum_interval_seconds=settings.interval_s,
-        default_status=default_status,
-        description="Kafka consumer lag of loom flows, evaluated over a window (reports the kafka_lag check).",
-    )
-    def _kafka_lag_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+    def tick(
+        context: dg.SensorEvaluationContext, store: DeploymentStore | None
+    ) -> dg.SensorResult | dg.SkipReason:
         if not targets:
             return dg.SkipReason("no Kafka-sourced loom flow")
-        report = check_lag(targets, settings, LagWindows.from_cursor(context.cursor))
+        starts = deployment_starts(store, windows, names) if store is not None else None
+        report = check_lag(targets, settings, LagWindows.from_cursor(context.cursor), starts=starts)
         events = [
-            lag_evaluation(key, flow, report.fetch)
+            lag_evaluation(key, flow, report.fetch, start=(starts or {}).get(flow.name))
             for (key, _), flow in zip(pairs, report.flows, strict=True)
         ]
         context.log.info(
@@ -121,11 +216,33 @@ def build_kafka_lag_sensor(
         )
         return dg.SensorResult(asset_events=events, cursor=report.windows.to_cursor())
 
-    return _kafka_lag_sensor
+    decorate = dg.sensor(
+        name=name,
+        minimum_interval_seconds=settings.interval_s,
+        default_status=default_status,
+        description="Kafka consumer lag of loom flows, evaluated over a window (reports the kafka_lag check).",
+    )
+    if not read_deployments:
+
+        def _kafka_lag_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+            return tick(context, None)
+
+        return decorate(_kafka_lag_sensor)
+
+    def _kafka_lag_sensor_deployed(
+        context: dg.SensorEvaluationContext, loom: LoomDeployResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        return tick(context, loom.deployer().store if targets else None)
+
+    return decorate(_kafka_lag_sensor_deployed)
 
 
 def lag_evaluation(
-    key: dg.AssetKey, flow: FlowLag, fetch: LagFetch, common: dict[str, Any] | None = None
+    key: dg.AssetKey,
+    flow: FlowLag,
+    fetch: LagFetch,
+    common: dict[str, Any] | None = None,
+    start: DeploymentStart | None = None,
 ) -> dg.AssetCheckEvaluation:
     """A runless ``kafka_lag`` check evaluation for one flow."""
     return dg.AssetCheckEvaluation(
@@ -133,7 +250,7 @@ def lag_evaluation(
         check_name=KAFKA_LAG,
         passed=flow.passed,
         severity=_severity(flow),
-        metadata=lag_metadata(flow, fetch, common),
+        metadata=lag_metadata(flow, fetch, common, start),
         description=flow.reason,
     )
 
@@ -147,8 +264,14 @@ def fetch_metadata(fetch: LagFetch) -> dict[str, Any]:
     }
 
 
-def lag_metadata(flow: FlowLag, fetch: LagFetch, common: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check metadata: status, reason, totals, time-lag estimate, the request cost and a partition table."""
+def lag_metadata(
+    flow: FlowLag,
+    fetch: LagFetch,
+    common: dict[str, Any] | None = None,
+    start: DeploymentStart | None = None,
+) -> dict[str, Any]:
+    """Check metadata: status, reason, totals, time-lag estimate, the request cost, a partition table and
+    (with *start*) the deployment's start time and starting window."""
     metadata: dict[str, Any] = {
         "status": flow.status.value,
         "reason": dg.MetadataValue.text(flow.reason),
@@ -166,6 +289,9 @@ def lag_metadata(flow: FlowLag, fetch: LagFetch, common: dict[str, Any] | None =
         "produce_rate_msg_s": flow.produce_rate,
     }
     metadata.update({k: round(v, 2) for k, v in optional.items() if v is not None})
+    if start is not None:
+        metadata["deployment_started_at"] = dg.MetadataValue.timestamp(start.started_at)
+        metadata["starting_window_s"] = round(start.window_s, 1)
     if flow.missing_topics:
         metadata["missing_topics"] = ", ".join(flow.missing_topics)
     if flow.partitions:
@@ -200,7 +326,9 @@ _TABLE_SCHEMA = dg.TableSchema(
         dg.TableColumn("partition", "int"),
         dg.TableColumn("end", "int", description="end offset (-1: unknown)"),
         dg.TableColumn("committed", "int", description="group's committed offset (-1: none)"),
-        dg.TableColumn("lag", "int", description="end - committed (-1: unknown)"),
+        dg.TableColumn(
+            "lag", "int", description="end - committed; without a commit, end - start offset (-1: unknown)"
+        ),
         dg.TableColumn("status", "string"),
         dg.TableColumn("time_lag_s", "float", description="estimate: lag / consumption rate (-1: none)"),
         dg.TableColumn("reason", "string"),

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class JobHealthSettings:
-    """Job health sensor: how often to look, when a job counts as hung, how to back off restarts."""
+    """Job health sensor: how often to look and how to back off restarts.
+
+    When a job counts as hung is the deploy resource's ``heartbeat_timeout_s`` (the launcher reads it).
+    """
 
     enabled: bool = True
     interval_s: int = 15
-    heartbeat_timeout_s: float = 30.0
     restart: bool = True
     backoff_initial_s: float = 10.0
     backoff_max_s: float = 600.0
