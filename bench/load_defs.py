@@ -1,24 +1,28 @@
-"""Definitions load bench: ``build_loom_defs`` for 1, 50 and 200 generated flows next to a plain Dagster
+"""Definitions load bench: ``build_loom_defs`` for 200 and 1,000 generated flows next to a plain Dagster
 code location with the same asset keys and edges, each load in a fresh interpreter.
 
-    .venv/bin/python bench/load_defs.py [--counts 1,50,200] [--repeat 3] [--dir DIR] [--layout shared]
-    .venv/bin/python bench/load_defs.py --profile 200          # cProfile of one 200-flow load
+    .venv/bin/python bench/load_defs.py [--counts 200,1000] [--repeat 3] [--dir DIR] [--layout shared]
+    .venv/bin/python bench/load_defs.py --variants plain,state,state-cold,compile   # + the old full compile
+    .venv/bin/python bench/load_defs.py --profile 200          # cProfile of one 200-flow load (fresh state)
     .venv/bin/python bench/load_defs.py --smoke                # 2 flows, every variant once; no figures
 
 Variants (every one in its own subprocess, so imports are counted fairly; medians over --repeat):
 
 - ``plain``: ``dg.AssetSpec``s with the same keys and deps, and one plain ``multi_asset`` per flow.
-- ``loom``: ``build_loom_defs`` with the compile cache off (``LOOM_DAGSTER_COMPILE_CACHE=off``).
-- ``loom+cache-cold``: the compile cache on but empty (this load fills it): the cache's own overhead.
-- ``loom+cache``: the same with a warm compile cache (a previous load filled it).
-- ``loom+cache-lazy``: warm cache, and the Kafka lag and sink health sensors off: the two builders that
-  need every compiled plan at load (the plans carry credentials, so they are never cached). It shows
-  what a load costs when nothing forces a compile.
+- ``state``: ``build_loom_defs`` with a fresh defs state (``loom_dagster.defs_state``): what every code
+  server reload and run worker pays. No flow is imported and nothing is compiled.
+- ``state-cold``: the first load, with an empty state directory: it imports and compiles every flow and
+  writes the state (the automatic refresh). Each repetition starts empty; the last one's state is the
+  one ``state`` then loads.
+- ``compile``: no state (``LOOM_DAGSTER_DEFS_STATE=off``): every load compiles every flow (the
+  behaviour before the defs state). Not run by default (slow at 1,000 flows).
 
-Columns: ``imports`` = dagster + loom_dagster + loom.streaming, ``build`` = ``build_loom_defs`` (flow
-imports, config loads, compiles, records, specs, sensors), ``validate`` = ``Definitions.validate_loadable``,
-``compile`` / ``config`` = the sum of loom's own ``compile_flow`` / ``load_application_config`` time inside
-build, ``rss`` = peak resident memory of the process. No thresholds are asserted.
+The compile cache is off everywhere. Columns: ``wall`` = the whole child process, ``load`` = imports +
+build + validate, ``imports`` = dagster + loom_dagster, ``build`` = ``build_loom_defs``, ``validate`` =
+``Definitions.validate_loadable``, ``compile`` / ``config`` = time in loom-dagster's ``compile_plan``
+(loom's ``compile_flow``) / loom's config loads inside build, with their call counts, ``flows imp.`` =
+generated flow modules imported, ``rss`` = peak resident memory. The ratios are to ``plain`` at the same
+size. No thresholds are asserted.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ def _remove_temp_dirs() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-VARIANTS = ("plain", "loom", "loom+cache-cold", "loom+cache", "loom+cache-lazy")
+VARIANTS = ("plain", "state-cold", "state", "compile")
+DEFAULT_VARIANTS = ("plain", "state-cold", "state")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,30 +146,26 @@ def run_child(variant: str, count: int, directory: Path) -> dict[str, Any]:
         t2 = build_started = time.perf_counter()
         defs = plain_defs(count)
     else:
-        import loom.core.config.overrides as overrides
-        import loom.streaming.compiler as compiler
-
+        import loom_dagster.catalog as catalog
+        import loom_dagster.loading as loading
         from loom_dagster.definitions_builder import build_loom_defs
-        from loom_dagster.sensors.settings import KafkaLagSettings, LoomSensorSettings, SinkHealthSettings
 
         t2 = time.perf_counter()
-        compile_timer = _Timer(compiler, "compile_flow")
-        config_timer = _Timer(overrides, "load_application_config")
-        from bench.generated_flows import load_specs
+        compile_timer = _Timer(catalog, "compile_plan")  # loom's compile_flow, without importing loom
+        config_timer = _Timer(loading, "_load_application_config")
+        from bench.generated_flows import default_package, load_specs
 
         specs = load_specs(directory, count)
-        sensors = None
-        if variant.endswith("-lazy"):
-            sensors = LoomSensorSettings(
-                kafka_lag=KafkaLagSettings(enabled=False), sink_health=SinkHealthSettings(enabled=False)
-            )
         build_started = time.perf_counter()  # generating the specs is not load work
-        defs = build_loom_defs(specs, sensors=sensors)
+        defs = build_loom_defs(specs)
+        package = default_package(directory)
         out.update(
             compile_s=compile_timer.seconds,
             compiles=compile_timer.calls,
             config_s=config_timer.seconds,
             config_loads=config_timer.calls,
+            flow_imports=sum(1 for m in sys.modules if m.startswith(package + ".")),
+            loom_imported="loom.streaming" in sys.modules,
         )
     t3 = time.perf_counter()
     dg.Definitions.validate_loadable(defs)
@@ -206,7 +207,7 @@ def spawn(
     if code_root:
         argv += ["--code-root", code_root]
     started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{variant} x{count} failed:\n{done.stderr[-4000:]}")
@@ -215,17 +216,13 @@ def spawn(
     return result
 
 
-def child_env(variant: str, cache_dir: Path) -> dict[str, str]:
-    """Environment of a child: the compile cache per variant (a new empty one for ``-cold``), no
-    LOOM_ENV, no telemetry."""
+def child_env(variant: str, state_dir: str) -> dict[str, str]:
+    """Environment of a child: its defs state directory (``off`` for ``compile``), no compile cache,
+    no LOOM_ENV, no telemetry."""
     env = {k: v for k, v in os.environ.items() if k != "LOOM_ENV"}
     env["DAGSTER_DISABLE_TELEMETRY"] = "1"
-    if variant in ("plain", "loom"):
-        env["LOOM_DAGSTER_COMPILE_CACHE"] = "off"
-    elif variant.endswith("-cold"):
-        env["LOOM_DAGSTER_COMPILE_CACHE"] = _temp_dir("loom-compile-cache-cold-")
-    else:
-        env["LOOM_DAGSTER_COMPILE_CACHE"] = str(cache_dir)
+    env["LOOM_DAGSTER_COMPILE_CACHE"] = "off"
+    env["LOOM_DAGSTER_DEFS_STATE"] = "off" if variant in ("plain", "compile") else state_dir
     return env
 
 
@@ -248,80 +245,64 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     """The figures, one row per (flows, variant)."""
     header = (
-        f"{'flows':>5} {'variant':<16} {'wall':>6} {'imports':>7} {'build':>6} {'valid.':>6} "
-        f"{'compile':>7} {'config':>6} {'rss MB':>6} {'assets':>6} {'edges':>5}"
+        f"{'flows':>5} {'variant':<10} {'wall':>6} {'load':>6} {'imports':>7} {'build':>6} {'valid.':>6} "
+        f"{'compile':>12} {'config':>12} {'flows imp.':>10} {'rss MB':>6} {'assets':>6} {'edges':>5}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
+        compiles = f"{r['compile_s']:.2f} ({r.get('compiles', 0)})"
+        configs = f"{r['config_s']:.2f} ({r.get('config_loads', 0)})"
         print(
-            f"{r['count']:>5} {r['variant']:<16} {r['wall_s']:6.2f} {r['imports_s']:7.2f} {r['build_s']:6.2f} "
-            f"{r['validate_s']:6.2f} {r['compile_s']:7.2f} {r['config_s']:6.2f} {r['rss_mb']:6.0f} "
-            f"{r['assets']:>6} {r['edges']:>5}"
+            f"{r['count']:>5} {r['variant']:<10} {r['wall_s']:6.2f} {r['load_s']:6.2f} {r['imports_s']:7.2f} "
+            f"{r['build_s']:6.2f} {r['validate_s']:6.2f} {compiles:>12} {configs:>12} "
+            f"{r.get('flow_imports', 0):>10} {r['rss_mb']:6.0f} {r['assets']:>6} {r['edges']:>5}"
         )
 
 
-def print_extra(rows: list[dict[str, Any]]) -> None:
-    """loom-dagster's time per flow beyond loom's own work, against the plain location: the average at
-    each size, and the marginal cost per added flow between the two largest sizes."""
+def print_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each loom variant against the plain location of the same size (wall and load), and what the
+    automatic refresh of a cold first load costs over a load with a fresh state."""
     by = {(r["count"], r["variant"]): r for r in rows}
-
-    def extra(count: int, variant: str) -> tuple[float, float] | None:
-        plain, r = by.get((count, "plain")), by.get((count, variant))
-        if plain is None or r is None:
-            return None
-        over = r["build_s"] + r["validate_s"] - plain["build_s"] - plain["validate_s"]
-        return over - r["compile_s"], over - r["compile_s"] - r["config_s"]
-
-    print(
-        "\nloom-dagster's extra time per flow: build + validate, minus the plain location's, minus loom's "
-        "compile_flow [and load_application_config]:"
-    )
-    counts = sorted({r["count"] for r in rows})
-    for variant in VARIANTS[1:]:
-        for count in counts:
-            e = extra(count, variant)
-            if e is not None:
-                print(
-                    f"  {variant:<16} {count:>4} flows: {e[0] / count * 1000:7.1f} ms/flow beyond compile_flow; "
-                    f"{e[1] / count * 1000:6.1f} ms/flow beyond compile_flow + config load"
-                )
-        if len(counts) >= 2:
-            small, large = counts[-2], counts[-1]
-            a, b = extra(small, variant), extra(large, variant)
-            if a is not None and b is not None:
-                added = large - small
-                print(
-                    f"  {variant:<16} marginal {small}->{large}: {(b[0] - a[0]) / added * 1000:5.1f} ms/flow "
-                    f"beyond compile_flow; {(b[1] - a[1]) / added * 1000:6.1f} ms/flow beyond compile_flow "
-                    "+ config load"
-                )
+    print("\nratio to plain AssetSpecs (wall / load):")
+    for count in sorted({r["count"] for r in rows}):
+        plain = by.get((count, "plain"))
+        for variant in VARIANTS[1:]:
+            r = by.get((count, variant))
+            if plain is None or r is None:
+                continue
+            print(
+                f"  {count:>5} flows  {variant:<10} {r['wall_s']:6.2f} s vs {plain['wall_s']:5.2f} s: "
+                f"{r['wall_s'] / plain['wall_s']:5.2f}x wall, {r['load_s'] / plain['load_s']:5.2f}x load"
+            )
+        cold, warm = by.get((count, "state-cold")), by.get((count, "state"))
+        if cold is not None and warm is not None:
+            extra = cold["wall_s"] - warm["wall_s"]
+            print(
+                f"  {count:>5} flows  automatic refresh (cold first load - fresh-state load): {extra:6.2f} s "
+                f"({extra / count * 1000:.1f} ms/flow)"
+            )
 
 
-def profile(count: int, directory: Path, cache: str, lazy: bool) -> None:
-    """cProfile one load in this process (loom imported first, so imports stay out of the profile)."""
+def profile(count: int, directory: Path, state: str) -> None:
+    """cProfile one load in this process (dagster imported first, so imports stay out of the profile);
+    with a state directory, a first unprofiled load fills it."""
     import cProfile
     import pstats
 
-    os.environ["LOOM_DAGSTER_COMPILE_CACHE"] = cache
+    os.environ["LOOM_DAGSTER_COMPILE_CACHE"] = "off"
+    os.environ["LOOM_DAGSTER_DEFS_STATE"] = state
     import dagster as dg
-    import loom.streaming  # noqa: F401
 
     from bench.generated_flows import load_specs
     from loom_dagster.definitions_builder import build_loom_defs
-    from loom_dagster.sensors.settings import KafkaLagSettings, LoomSensorSettings, SinkHealthSettings
 
     specs = load_specs(directory, count)
-    sensors = (
-        LoomSensorSettings(
-            kafka_lag=KafkaLagSettings(enabled=False), sink_health=SinkHealthSettings(enabled=False)
-        )
-        if lazy
-        else None
-    )
+    if state != "off":
+        build_loom_defs(specs)
     profiler = cProfile.Profile()
     profiler.enable()
-    defs = build_loom_defs(specs, sensors=sensors)
+    defs = build_loom_defs(specs)
     dg.Definitions.validate_loadable(defs)
     profiler.disable()
     stats = pstats.Stats(profiler)
@@ -334,9 +315,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--counts", default="1,50,200")
+    parser.add_argument("--counts", default="200,1000")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     parser.add_argument(
         "--dir", type=Path, default=None, help="where to generate flows (default: a temp dir)"
     )
@@ -353,8 +334,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="cProfile one N-flow load and exit"
     )
-    parser.add_argument("--profile-cache", default="off", help="LOOM_DAGSTER_COMPILE_CACHE for --profile")
-    parser.add_argument("--profile-lazy", action="store_true", help="--profile with plan-free sensors only")
+    parser.add_argument(
+        "--profile-state",
+        default=None,
+        help="defs state directory for --profile, or off (default: a temp dir)",
+    )
     parser.add_argument("--smoke", action="store_true", help="2 flows, every variant once (checks it runs)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
@@ -373,6 +357,9 @@ def main() -> None:
 
     counts = [int(c) for c in args.counts.split(",")]
     variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     work = Path(args.dir or _temp_dir("loom-load-bench-")).resolve()
     from bench.generated_flows import write_flows
 
@@ -383,27 +370,31 @@ def main() -> None:
         write_flows(work, wanted, layout=args.layout, add_to_path=False)
     if args.profile:
         sys.path.insert(0, str(work))
-        profile(args.profile, work, args.profile_cache, args.profile_lazy)
+        profile(args.profile, work, args.profile_state or _temp_dir("loom-defs-state-profile-"))
         return
 
     print(
         f"generated flows ({args.layout} config) in {work}; python {sys.version.split()[0]}; "
         f"{os.cpu_count()} cpus; repeat {args.repeat}"
     )
+    # the cold load fills the state the fresh-state load reads: it runs first (and once unasked)
+    ordered = [v for v in VARIANTS if v in variants]
     rows = []
     for count in counts:
-        cache_dir = Path(_temp_dir("loom-compile-cache-"))
-        if any(v in ("loom+cache", "loom+cache-lazy") for v in variants):
-            spawn("loom+cache", count, work, child_env("loom+cache", cache_dir), args.code_root)  # fills it
-        for variant in variants:
-            runs = [
-                spawn(variant, count, work, child_env(variant, cache_dir), args.code_root)
-                for _ in range(args.repeat)
-            ]
+        state_dir = ""
+        for variant in ordered:
+            if variant == "state" and not state_dir:
+                state_dir = _temp_dir("loom-defs-state-")
+                spawn("state-cold", count, work, child_env("state-cold", state_dir), args.code_root)
+            runs = []
+            for _ in range(args.repeat):
+                if variant == "state-cold":
+                    state_dir = _temp_dir("loom-defs-state-")  # empty for every repetition
+                runs.append(spawn(variant, count, work, child_env(variant, state_dir), args.code_root))
             rows.append(median_row(runs))
             print(f"  done: {count} flows, {variant}", file=sys.stderr)
     print_table(rows)
-    print_extra(rows)
+    print_ratios(rows)
 
 
 if __name__ == "__main__":

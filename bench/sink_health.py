@@ -1,5 +1,7 @@
 """Sink health bench: one sensor tick over 200 Delta tables, and the Delta health read of a table with
-10 commits next to one with 10,000 commits (built with small appends, cached between runs).
+10 commits next to one with 10,000 commits (built with small appends, cached between runs): the log reader
+over local files, the same reader over delta-rs' object store (the path of s3:// / gs:// / az:// tables,
+timed on a file:// URI), and deltalake's own table load for comparison.
 
     .venv/bin/python bench/sink_health.py [--tables 200] [--commits 10000] [--cache-dir DIR]
     .venv/bin/python bench/sink_health.py --smoke    # 3 tables, 10 vs 20 commits in a temp dir, one repeat
@@ -36,7 +38,10 @@ from loom_dagster.graph import LoomAssetGraph, build_asset_graph  # noqa: E402
 from loom_dagster.records import SinkBackend  # noqa: E402
 from loom_dagster.sensors.settings import SinkHealthSettings  # noqa: E402
 from loom_dagster.sensors.sinks import build_sink_health_sensor  # noqa: E402
-from loom_dagster.sink_health import SinkReading, SinkTarget, latest_delta_version, read_sink  # noqa: E402
+from loom_dagster.sinks.delta_log import latest_delta_version  # noqa: E402
+from loom_dagster.sinks.read import read_sink  # noqa: E402
+from loom_dagster.sinks.reading import SinkReading  # noqa: E402
+from loom_dagster.sinks.targets import SinkTarget  # noqa: E402
 from loom_dagster.spec import LoomFlowSpec  # noqa: E402
 from loom_dagster.translator import LoomTranslator  # noqa: E402
 
@@ -171,7 +176,9 @@ def bench_read(cache: Path, commits: int, repeat: int = 200, child_repeat: int =
         built = ensure_table(uri, n)
         if built > 0.5:
             print(f"built {uri} ({n} commits) in {built:.0f}s")
-    print(f"\nDelta health read (log only), median / best of {repeat}, {small.name} vs {big.name}:")
+    print(
+        f"\nDelta health read (log reader over local files), median / best of {repeat}, {small.name} vs {big.name}:"
+    )
     rows = []
     for uri in (small, big):
         target = delta_target(uri, uri.name)
@@ -206,38 +213,73 @@ def bench_read(cache: Path, commits: int, repeat: int = 200, child_repeat: int =
 
 DELTALAKE_CHILD = """
 import json, sys, time, statistics
+from pathlib import Path
 from deltalake import DeltaTable
-out = {}
-for uri in sys.argv[2:]:
+from loom_dagster.records import SinkBackend
+from loom_dagster.sinks.delta_log import ObjectStoreDeltaLog
+from loom_dagster.sinks.read_delta import read_delta
+from loom_dagster.sinks.targets import SinkTarget
+
+def timed(fn, repeat):
     samples = []
-    for _ in range(int(sys.argv[1])):
+    for _ in range(repeat):
         started = time.perf_counter()
-        table = DeltaTable(uri)
-        table.version(); table.history(limit=1)
+        fn()
         samples.append((time.perf_counter() - started) * 1000)
-    out[uri] = [statistics.median(samples), min(samples)]
+    return [statistics.median(samples), min(samples)]
+
+def deltalake_load(uri):
+    table = DeltaTable(uri)
+    table.version(); table.history(limit=1)
+
+out = {}
+repeat = int(sys.argv[1])
+for uri in sys.argv[2:]:
+    url = Path(uri).as_uri()
+    target = SinkTarget("delta/t", SinkBackend.DELTA, "t", None, url, ("b",), ("loom/b",), connect_url=url)
+    store = lambda: ObjectStoreDeltaLog(url)
+    first = read_delta(target, None, now=0.0, log=store())
+    out[uri] = {
+        "store_cold": timed(lambda: read_delta(target, None, now=0.0, log=store()), repeat),
+        "store_idle": timed(lambda: read_delta(target, first, now=0.0, log=store()), repeat),
+        "deltalake": timed(lambda: deltalake_load(uri), repeat),
+        "version": first.version,
+    }
 print(json.dumps(out), flush=True)
 """
 
 
 def bench_deltalake(small: Path, big: Path, repeat: int = 20) -> None:
-    """For comparison: ``DeltaTable(uri)`` + ``version()`` + ``history(limit=1)``, in a child process."""
+    """In a child process: the log reader through delta-rs' object store (``ObjectStoreDeltaLog`` on a
+    file:// URI, a new store per read as the sensor does), and deltalake's ``DeltaTable(uri)`` +
+    ``version()`` + ``history(limit=1)``."""
     proc = subprocess.run(
         [sys.executable, "-c", DELTALAKE_CHILD, str(repeat), str(small), str(big)],
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=ROOT,
     )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("{")), None)
     if line is None:
-        raise RuntimeError(f"deltalake comparison failed (rc {proc.returncode}): {proc.stderr[-300:]}")
+        raise RuntimeError(f"object store comparison failed (rc {proc.returncode}): {proc.stderr[-300:]}")
     figures = json.loads(line)
     print(
-        "\nFor comparison, deltalake DeltaTable(uri) + version() + history(limit=1), "
-        f"median / best of {repeat}:"
+        f"\nSame reader over delta-rs' object store (file:// URI), and deltalake's table load, median / best of {repeat}:"
     )
-    for uri, (median, best) in figures.items():
-        print(f"  {Path(uri).name:<16}{median:10.2f} / {best:6.2f} ms")
+    print(
+        f"  {'table':<16}{'version':>8}  {'store cold read':>18}  {'store idle':>18}  {'deltalake load':>18}"
+    )
+    for uri, f in figures.items():
+        cells = "  ".join(
+            f"{f[k][0]:8.3f} / {f[k][1]:6.3f} ms" for k in ("store_cold", "store_idle", "deltalake")
+        )
+        print(f"  {Path(uri).name:<16}{f['version']:>8}  {cells}")
+    for uri, f in figures.items():
+        print(
+            f"  x 200 tables, one after the other ({Path(uri).name}): store idle {200 * f['store_idle'][0]:.0f} ms, "
+            f"deltalake load {200 * f['deltalake'][0]:.0f} ms"
+        )
     print(f"  (child process exit code {proc.returncode})")
 
 

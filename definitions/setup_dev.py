@@ -14,7 +14,7 @@ import os
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 
-from loom_dagster.sink_tables import SinkTablesReport
+from loom_dagster.sinks.table_report import SinkTablesReport
 
 TOPICS = ["orders", "orders.enriched", "orders.dlq"]
 
@@ -48,7 +48,7 @@ def create_example_tables(
     """
     from definitions.definitions import FLOWS
     from loom_dagster.catalog import compile_spec
-    from loom_dagster.sink_tables import check_sink_tables
+    from loom_dagster.sinks.check_tables import check_sink_tables
 
     reports = []
     with _environ(environ or {}):

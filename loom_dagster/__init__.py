@@ -20,10 +20,13 @@ _EXPORTS: dict[str, str] = {
     "Deployment": "loom_dagster.deployments",
     "DeploymentError": "loom_dagster.errors",
     "DeploymentStore": "loom_dagster.deployments",
+    "DefsState": "loom_dagster.defs_state",
     "DuplicateAssetKeyError": "loom_dagster.errors",
     "FlowCompileError": "loom_dagster.errors",
     "FlowDeployer": "loom_dagster.deploy",
     "FlowLoadError": "loom_dagster.errors",
+    "JobHealthSettings": "loom_dagster.settings",
+    "KafkaLagSettings": "loom_dagster.settings",
     "Launcher": "loom_dagster.launchers",
     "LineageMismatchError": "loom_dagster.errors",
     "LocalProcessLauncher": "loom_dagster.launchers",
@@ -33,18 +36,29 @@ _EXPORTS: dict[str, str] = {
     "LoomDeployResource": "loom_dagster.resources",
     "LoomFlow": "loom_dagster.records",
     "LoomFlowSpec": "loom_dagster.spec",
+    "LoomMetadataSet": "loom_dagster.translator",
+    "LoomFlowsComponent": "loom_dagster.component",
     "LoomOutputTopic": "loom_dagster.records",
+    "LoomSensorSettings": "loom_dagster.settings",
     "LoomSourceCollection": "loom_dagster.records",
     "LoomSourceTopic": "loom_dagster.records",
     "LoomStorageSink": "loom_dagster.records",
     "LoomTopic": "loom_dagster.records",
     "LoomTranslator": "loom_dagster.translator",
     "SinkBackend": "loom_dagster.records",
+    "SinkFreshness": "loom_dagster.settings",
+    "SinkHealthSettings": "loom_dagster.settings",
     "TopicRole": "loom_dagster.records",
+    "build_job_health_sensor": "loom_dagster.sensors.health",
+    "build_kafka_lag_sensor": "loom_dagster.sensors.lag",
     "build_loom_asset_graph": "loom_dagster.assets",
     "build_loom_defs": "loom_dagster.definitions_builder",
     "build_loom_flow_assets": "loom_dagster.assets",
+    "build_redeploy_schedule": "loom_dagster.schedules",
+    "build_sink_health_sensor": "loom_dagster.sensors.sinks",
     "build_undeploy_job": "loom_dagster.jobs",
+    "deploy_loom_flows": "loom_dagster.decorator",
+    "loom_flow_assets": "loom_dagster.decorator",
 }
 
 
@@ -60,7 +74,10 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from loom_dagster.assets import LoomDeployConfig, build_loom_asset_graph, build_loom_flow_assets
+    from loom_dagster.component import LoomFlowsComponent
+    from loom_dagster.decorator import deploy_loom_flows, loom_flow_assets
     from loom_dagster.definitions_builder import build_loom_defs
+    from loom_dagster.defs_state import DefsState
     from loom_dagster.deploy import DeployOptions, FlowDeployer
     from loom_dagster.deployments import Deployment, DeploymentStore
     from loom_dagster.errors import (
@@ -85,10 +102,32 @@ if TYPE_CHECKING:
         TopicRole,
     )
     from loom_dagster.resources import LoomDeployResource
+    from loom_dagster.schedules import build_redeploy_schedule
+    from loom_dagster.sensors.health import build_job_health_sensor
+    from loom_dagster.sensors.lag import build_kafka_lag_sensor
+    from loom_dagster.sensors.sinks import build_sink_health_sensor
+    from loom_dagster.settings import (
+        JobHealthSettings,
+        KafkaLagSettings,
+        LoomSensorSettings,
+        SinkFreshness,
+        SinkHealthSettings,
+    )
     from loom_dagster.spec import LoomFlowSpec
-    from loom_dagster.translator import LoomTranslator
+    from loom_dagster.translator import LoomMetadataSet, LoomTranslator
 
 __all__ = [
+    "build_job_health_sensor",
+    "build_kafka_lag_sensor",
+    "build_loom_asset_graph",
+    "build_loom_defs",
+    "build_loom_flow_assets",
+    "build_redeploy_schedule",
+    "build_sink_health_sensor",
+    "build_undeploy_job",
+    "deploy_loom_flows",
+    "loom_flow_assets",
+    "DefsState",
     "Deployment",
     "DeploymentError",
     "DeploymentStore",
@@ -97,6 +136,8 @@ __all__ = [
     "FlowCompileError",
     "FlowDeployer",
     "FlowLoadError",
+    "JobHealthSettings",
+    "KafkaLagSettings",
     "Launcher",
     "LineageMismatchError",
     "LocalProcessLauncher",
@@ -105,17 +146,18 @@ __all__ = [
     "LoomDeployConfig",
     "LoomDeployResource",
     "LoomFlow",
+    "LoomFlowsComponent",
     "LoomFlowSpec",
+    "LoomMetadataSet",
     "LoomOutputTopic",
+    "LoomSensorSettings",
     "LoomSourceCollection",
     "LoomSourceTopic",
     "LoomStorageSink",
     "LoomTopic",
     "LoomTranslator",
     "SinkBackend",
+    "SinkFreshness",
+    "SinkHealthSettings",
     "TopicRole",
-    "build_loom_asset_graph",
-    "build_loom_defs",
-    "build_loom_flow_assets",
-    "build_undeploy_job",
 ]

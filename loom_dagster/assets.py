@@ -8,9 +8,11 @@ from typing import Any
 import dagster as dg
 
 from loom_dagster.catalog import compile_specs, config_section
-from loom_dagster.checks import DEPLOY_CHECKS
+from loom_dagster.checks import DEPLOY_CHECKS, RESTART_TAG
+from loom_dagster.defs_state import STALE_METADATA_KEY, DefsState, default_defs_state
 from loom_dagster.deploy import DeployResult
 from loom_dagster.deploy_checks import DeployChecksReport
+from loom_dagster.deployments import Deployment
 from loom_dagster.errors import LoomDagsterError
 from loom_dagster.graph import FlowNode, LoomAssetGraph, build_asset_graph
 from loom_dagster.records import LoomFlow
@@ -29,14 +31,42 @@ class LoomDeployConfig(dg.Config):
 
 
 def build_loom_asset_graph(
-    flows: Sequence[LoomFlowSpec], translator: LoomTranslator | None = None
+    flows: Sequence[LoomFlowSpec],
+    translator: LoomTranslator | None = None,
+    *,
+    state: DefsState | bool | None = True,
 ) -> LoomAssetGraph:
-    """Compile every flow and lay out its specs and edges (no Dagster definitions yet)."""
-    return build_asset_graph(compile_specs(flows), translator or LoomTranslator())
+    """Lay out every flow's specs and edges (no Dagster definitions yet).
+
+    The flows' records come from the defs *state* (``True``: the default ``DefsState``, unless
+    ``LOOM_DAGSTER_DEFS_STATE=off``; see ``loom_dagster.defs_state``), refreshed there when missing
+    or stale; ``False``/``None`` compiles every flow now. A flow loaded from a stale state (only with
+    ``refresh="never"``) carries ``loom/defs_state`` metadata saying why.
+    """
+    chosen = default_defs_state() if state is True else (state or None)
+    if chosen is None:
+        return build_asset_graph(compile_specs(flows), translator or LoomTranslator())
+    load = chosen.load(flows)
+    graph = build_asset_graph(load.compiled, translator or LoomTranslator())
+    for node in graph.flows:
+        reason = load.stale_reason(node.compiled.flow.name)
+        if reason is not None:
+            node.spec = node.spec.merge_attributes(
+                metadata={
+                    STALE_METADATA_KEY: dg.MetadataValue.text(
+                        f"stale: {reason}. The asset graph may not match the flow; run `loom-dagster "
+                        "refresh` and reload. A deploy compiles the flow anew and checks its lineage."
+                    )
+                }
+            )
+    return graph
 
 
 def build_loom_flow_assets(
-    flows: Sequence[LoomFlowSpec], *, translator: LoomTranslator | None = None
+    flows: Sequence[LoomFlowSpec],
+    *,
+    translator: LoomTranslator | None = None,
+    state: DefsState | bool | None = True,
 ) -> list[dg.AssetsDefinition | dg.AssetSpec]:
     """The assets of a set of flows: a deploy asset per flow and an external spec per topic/table.
 
@@ -44,7 +74,7 @@ def build_loom_flow_assets(
         >>> assets = build_loom_flow_assets([LoomFlowSpec(  # doctest: +SKIP
         ...     "definitions.flows.orders:orders_flow", config="definitions/config")])
     """
-    graph = build_loom_asset_graph(flows, translator)
+    graph = build_loom_asset_graph(flows, translator, state=state)
     return assets_from_graph(graph)
 
 
@@ -64,63 +94,86 @@ def flow_deploy_asset(node: FlowNode) -> dg.AssetsDefinition:
     It carries the ``deploy_checks`` check (loom's deploy checks); executing that check alone runs
     the checks and deploys nothing.
     """
-    spec, compiled = node.spec, node.compiled
-    declared, sink_keys = compiled.flow, dict(node.sink_keys)
-    flow_spec = compiled.spec
-    check_spec = dg.AssetCheckSpec(
-        DEPLOY_CHECKS,
-        asset=spec.key,
-        description="loom's deploy checks (loom.core.checks) for the target environment: errors block the "
-        "deploy where loom enforces them (production, staging), warnings WARN, silenced ids listed.",
-    )
+    declared = node.compiled.flow
 
     @dg.multi_asset(
-        specs=[spec],
-        check_specs=[check_spec],
+        specs=[node.spec],
+        check_specs=[deploy_check_spec(node.spec.key)],
         name=op_name(declared.name),
         pool=f"loom_{op_name(declared.name)}",
-        description=spec.description,
+        description=node.spec.description,
         can_subset=True,
     )
     def _deploy(
         context: dg.AssetExecutionContext, config: LoomDeployConfig, loom: LoomDeployResource
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-        deployer = loom.deployer()
-        reports: list[DeployChecksReport] = []
-        report_checks = dg.AssetCheckKey(spec.key, DEPLOY_CHECKS) in context.selected_asset_check_keys
-        try:
-            if spec.key not in context.selected_asset_keys:
-                fresh = deployer.validate(flow_spec, declared, sink_keys, config.environment)
-                deployer.run_deploy_checks(fresh, reports.append, log=context.log.info)
-                yield deploy_checks_result(spec.key, reports[-1])
-                return
-            result = deployer.deploy(
-                flow_spec,
-                declared,
-                sink_keys=sink_keys,
-                environment=config.environment,
-                run_id=context.run.run_id,
-                log=context.log.info,
-                accept_offset_reset=config.accept_offset_reset,
-                on_checks=reports.append,
-            )
-        except LoomDagsterError as exc:
-            if reports and report_checks:
-                yield deploy_checks_result(spec.key, reports[-1])
-            raise dg.Failure(
-                description=str(exc),
-                metadata=failure_metadata(exc),
-                allow_retries=False,
-            ) from exc
-        if reports and report_checks:
-            yield deploy_checks_result(spec.key, reports[-1])
-        yield dg.MaterializeResult(
-            asset_key=spec.key,
-            metadata=deploy_metadata(declared, result),
-            data_version=dg.DataVersion(result.compiled.flow.plan_hash),
-        )
+        yield from deploy_flow_node(context, node, config, loom)
 
     return _deploy
+
+
+def deploy_check_spec(key: dg.AssetKey) -> dg.AssetCheckSpec:
+    """The ``deploy_checks`` check declared on the flow asset *key*."""
+    return dg.AssetCheckSpec(
+        DEPLOY_CHECKS,
+        asset=key,
+        description="loom's deploy checks (loom.core.checks) for the target environment: errors block the "
+        "deploy where loom enforces them (production, staging), warnings WARN, silenced ids listed.",
+    )
+
+
+def deploy_flow_node(
+    context: dg.AssetExecutionContext, node: FlowNode, config: LoomDeployConfig, loom: LoomDeployResource
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    """Materialize one flow in an asset body: deploy it (or restart it, for the health sensor's runs),
+    or, when only its ``deploy_checks`` check is selected, run the checks and deploy nothing."""
+    spec, compiled = node.spec, node.compiled
+    declared, sink_keys = compiled.flow, dict(node.sink_keys)
+    flow_spec = compiled.spec
+    deployer = loom.deployer()
+    reports: list[DeployChecksReport] = []
+    report_checks = dg.AssetCheckKey(spec.key, DEPLOY_CHECKS) in context.selected_asset_check_keys
+    try:
+        if context.run.tags.get(RESTART_TAG) == "true" and deployer.store.current(declared.name):
+            restarted = deployer.restart(
+                declared.name, by=f"run {context.run.run_id} (job health sensor)", log=context.log.info
+            )
+            yield dg.MaterializeResult(
+                asset_key=spec.key,
+                metadata=restart_metadata(restarted),
+                data_version=dg.DataVersion(restarted.plan_hash),
+            )
+            return
+        if spec.key not in context.selected_asset_keys:
+            fresh = deployer.validate(flow_spec, declared, sink_keys, config.environment)
+            deployer.run_deploy_checks(fresh, reports.append, log=context.log.info)
+            yield deploy_checks_result(spec.key, reports[-1])
+            return
+        result = deployer.deploy(
+            flow_spec,
+            declared,
+            sink_keys=sink_keys,
+            environment=config.environment,
+            run_id=context.run.run_id,
+            log=context.log.info,
+            accept_offset_reset=config.accept_offset_reset,
+            on_checks=reports.append,
+        )
+    except LoomDagsterError as exc:
+        if reports and report_checks:
+            yield deploy_checks_result(spec.key, reports[-1])
+        raise dg.Failure(
+            description=str(exc),
+            metadata=failure_metadata(exc),
+            allow_retries=False,
+        ) from exc
+    if reports and report_checks:
+        yield deploy_checks_result(spec.key, reports[-1])
+    yield dg.MaterializeResult(
+        asset_key=spec.key,
+        metadata=deploy_metadata(declared, result),
+        data_version=dg.DataVersion(result.compiled.flow.plan_hash),
+    )
 
 
 def deploy_checks_result(key: dg.AssetKey, report: DeployChecksReport) -> dg.AssetCheckResult:
@@ -145,6 +198,24 @@ def deploy_checks_result(key: dg.AssetKey, report: DeployChecksReport) -> dg.Ass
             "enforced": report.enforced,
         },
     )
+
+
+def restart_metadata(deployment: Deployment) -> dict[str, Any]:
+    """Metadata of a restart: the same deployment (plan, config snapshot), a new job."""
+    job = deployment.job
+    return {
+        "loom/deployed": True,
+        "loom/restarted": True,
+        "loom/restarts": dg.MetadataValue.int(deployment.restarts),
+        "loom/plan_hash": deployment.plan_hash,
+        "loom/config_hash": deployment.config_hash,
+        "loom/pid": dg.MetadataValue.int(job.processes[0].pid),
+        "loom/pids": ", ".join(str(p.pid) for p in job.processes),
+        "loom/host": job.host,
+        "loom/started_at": dg.MetadataValue.timestamp(job.started_at),
+        "loom/log_path": dg.MetadataValue.path(job.log_path),
+        "loom/config_snapshot": ", ".join(job.request.config_files),
+    }
 
 
 def failure_metadata(exc: Exception) -> dict[str, Any]:

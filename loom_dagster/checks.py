@@ -14,3 +14,7 @@ SINK_FRESHNESS = "freshness"
 DEPLOY_CHECKS = "deploy_checks"
 """On each flow asset, reported by every materialization: loom's own deploy checks (``loom.core.checks``)
 for the target environment; errors block the deploy where loom enforces them, warnings WARN."""
+
+RESTART_TAG = "loom/restart"
+"""Run tag of a restart the job health sensor requested: the run restarts the recorded deployment from its
+own config snapshot instead of deploying the config as it is now."""

@@ -3,6 +3,11 @@
 loom-dagster status [--json] [--state-dir DIR]     every deployed flow: pid, uptime, health, plan, lag, writes
 loom-dagster logs FLOW [-f] [-n 50]                the job's log (follow with -f)
 loom-dagster stop FLOW | --all                     drain and stop; health sensors will not restart it
+loom-dagster refresh -m MODULE | -f FILE           write a code location's defs state (loads compile nothing)
+
+``status`` also lists orphan jobs (health ``orphan``): a job running without a record in this state dir,
+found in this host's process table and, for recorded Kafka flows, as a holder of the consumer group's
+fence on any host (``loom_dagster.orphans``). ``stop FLOW`` stops a local orphan of FLOW too, record or not.
 """
 
 from __future__ import annotations
@@ -16,22 +21,48 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.errors import LoomDagsterError
-from loom_dagster.launchers import procfs
-from loom_dagster.launchers.local import LocalProcessLauncher, log_tail
+from loom_dagster.kafka.cluster import KafkaCluster, record_target
+from loom_dagster.kafka.lag_check import check_lag
+from loom_dagster.kafka.lag_eval import DeploymentStart
+from loom_dagster.kafka.lag_status import LagStatus
+from loom_dagster.launchers.base import Launcher, LauncherRef
+from loom_dagster.orphans import FenceTarget, Orphan, find_orphans, stop_orphans
 from loom_dagster.redact import redact_text
+from loom_dagster.refresh import add_refresh_parser
 from loom_dagster.runtime.status import SinkError
+from loom_dagster.settings import KafkaLagSettings
+
+STATUS_LAG = KafkaLagSettings(warn_lag=2**62, error_lag=2**62, request_timeout_s=5.0)
+"""Lag settings of ``status``: the sensor's thresholds are not known here, only the statuses speak."""
 
 
 class CliError(LoomDagsterError):
     """A user-facing CLI error (printed without a traceback, exit 2)."""
 
 
+def launcher_of(deployment: Deployment, built: dict[bytes, Launcher] | None = None) -> Launcher:
+    """The launcher that ran *deployment*, built again from its record (cached in *built*)."""
+    built = {} if built is None else built
+    key = msgspec.json.encode(deployment.launcher, order="sorted")
+    if key not in built:
+        try:
+            built[key] = deployment.launcher.build()
+        except LoomDagsterError as exc:
+            raise CliError(f"flow {deployment.flow_name!r}: {exc}") from exc
+    return built[key]
+
+
 def flow_status(
-    deployment: Deployment, launcher: LocalProcessLauncher, with_lag: bool = True
+    deployment: Deployment, launcher: Launcher | None = None, with_lag: bool = True
 ) -> dict[str, Any]:
-    """One row of ``status``: what runs, since when, how healthy, how far behind, what it last wrote."""
+    """One row of ``status``: what runs, since when, how healthy, how far behind, what it last wrote.
+
+    *launcher* defaults to the one the record names (:func:`launcher_of`)."""
+    launcher = launcher or launcher_of(deployment)
     job = deployment.job
     row: dict[str, Any] = {
         "flow": deployment.flow_name,
@@ -41,7 +72,7 @@ def flow_status(
         "deployed_at": deployment.deployed_at,
         "log_path": job.log_path,
     }
-    if deployment.host != socket.gethostname():
+    if not launcher.owns(job):
         row.update(health="other-host", detail=f"deployed on {deployment.host}; run this command there")
         return row
     report = launcher.report(job)
@@ -52,11 +83,9 @@ def flow_status(
         health, detail = "dead", f"stale record: no process is running ({report.reason})"
     else:
         health, detail = report.state.value, report.reason
-    uptimes = [procfs.uptime_seconds(p.pid) for p in job.processes if procfs.is_alive(p.pid, p.start_ticks)]
     row.update(health=health, detail=detail, alive_processes=report.alive_processes)
-    row["uptime_s"] = (
-        round(min(u for u in uptimes if u is not None), 1) if uptimes and None not in uptimes else None
-    )
+    uptime = launcher.uptime(job) if alive else None
+    row["uptime_s"] = round(uptime, 1) if uptime is not None else None
     row["records_in"] = sum(int(s.get("records_in") or 0) for s in report.statuses)
     row["errors"] = sum(int(s.get("errors") or 0) for s in report.statuses)
     row["last_write"] = _last_writes(report.statuses)
@@ -91,36 +120,30 @@ def _last_writes(statuses: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def source_lag(deployment: Deployment) -> int | str | None:
-    """Total consumer lag of the flow's group (end - committed over its source partitions)."""
+    """Total consumer lag of the flow's group: the same fetch and evaluation as the ``kafka_lag`` check
+    (one shot, no window; a partition without a commit counts from the offset the job started from).
+
+    A number when every source partition answered and is fine, else the lag with its status
+    (``"120 (NO_COMMITS)"``) or ``"unavailable (UNREACHABLE)"``. A record keeps no credentials: a
+    secured cluster is not read here (the sensor reads it with the flow's own settings).
+    """
     source = deployment.extra.get("source") or {}
-    if source.get("kind") != "kafka" or not source.get("group_id"):
+    target = record_target(deployment.flow_name, source)
+    if target is None:
         return None
     if source.get("secured"):
         return "n/a (secured cluster: see the kafka_lag check)"
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer(
-        {
-            "bootstrap.servers": ",".join(source["brokers"]),
-            "group.id": source["group_id"],
-            "enable.auto.commit": False,
-            "socket.timeout.ms": 5000,
-        }
-    )
+    started = max(deployment.deployed_at, deployment.job.started_at)
+    start = DeploymentStart.from_record(started, deployment.extra or {}, window_s=0.0)
     try:
-        total = 0
-        for topic in source["topics"]:
-            meta = consumer.list_topics(topic, timeout=5)
-            parts = [TopicPartition(topic, p) for p in meta.topics[topic].partitions]
-            committed = consumer.committed(parts, timeout=5)
-            for tp in committed:
-                _, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=5)
-                total += high - max(tp.offset, 0)
-        return total
-    except Exception as exc:  # the broker being down is a status, not a crash
+        (flow,) = check_lag([target], STATUS_LAG, starts={target.name: start}).flows
+    except Exception as exc:  # a bad client config is a status, not a crash
         return f"unavailable ({type(exc).__name__})"
-    finally:
-        consumer.close()
+    if flow.status is LagStatus.OK:
+        return flow.total_lag
+    if flow.status in (LagStatus.UNREACHABLE, LagStatus.MISSING_TOPIC) or not flow.partitions:
+        return f"unavailable ({flow.status.value})"
+    return f"{flow.total_lag} ({flow.status.value})"
 
 
 def render_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -167,9 +190,10 @@ def _current(store: DeploymentStore, flow: str) -> Deployment:
 
 def cmd_status(args: argparse.Namespace) -> int:
     store = DeploymentStore(args.state_dir)
-    launcher = LocalProcessLauncher()
     deployments = [d for d in store.all() if args.all or not d.stopped_on_purpose]
-    rows = [flow_status(d, launcher, with_lag=not args.no_lag) for d in deployments]
+    built: dict[bytes, Launcher] = {}
+    rows = [flow_status(d, launcher_of(d, built), with_lag=not args.no_lag) for d in deployments]
+    rows += [orphan_row(o, store.root) for o in status_orphans(store, read_fences=not args.no_lag)]
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True, default=str))
     elif not rows:
@@ -182,42 +206,77 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     deployment = _current(DeploymentStore(args.state_dir), args.flow)
     path = Path(deployment.job.log_path)
-    if deployment.host != socket.gethostname():
+    launcher = launcher_of(deployment)
+    if not launcher.owns(deployment.job):
         raise CliError(f"flow {args.flow!r} runs on host {deployment.host!r}; its log is there: {path}")
-    print(log_tail(path, args.lines))
-    if not args.follow:
+    followed = launcher.follow_logs(deployment.job) if args.follow else None  # from before the tail: no gap
+    print(launcher.logs(deployment.job, args.lines))
+    if followed is None:
         return 0
-    with path.open("rb") as handle:
-        handle.seek(0, 2)
-        try:
-            while True:
-                chunk = handle.read()
-                if chunk:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                    sys.stdout.flush()
-                else:
-                    time.sleep(0.3)
-        except KeyboardInterrupt:
-            return 0
+    try:
+        for line in followed:  # across rotations (job.log -> job.log.1), redacted
+            print(line, flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from loom_dagster.deploy import FlowDeployer
 
     store = DeploymentStore(args.state_dir)
-    deployer = FlowDeployer(LocalProcessLauncher(), store)
+    local = LauncherRef().build()  # orphans are found in this host's process table
     names = [d.flow_name for d in store.all()] if args.all else [args.flow]
     if not args.all and args.flow is None:
         raise CliError("name a flow to stop, or pass --all")
     for name in names:
-        deployment = _current(store, name)
-        if deployment.stopped_on_purpose:
+        orphans = [o for o in find_orphans(store, flows=[name], launcher=local).of(name) if o.local]
+        deployment = store.current(name) if orphans else _current(store, name)
+        deployer = FlowDeployer(launcher_of(deployment) if deployment else local, store)
+        if deployment is None:
+            pass
+        elif deployment.stopped_on_purpose:
             print(f"{name}: already stopped (by {deployment.stopped_by})")
-            continue
-        stopped = deployer.undeploy(name, by=f"loom-dagster CLI on {socket.gethostname()}")
-        pids = ", ".join(str(p.pid) for p in stopped.job.processes) if stopped else "-"
-        print(f"{name}: stopped (pids {pids})")
+        else:
+            stopped = deployer.undeploy(name, by=f"loom-dagster CLI on {socket.gethostname()}")
+            pids = ", ".join(str(p.pid) for p in stopped.job.processes) if stopped else "-"
+            print(f"{name}: stopped (pids {pids})")
+        for orphan in stop_orphans(orphans, deployer.options.drain_timeout_s, local):
+            print(f"{name}: stopped orphan job pid {orphan.pid} (no deployment record in {store.root})")
     return 0
+
+
+def status_orphans(store: DeploymentStore, read_fences: bool = True) -> list[Orphan]:
+    """Jobs running without a record here: every local runtime process, and (``read_fences``) the
+    fence holders of the recorded Kafka flows on any host (plaintext clusters: a record keeps no
+    credentials; the health sensor reads secured ones)."""
+    targets = []
+    for deployment in store.all() if read_fences else ():
+        source = deployment.extra.get("source") or {}
+        if source.get("kind") == "kafka" and source.get("group_id") and not source.get("secured"):
+            cluster = KafkaCluster(",".join(sorted(str(b) for b in source.get("brokers") or ())))
+            targets.append(FenceTarget(deployment.flow_name, str(source["group_id"]), cluster))
+    report = find_orphans(store, targets=targets, timeout_s=3.0)
+    for reason in report.unreachable:
+        print(f"loom-dagster: fence holders not read: {redact_text(reason)}", file=sys.stderr)
+    return list(report.orphans)
+
+
+def orphan_row(orphan: Orphan, state_dir: Path) -> dict[str, Any]:
+    """A ``status`` row for a job that runs without a deployment record here."""
+    detail = orphan.describe(state_dir)
+    return {
+        "flow": orphan.flow_name,
+        "host": orphan.host,
+        "pids": [orphan.pid] if orphan.pid is not None else [],
+        "plan_hash": "-",
+        "health": "orphan",
+        "detail": detail,
+        "problems": [detail],
+        "consumer_group": orphan.consumer_group,
+        "found_by": orphan.found_by,
+        "run_id": orphan.run_id,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("flow", nargs="?")
     stop.add_argument("--all", action="store_true")
     stop.set_defaults(run=cmd_stop)
+    add_refresh_parser(commands)
     return parser
 
 

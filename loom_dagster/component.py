@@ -32,6 +32,10 @@ the directory of the defs.yaml):
       redeploy_cron: "0 3 * * *"   # default null: no redeploy schedule
       redeploy_flows: [orders_enrichment]                           # default null: every flow
       redeploy_skip_unchanged: true
+      translation:                 # default null: per loom object, override what its AssetSpec says
+        group_name: "{{ 'kafka_topics' if kind == 'topic' else spec.group_name }}"
+        tags: {loom/kind: "{{ kind }}"}
+        metadata: {loom/object: "{{ name }}"}
       sensors:                     # LoomSensorSettings; every field optional
         default_status_running: true
         job_health: {enabled: true, interval_s: 15, restart: true,
@@ -55,6 +59,28 @@ the directory of the defs.yaml):
         heartbeat_timeout_s: 30
         create_missing_tables: false   # create missing SQL/ClickHouse sink tables before launch
         connect_timeout_s: 10      # each pre-launch check (broker, databases)
+        log_max_bytes: 10485760    # job logs rotate at this size ...
+        log_max_files: 5           # ... keeping this many files per launch
+        launcher: local            # or package.module:Class, a Launcher subclass
+        launcher_config: {}        # its keyword arguments (for local: python, heartbeat_timeout_s, ...)
+    post_processing:               # Dagster's own (any component): edit assets picked by a selection
+      assets:
+        - target: "kind:kafka"
+          attributes: {owners: ["team:platform"]}
+
+The ``sensors`` and ``deploy`` fields are generated from ``LoomSensorSettings`` (and the settings it
+holds) and ``LoomDeployResource``, a flow's from ``LoomFlowSpec`` (``loom_dagster.component_models``):
+a field added there is a YAML key here, with the same default.
+
+``translation`` works as in the dbt and Sling components: an ``AssetSpec`` attributes block (``key``,
+``key_prefix``, ``group_name``, ``tags``, ``kinds``, ``metadata``, ``owners``, ``description``, ...)
+rendered for each loom asset, after ``key_prefix`` / ``group_name``; ``tags`` and ``metadata`` are
+merged, the rest replaced. Its templates see ``kind`` (``flow``, ``topic``, ``collection`` or
+``table``), ``name`` (flow name, topic, ``db.collection`` or table), ``spec`` (the AssetSpec so far)
+and the loom record: ``flow`` (flows and tables), ``topic``, ``collection``, ``sink`` (tables). Edges
+follow the new keys. ``translation: "{{ my_fn }}"`` (a ``template_vars_module`` function returning an
+``AssetSpec`` or a dict of attributes) works too. For bulk edits by asset selection use Dagster's
+``post_processing`` block, a sibling of ``attributes``.
 
 Templates (``{{ env('X', 'default') }}``) work in every value, as in any Dagster component. A wrong
 key or value fails the code location load with the defs.yaml, the line and the field path, e.g.
@@ -63,23 +89,24 @@ key or value fails the code location load with the defs.yaml, the line and the f
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
-from functools import cache
+from dataclasses import dataclass
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import dagster as dg
-from dagster.components import Component, ComponentLoadContext, Model, ResolutionContext, Resolvable
-from dagster.components.resolved.errors import ResolutionException
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator
-from pydantic.fields import FieldInfo
+from dagster.components import Component, ComponentLoadContext
+from dagster.components.utils.translation import TranslationFn, TranslationFnResolver
+from pydantic import Field, field_validator
 
+from loom_dagster.component_models import SettingsModel, YamlModel, non_negative, positive, settings_model
 from loom_dagster.errors import LoomDagsterError
 from loom_dagster.records import LoomFlow, LoomSourceCollection, LoomStorageSink, LoomTopic
 from loom_dagster.resources import LoomDeployResource
-from loom_dagster.sensors.settings import (
+from loom_dagster.scaffold import LoomFlowsScaffolder
+from loom_dagster.settings import (
     JobHealthSettings,
     KafkaLagSettings,
     LoomSensorSettings,
@@ -93,6 +120,7 @@ __all__ = [
     "DeployResourceModel",
     "JobHealthModel",
     "KafkaLagModel",
+    "LoomAssetData",
     "LoomFlowModel",
     "LoomFlowsComponent",
     "PrefixedLoomTranslator",
@@ -101,18 +129,27 @@ __all__ = [
     "SinkHealthModel",
 ]
 
-# Defaults come from the dataclasses / resource themselves, so YAML and Python can never drift apart.
-_JOB = JobHealthSettings()
-_LAG = KafkaLagSettings()
-_SINK = SinkHealthSettings()
-_FRESH = SinkFreshness()
-_SENSORS = LoomSensorSettings()
-_RES = LoomDeployResource.model_fields
+
+@dataclass(frozen=True)
+class LoomAssetData:
+    """The loom object behind one asset, as ``translation`` templates see it."""
+
+    kind: Literal["flow", "topic", "collection", "table"]
+    name: str
+    flow: LoomFlow | None = None
+    topic: LoomTopic | None = None
+    collection: LoomSourceCollection | None = None
+    sink: LoomStorageSink | None = None
+
+
+def translation_vars(data: LoomAssetData) -> dict[str, Any]:
+    """Template variables of ``translation`` for one loom object (Dagster adds ``spec``)."""
+    return {field.name: getattr(data, field.name) for field in dataclasses.fields(data)}
 
 
 class PrefixedLoomTranslator(LoomTranslator):
-    """A ``LoomTranslator`` that prefixes every asset key (flows, topics, collections, tables) and can
-    put every asset in one group.
+    """A ``LoomTranslator`` that prefixes every asset key (flows, topics, collections, tables), can
+    put every asset in one group, then applies a per-object ``translation`` (the component's).
 
     Example:
         >>> spec = PrefixedLoomTranslator(key_prefix=["yaml"]).get_source_topic_spec(topic)  # doctest: +SKIP
@@ -120,235 +157,153 @@ class PrefixedLoomTranslator(LoomTranslator):
         ['yaml', 'kafka', 'orders']
     """
 
-    def __init__(self, key_prefix: Sequence[str] = (), group_name: str | None = None) -> None:
+    def __init__(
+        self,
+        key_prefix: Sequence[str] = (),
+        group_name: str | None = None,
+        translation: TranslationFn[LoomAssetData] | None = None,
+    ) -> None:
         self.key_prefix = list(key_prefix)
         self.group_name = group_name
+        self.translation = translation
 
-    def _adjust(self, spec: dg.AssetSpec) -> dg.AssetSpec:
+    def _adjust(self, spec: dg.AssetSpec, data: LoomAssetData) -> dg.AssetSpec:
         if self.key_prefix:
             spec = spec.replace_attributes(key=spec.key.with_prefix(self.key_prefix))
         if self.group_name:
             spec = spec.replace_attributes(group_name=self.group_name)
+        if self.translation is not None:
+            spec = self.translation(spec, data)
         return spec
 
     def get_flow_spec(self, flow: LoomFlow) -> dg.AssetSpec:
-        return self._adjust(super().get_flow_spec(flow))
+        return self._adjust(super().get_flow_spec(flow), LoomAssetData("flow", flow.name, flow=flow))
 
     def get_source_topic_spec(self, topic: LoomTopic) -> dg.AssetSpec:
-        return self._adjust(super().get_source_topic_spec(topic))
+        return self._adjust(
+            super().get_source_topic_spec(topic), LoomAssetData("topic", topic.topic, topic=topic)
+        )
 
     def get_output_topic_spec(self, topic: LoomTopic) -> dg.AssetSpec:
-        return self._adjust(super().get_output_topic_spec(topic))
+        return self._adjust(
+            super().get_output_topic_spec(topic), LoomAssetData("topic", topic.topic, topic=topic)
+        )
 
     def get_source_collection_spec(self, collection: LoomSourceCollection) -> dg.AssetSpec:
-        return self._adjust(super().get_source_collection_spec(collection))
+        name = f"{collection.database}.{collection.collection}"
+        data = LoomAssetData("collection", name, collection=collection)
+        return self._adjust(super().get_source_collection_spec(collection), data)
 
     def get_storage_sink_spec(self, sink: LoomStorageSink, flow: LoomFlow) -> dg.AssetSpec:
-        return self._adjust(super().get_storage_sink_spec(sink, flow))
+        data = LoomAssetData("table", sink.table, flow=flow, sink=sink)
+        return self._adjust(super().get_storage_sink_spec(sink, flow), data)
 
 
-class _YamlModel(Resolvable, Model):
-    """A resolvable model whose validation errors name the defs.yaml, the line and the field."""
-
-    @classmethod
-    def resolve_from_model(cls, context: ResolutionContext, model: BaseModel) -> Any:
-        try:
-            return super().resolve_from_model(context, model)
-        except ValidationError as exc:
-            raise ResolutionException(_describe_errors(context, exc)) from None
+# --- the YAML models, generated from the objects they configure (see loom_dagster.component_models) ---
 
 
-def _positive(value: float) -> float:
-    if value <= 0:
-        raise ValueError("must be greater than 0")
-    return value
+class _SettingsBase(SettingsModel):
+    def to_settings(self) -> Any:
+        """The settings dataclass."""
+        return self.to_value()
 
 
-def _non_negative(value: float) -> float:
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
-
-
-class LoomFlowModel(_YamlModel):
-    """One loom flow; mirrors ``LoomFlowSpec``."""
-
-    import_path: str = Field(
-        description="'package.module:attribute' of the StreamFlow (or of a function returning it)."
-    )
-    config: str | list[str] = Field(
-        description="loom config: a YAML file, a directory with base.yaml + <environment>.yaml, or a list "
-        "of them merged left to right. Relative paths are relative to the directory of this defs.yaml."
-    )
-    environment: str | None = Field(
-        default=None, description="loom environment; default: $LOOM_ENV, else production."
-    )
-    group_name: str | None = Field(default=None, description="Asset group of the flow and its tables.")
-    owners: list[str] = Field(default_factory=list, description="Asset owners of the flow and its tables.")
-    tags: dict[str, str] = Field(default_factory=dict, description="Tags of the flow asset.")
-    description: str | None = Field(default=None, description="Description of the flow asset.")
-    processes: int = Field(default=1, description="Bytewax processes of the deployed job (at least 1).")
-    workers_per_process: int = Field(default=1, description="Bytewax workers per process (at least 1).")
-    env: dict[str, str] = Field(
-        default_factory=dict, description="Extra environment variables of the deployed job."
-    )
-
-    _check_positive = field_validator("processes", "workers_per_process")(_positive)
-
-    @field_validator("config")
-    @classmethod
-    def _config_not_empty(cls, value: str | list[str]) -> str | list[str]:
-        if not value:
-            raise ValueError("give a config file or directory (or a non-empty list of them)")
-        return value
-
-    def to_spec(self, base_dir: Path) -> LoomFlowSpec:
-        """The ``LoomFlowSpec``, relative config paths resolved against *base_dir*."""
-        if isinstance(self.config, str):
-            config: str | list[str] = str(_resolve_path(self.config, base_dir))
-        else:
-            config = [str(_resolve_path(source, base_dir)) for source in self.config]
-        return LoomFlowSpec(
-            self.import_path,
-            config=config,
-            environment=self.environment,
-            group_name=self.group_name,
-            owners=list(self.owners),
-            tags=dict(self.tags),
-            description=self.description,
-            processes=self.processes,
-            workers_per_process=self.workers_per_process,
-            env=dict(self.env),
-        )
-
-
-class JobHealthModel(_YamlModel):
-    """Job health sensor; mirrors ``JobHealthSettings``."""
-
-    enabled: bool = _JOB.enabled
-    interval_s: int = _JOB.interval_s
-    restart: bool = _JOB.restart
-    backoff_initial_s: float = _JOB.backoff_initial_s
-    backoff_max_s: float = _JOB.backoff_max_s
-    max_restarts: int = _JOB.max_restarts
-    restart_window_s: float = _JOB.restart_window_s
-
-    _check_positive = field_validator("interval_s", "restart_window_s")(_positive)
-    _check_non_negative = field_validator("backoff_initial_s", "backoff_max_s", "max_restarts")(_non_negative)
-
-    def to_settings(self) -> JobHealthSettings:
-        return JobHealthSettings(**self.model_dump())
-
-
-class KafkaLagModel(_YamlModel):
-    """Kafka lag sensor; mirrors ``KafkaLagSettings``."""
-
-    enabled: bool = _LAG.enabled
-    interval_s: int = _LAG.interval_s
-    window: int = _LAG.window
-    warn_lag: int = _LAG.warn_lag
-    error_lag: int = _LAG.error_lag
-    request_timeout_s: float = _LAG.request_timeout_s
-
-    _check_positive = field_validator("interval_s", "window", "request_timeout_s")(_positive)
-    _check_non_negative = field_validator("warn_lag", "error_lag")(_non_negative)
-
-    def to_settings(self) -> KafkaLagSettings:
-        return KafkaLagSettings(**self.model_dump())
-
-
-class SinkFreshnessModel(_YamlModel):
-    """Freshness windows of a sink; mirrors ``SinkFreshness``."""
-
-    warn_after_s: float = _FRESH.warn_after_s
-    fail_after_s: float = _FRESH.fail_after_s
-
-    _check_positive = field_validator("warn_after_s", "fail_after_s")(_positive)
-
-    def to_settings(self) -> SinkFreshness:
-        return SinkFreshness(**self.model_dump())
-
-
-class SinkHealthModel(_YamlModel):
-    """Sink health sensor; mirrors ``SinkHealthSettings``. ``freshness`` and ``sql_timestamp_columns``
-    are keyed by the sink's asset key string, key prefix included (e.g. ``yaml/delta/orders``)."""
-
-    enabled: bool = _SINK.enabled
-    interval_s: int = _SINK.interval_s
-    default_freshness: SinkFreshnessModel | None = None
-    freshness: dict[str, SinkFreshnessModel] = Field(default_factory=dict)
-    sql_timestamp_columns: dict[str, str] = Field(default_factory=dict)
-
-    _check_positive = field_validator("interval_s")(_positive)
-
-    def to_settings(self) -> SinkHealthSettings:
-        return SinkHealthSettings(
-            enabled=self.enabled,
-            interval_s=self.interval_s,
-            default_freshness=(
-                self.default_freshness.to_settings() if self.default_freshness else SinkFreshness()
-            ),
-            freshness={key: value.to_settings() for key, value in self.freshness.items()},
-            sql_timestamp_columns=dict(self.sql_timestamp_columns),
-        )
-
-
-class SensorsModel(_YamlModel):
-    """Every loom sensor; mirrors ``LoomSensorSettings``. Omitted parts keep their defaults."""
-
-    job_health: JobHealthModel | None = None
-    kafka_lag: KafkaLagModel | None = None
-    sink_health: SinkHealthModel | None = None
-    default_status_running: bool = _SENSORS.default_status_running
-
-    def to_settings(self) -> LoomSensorSettings:
-        return LoomSensorSettings(
-            job_health=self.job_health.to_settings() if self.job_health else JobHealthSettings(),
-            kafka_lag=self.kafka_lag.to_settings() if self.kafka_lag else KafkaLagSettings(),
-            sink_health=self.sink_health.to_settings() if self.sink_health else SinkHealthSettings(),
-            default_status_running=self.default_status_running,
-        )
-
-
-class DeployResourceModel(_YamlModel):
-    """The deploy resource; mirrors ``LoomDeployResource``."""
-
-    state_dir: str | None = Field(default=None, description=_RES["state_dir"].description)
-    mode: Literal["deploy", "validate"] = Field(default="deploy", description=_RES["mode"].description)
-    health_timeout_s: float = Field(
-        default=_RES["health_timeout_s"].default, description=_RES["health_timeout_s"].description
-    )
-    drain_timeout_s: float = Field(
-        default=_RES["drain_timeout_s"].default, description=_RES["drain_timeout_s"].description
-    )
-    preflight: bool = Field(default=_RES["preflight"].default, description=_RES["preflight"].description)
-    python_executable: str | None = Field(default=None, description=_RES["python_executable"].description)
-    heartbeat_timeout_s: float = Field(
-        default=_RES["heartbeat_timeout_s"].default, description=_RES["heartbeat_timeout_s"].description
-    )
-    create_missing_tables: bool = Field(
-        default=_RES["create_missing_tables"].default, description=_RES["create_missing_tables"].description
-    )
-    connect_timeout_s: float = Field(
-        default=_RES["connect_timeout_s"].default, description=_RES["connect_timeout_s"].description
-    )
-
-    _check_positive = field_validator("health_timeout_s", "heartbeat_timeout_s", "connect_timeout_s")(
-        _positive
-    )
-    _check_non_negative = field_validator("drain_timeout_s")(_non_negative)
-
+class _ResourceBase(SettingsModel):
     def to_resource(self) -> LoomDeployResource:
         """The resource, with exactly the fields the YAML set (others keep the resource defaults)."""
-        return LoomDeployResource(**self.model_dump(exclude_unset=True))
+        resource: LoomDeployResource = self.to_value()
+        return resource
 
 
-class LoomFlowsComponent(Component, _YamlModel):
+class _FlowBase(SettingsModel):
+    def to_spec(self, base_dir: Path) -> LoomFlowSpec:
+        """The ``LoomFlowSpec``, relative config paths resolved against *base_dir*."""
+        spec: LoomFlowSpec = self.to_value()
+        config = spec.config
+        if isinstance(config, str | os.PathLike):
+            return dataclasses.replace(spec, config=str(_resolve_path(config, base_dir)))
+        return dataclasses.replace(spec, config=[str(_resolve_path(source, base_dir)) for source in config])
+
+
+def _not_empty(value: Any) -> Any:
+    if not value:
+        raise ValueError("give a config file or directory (or a non-empty list of them)")
+    return value
+
+
+_SETTINGS: dict[type, type[SettingsModel]] = {}
+
+
+def _settings(source: type, name: str, **checks: Any) -> type[SettingsModel]:
+    model = settings_model(source, name=name, base=_SettingsBase, nested=_SETTINGS, checks=checks)
+    _SETTINGS[source] = model
+    return model
+
+
+if TYPE_CHECKING:  # the classes are built at import; for type checkers they are their bases
+    JobHealthModel = _SettingsBase
+    KafkaLagModel = _SettingsBase
+    SinkFreshnessModel = _SettingsBase
+    SinkHealthModel = _SettingsBase
+    SensorsModel = _SettingsBase
+    DeployResourceModel = _ResourceBase
+    LoomFlowModel = _FlowBase
+else:
+    JobHealthModel = _settings(
+        JobHealthSettings,
+        "JobHealthModel",
+        interval_s=positive,
+        restart_window_s=positive,
+        backoff_initial_s=non_negative,
+        backoff_max_s=non_negative,
+        max_restarts=non_negative,
+        backoff_reset_after_s=non_negative,
+    )
+    KafkaLagModel = _settings(
+        KafkaLagSettings,
+        "KafkaLagModel",
+        interval_s=positive,
+        window=positive,
+        request_timeout_s=positive,
+        warn_lag=non_negative,
+        error_lag=non_negative,
+    )
+    SinkFreshnessModel = _settings(
+        SinkFreshness, "SinkFreshnessModel", warn_after_s=positive, fail_after_s=positive
+    )
+    SinkHealthModel = _settings(SinkHealthSettings, "SinkHealthModel", interval_s=positive)
+    SensorsModel = _settings(LoomSensorSettings, "SensorsModel")
+    DeployResourceModel = settings_model(
+        LoomDeployResource,
+        name="DeployResourceModel",
+        base=_ResourceBase,
+        checks={
+            "health_timeout_s": positive,
+            "heartbeat_timeout_s": positive,
+            "connect_timeout_s": positive,
+            "drain_timeout_s": non_negative,
+        },
+    )
+    LoomFlowModel = settings_model(
+        LoomFlowSpec,
+        name="LoomFlowModel",
+        base=_FlowBase,
+        checks={"processes": positive, "workers_per_process": positive, "config": _not_empty},
+        descriptions={
+            "config": "loom config: a YAML file, a directory with base.yaml + <environment>.yaml, or a list "
+            "of them merged left to right. Relative paths are relative to the directory of this defs.yaml.",
+        },
+    )
+
+
+@dg.scaffold_with(LoomFlowsScaffolder)
+class LoomFlowsComponent(Component, YamlModel):
     """Loom streaming flows as Dagster assets, declared in YAML: the same definitions as
     ``build_loom_defs(flows, translator=..., resource=..., sensors=..., redeploy_cron=...)``.
 
     Relative ``config`` paths are resolved against the directory of the ``defs.yaml``. Flow import
     paths must import from the code location's working directory (as in Python).
+    ``dg scaffold defs loom_dagster.component.LoomFlowsComponent <name>`` writes a skeleton.
 
     Example ``defs.yaml``:
 
@@ -366,6 +321,8 @@ class LoomFlowsComponent(Component, _YamlModel):
               config: ../../../config/ledger
               environment: development
               group_name: ledger
+          translation:
+            tags: {loom/kind: "{{ kind }}"}
           sensors:
             kafka_lag: {warn_lag: 5000}
           deploy:
@@ -382,6 +339,14 @@ class LoomFlowsComponent(Component, _YamlModel):
     group_name: str | None = Field(
         default=None, description="Put every loom asset of this component in this group (overrides flows')."
     )
+    translation: Annotated[
+        TranslationFn[LoomAssetData] | None,
+        TranslationFnResolver[LoomAssetData](template_vars_for_translation_fn=translation_vars),
+    ] = Field(
+        default=None,
+        description="AssetSpec attributes rendered per loom asset (templates see kind, name, spec, flow, "
+        "topic, collection, sink); tags and metadata are merged, the rest replaced.",
+    )
     redeploy_cron: str | None = Field(
         default=None, description="Cron of the redeploy schedule; omit for no schedule."
     )
@@ -396,26 +361,20 @@ class LoomFlowsComponent(Component, _YamlModel):
 
     @field_validator("flows")
     @classmethod
-    def _at_least_one_flow(cls, value: list[LoomFlowModel]) -> list[LoomFlowModel]:
+    def _at_least_one_flow(cls, value: list[Any]) -> list[Any]:
         if not value:
             raise ValueError("declare at least one flow")
         return value
-
-    @classmethod
-    def get_model_cls(cls) -> type[BaseModel]:
-        """The attributes schema: Dagster's derived model, but lists, mappings and nested objects are
-        not also accepted as a template string, so a wrong key is reported at its own line."""
-        return _yaml_schema(cls.model())
 
     def flow_specs(self, base_dir: Path) -> list[LoomFlowSpec]:
         """The ``LoomFlowSpec`` of every flow, relative config paths resolved against *base_dir*."""
         return [flow.to_spec(base_dir) for flow in self.flows]
 
     def translator(self) -> LoomTranslator | None:
-        """The translator for the key prefix / group override, or ``None`` (the default translator)."""
-        if not self.key_prefix and not self.group_name:
+        """The translator for the key prefix / group override / translation, or ``None`` (the default)."""
+        if not self.key_prefix and not self.group_name and self.translation is None:
             return None
-        return PrefixedLoomTranslator(self.key_prefix, self.group_name)
+        return PrefixedLoomTranslator(self.key_prefix, self.group_name, self.translation)
 
     def build_loom_defs_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the equivalent ``build_loom_defs`` call (only those that are set)."""
@@ -456,98 +415,6 @@ def _defs_file(directory: Path) -> Path:
     return directory
 
 
-def _resolve_path(source: str, base_dir: Path) -> Path:
+def _resolve_path(source: str | os.PathLike[str], base_dir: Path) -> Path:
     path = Path(os.path.expanduser(source))
     return path if path.is_absolute() else (base_dir / path).resolve()
-
-
-def _describe_errors(context: ResolutionContext, exc: ValidationError) -> str:
-    """One entry per error: ``file:line - attributes.flows.0.processes: message (got 'two')`` + snippet."""
-    parts = []
-    for error in exc.errors():
-        path = [*context.path, *error["loc"]]
-        where = ".".join(str(p) for p in path)
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] != "missing":
-            message += f" (got {error['input']!r})"
-        tree = context.source_position_tree
-        if tree is None:
-            parts.append(f"{where}: {message}")
-            continue
-        source = tree.source_error(yaml_path=path, inline_error_message=message, value_error=True)
-        parts.append(f"{source.file_name}:{source.start_line_no} - {where}: {message}\n{source.snippet}")
-    count = len(parts)
-    return f"{count} invalid LoomFlowsComponent attribute{'s' if count > 1 else ''}:\n" + "\n".join(parts)
-
-
-# --- attributes schema -------------------------------------------------------------------------------
-# Dagster derives the YAML model from the classes above and lets EVERY field also be a template
-# string. For lists, mappings and nested objects that makes pydantic report an extra, misleading
-# "Input should be a valid string" and hide the line of a wrong nested key; scalars keep the string
-# alternative (``processes: "{{ env('P') }}"`` stays possible) and are checked when resolved.
-
-
-def _resolvable_by_model() -> dict[type[BaseModel], type[Resolvable]]:
-    classes: list[type[Resolvable]] = [
-        LoomFlowsComponent,
-        LoomFlowModel,
-        JobHealthModel,
-        KafkaLagModel,
-        SinkFreshnessModel,
-        SinkHealthModel,
-        SensorsModel,
-        DeployResourceModel,
-    ]
-    return {resolvable.model(): resolvable for resolvable in classes}
-
-
-@cache
-def _yaml_schema(derived: type[BaseModel]) -> type[BaseModel]:
-    original = _resolvable_by_model()[derived]
-    original_fields = original.model_fields if issubclass(original, BaseModel) else {}
-    fields: dict[str, Any] = {}
-    for name, info in derived.model_fields.items():
-        declared = original_fields.get(name)
-        if declared is not None and declared.description and not info.description:
-            # Dagster drops the description of fields with a default; keep it for editors and `dg`.
-            info = FieldInfo.merge_field_infos(info, description=declared.description)
-        annotation = _yaml_annotation(info.annotation, declared.annotation if declared else str)
-        fields[name] = (annotation, info)
-    schema = create_model(derived.__name__, __base__=Model, **fields)
-    schema.model_config["json_schema_extra"] = derived.model_config.get("json_schema_extra")
-    return schema
-
-
-def _members(annotation: Any) -> tuple[Any, ...]:
-    return get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
-
-
-def _is_structured(annotation: Any) -> bool:
-    return get_origin(annotation) in (list, tuple, dict) or (
-        isinstance(annotation, type) and issubclass(annotation, BaseModel)
-    )
-
-
-def _yaml_annotation(derived: Any, declared: Any) -> Any:
-    members = [_yaml_member(m) for m in _members(derived)]
-    if str not in _members(declared) and any(_is_structured(m) for m in members):
-        members = [m for m in members if m is not str]
-    result = members[0]
-    for member in members[1:]:
-        result = result | member
-    return result
-
-
-def _yaml_member(annotation: Any) -> Any:
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Annotated:
-        return _yaml_member(args[0])
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return tuple[_yaml_member(args[0]), ...]  # type: ignore[misc]
-    if origin is list:
-        return list[_yaml_member(args[0])]  # type: ignore[misc]
-    if origin is dict:
-        return dict[str, _yaml_member(args[1])]  # type: ignore[misc]
-    if isinstance(annotation, type) and annotation in _resolvable_by_model():
-        return _yaml_schema(annotation)
-    return annotation

@@ -8,6 +8,7 @@ from typing import Any
 import dagster as dg
 
 from loom_dagster.assets import RESOURCE_KEY, assets_from_graph, build_loom_asset_graph
+from loom_dagster.defs_state import DefsState
 from loom_dagster.graph import LoomAssetGraph
 from loom_dagster.jobs import build_undeploy_job
 from loom_dagster.resources import LoomDeployResource
@@ -26,16 +27,22 @@ def build_loom_defs(
     redeploy_cron: str | None = None,
     redeploy_flows: Sequence[str] | None = None,
     redeploy_skip_unchanged: bool = True,
+    state: DefsState | bool | None = True,
 ) -> dg.Definitions:
     """Dagster definitions for loom flows: assets with lineage, the deploy resource, the undeploy job,
     the health / lag / sink sensors with their declared checks, and (opt-in) a redeploy schedule.
+
+    Loading compiles nothing when the defs *state* is fresh: the flows' secret-free records come from
+    it (``loom_dagster.defs_state``; refreshed at load when missing or stale, or ahead of time with
+    ``loom-dagster refresh``), and the sensors compile a flow's plan (its credentials) on first use.
+    ``state=False`` compiles every flow at load instead.
 
     Example:
         >>> defs = build_loom_defs([LoomFlowSpec(  # doctest: +SKIP
         ...     "definitions.flows.orders:orders_flow", config="definitions/config/orders",
         ...     environment="development")], redeploy_cron="0 3 * * *")
     """
-    graph = build_loom_asset_graph(flows, translator)
+    graph = build_loom_asset_graph(flows, translator, state=state)
     settings = sensors or LoomSensorSettings()
     sensor_defs, check_defs = build_loom_sensors(graph, settings)
     schedules = []
@@ -60,7 +67,7 @@ def build_loom_sensors(
 ) -> tuple[list[dg.SensorDefinition], list[Any]]:
     """The enabled sensors and every check they report (declared so the UI lists them)."""
     from loom_dagster.sensors.health import build_job_health_checks, build_job_health_sensor
-    from loom_dagster.sensors.lag import build_kafka_lag_checks, build_kafka_lag_sensor, kafka_lag_targets
+    from loom_dagster.sensors.lag import build_kafka_lag_checks, build_kafka_lag_sensor, kafka_lag_flows
     from loom_dagster.sensors.sinks import build_sink_freshness_checks, build_sink_health_sensor
 
     status = (
@@ -73,7 +80,7 @@ def build_loom_sensors(
     if settings.job_health.enabled:
         sensors.append(build_job_health_sensor(graph, settings.job_health, default_status=status))
         checks.append(build_job_health_checks(graph))
-    if settings.kafka_lag.enabled and kafka_lag_targets(graph):
+    if settings.kafka_lag.enabled and kafka_lag_flows(graph):
         sensors.append(build_kafka_lag_sensor(graph, settings.kafka_lag, default_status=status))
         checks.append(build_kafka_lag_checks(graph, settings.kafka_lag))
     if settings.sink_health.enabled and any(node.compiled.flow.storage_sinks for node in graph.flows):

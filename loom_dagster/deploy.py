@@ -1,7 +1,8 @@
 """Deploy, redeploy, roll back and undeploy a flow: the lifecycle behind materializing a flow asset.
 
 Deploy = compile with the run-time config -> lineage check -> loom's deploy checks -> sink tables
-checked on the real systems -> offset safety (a change of group/topics/reset measured on the broker)
+checked on the real systems -> Kafka topics -> offset safety (a change of group/topics/reset measured
+on the broker) -> the consumer group's fence is free (no other job consumes the group) -> config snapshot
 -> preflight of the new version in a fresh process (when a running job could be taken down) -> (flow
 lock) drain the running job -> launch -> health gate -> record. If the new job fails its gate, it is
 killed and the previous deployment is started again. Every step before the lock is a check: a failure
@@ -11,24 +12,28 @@ there never touches the running job.
 from __future__ import annotations
 
 import importlib
-import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import msgspec
+
 from loom_dagster.catalog import CompiledFlow, compile_spec
 from loom_dagster.deploy_checks import DeployChecksFailed, DeployChecksReport, run_flow_deploy_checks
 from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.errors import DeploymentError
+from loom_dagster.fence import check_fence
 from loom_dagster.launchers.base import JobState, LaunchedJob, Launcher, LaunchRequest
-from loom_dagster.launchers.local import log_tail
 from loom_dagster.lineage import check_lineage
+from loom_dagster.loading import ensure_on_path
 from loom_dagster.offset_safety import OffsetPlan, plan_offsets
 from loom_dagster.records import LoomFlow
-from loom_dagster.sink_tables import SinkTablesReport, check_sink_tables
+from loom_dagster.sinks.check_tables import check_sink_tables
+from loom_dagster.sinks.table_report import SinkTablesReport
 from loom_dagster.spec import LoomFlowSpec
+from loom_dagster.topic_checks import TopicsReport, check_topics
 
 Log = Callable[[str], None]
 OnChecks = Callable[[DeployChecksReport], None]
@@ -125,8 +130,14 @@ class FlowDeployer:
         if not self.options.launch:
             return DeployResult(compiled=compiled, checks=checks)
         tables = self.check_tables(compiled, sink_keys, log)
+        self.check_topics(compiled, log)
         offsets = self.check_offsets(compiled, accept_offset_reset, log)
-        request = launch_request(spec, compiled, run_id)
+        fence = check_fence(
+            compiled, self.store.current(declared.name), timeout_s=self.options.connect_timeout_s
+        )
+        if fence.note:
+            log(fence.note)
+        request = self.snapshot(launch_request(spec, compiled, run_id), compiled)
         if self.options.preflight and (self._running(declared.name) or spec.processes > 1):
             # A running job needs protecting (without one, the health gate is the check); a cluster
             # shape is only validated by loom when the dataflow is prepared, so check it before launch.
@@ -135,6 +146,24 @@ class FlowDeployer:
         with self.store.lock(declared.name, holder=f"run {run_id or '?'}"):
             result = self._replace_running(compiled, request, run_id, log, offsets)
         return replace(result, checks=checks, tables=tables, offsets=offsets)
+
+    def snapshot(self, request: LaunchRequest, compiled: CompiledFlow) -> LaunchRequest:
+        """The request with its config files replaced by this deployment's own copies.
+
+        The copies are loaded again and must resolve to the config that was just compiled and checked:
+        a file edited during the deploy fails it rather than launching something nobody checked.
+        """
+        copies = self.store.snapshot_config(
+            compiled.flow.name, request.config_files, compiled.flow.config_hash[:12]
+        )
+        snapshot_hash = config_hash_of(copies, compiled.flow.environment)
+        if snapshot_hash != compiled.flow.config_hash:
+            raise DeploymentError(
+                f"the config of flow {compiled.flow.name!r} changed while it was being deployed (config hash "
+                f"{compiled.flow.config_hash} checked, {snapshot_hash} now); nothing was launched. "
+                "Materialize again."
+            )
+        return msgspec.structs.replace(request, config_files=copies)
 
     def run_deploy_checks(
         self, compiled: CompiledFlow, on_checks: OnChecks | None = None, log: Log = print
@@ -166,6 +195,15 @@ class FlowDeployer:
             log(f"sink tables ok: {', '.join([*report.checked, *report.pending])}")
         return report
 
+    def check_topics(self, compiled: CompiledFlow, log: Log = print) -> TopicsReport:
+        """Every source, output and dead-letter topic exists (or the broker creates it on first write)."""
+        report = check_topics(compiled, timeout_s=self.options.connect_timeout_s)
+        if report.checked:
+            log(f"Kafka topics ok: {', '.join(report.checked)}")
+        if report.auto_created:
+            log(f"created by the broker on first write: {', '.join(report.auto_created)}")
+        return report
+
     def check_offsets(
         self, compiled: CompiledFlow, accept_reset: bool, log: Log = print
     ) -> OffsetPlan | None:
@@ -191,12 +229,11 @@ class FlowDeployer:
     ) -> DeployResult:
         name = compiled.flow.name
         previous = self.store.current(name)
-        previous_running = previous is not None and self._alive(previous.job)
+        previous_running = previous is not None and self._alive(previous)
         drain_seconds = None
         if previous is not None and previous_running:
-            self._require_local(previous)
             log(f"draining the running job (pids {_pids(previous.job)})")
-            drain_seconds = self.launcher.stop(previous.job, self.options.drain_timeout_s)
+            drain_seconds = self._reachable(previous).stop(previous.job, self.options.drain_timeout_s)
             log(f"previous job stopped in {drain_seconds:.2f}s")
         job = self.launcher.launch(request, str(self.store.flow_dir(name)))
         log(f"launched job pids {_pids(job)}; waiting for it to become healthy")
@@ -207,8 +244,21 @@ class FlowDeployer:
             raise DeploymentError(
                 self._roll_back(name, previous if previous_running else None, failure, log)
             ) from failure
-        deployment = Deployment(
-            flow_name=name,
+        deployment = self.record(compiled, job, run_id, previous, offsets)
+        self.store.save(deployment)
+        return DeployResult(compiled, deployment, previous, drain_seconds, gate_seconds)
+
+    def record(
+        self,
+        compiled: CompiledFlow,
+        job: LaunchedJob,
+        run_id: str | None,
+        previous: Deployment | None,
+        offsets: OffsetPlan | None,
+    ) -> Deployment:
+        """The deployment record of a job this deployer's launcher just started."""
+        return Deployment(
+            flow_name=compiled.flow.name,
             job=job,
             plan_hash=compiled.flow.plan_hash,
             config_hash=compiled.flow.config_hash,
@@ -216,9 +266,8 @@ class FlowDeployer:
             run_id=run_id,
             previous_plan_hash=previous.plan_hash if previous else None,
             extra=deployment_extra(compiled, offsets),
+            launcher=self.launcher.ref(),
         )
-        self.store.save(deployment)
-        return DeployResult(compiled, deployment, previous, drain_seconds, gate_seconds)
 
     def _roll_back(self, name: str, previous: Deployment | None, failure: DeploymentError, log: Log) -> str:
         message = f"the new version of flow {name!r} failed its health gate and was stopped: {failure}"
@@ -230,7 +279,15 @@ class FlowDeployer:
             self.wait_healthy(job)
         except DeploymentError as again:
             return message + f"\nRestarting the previous deployment failed too: {again}"
-        self.store.save(replace(previous, job=job, restarts=previous.restarts + 1, stopped_at=None))
+        self.store.save(
+            msgspec.structs.replace(
+                previous,
+                job=job,
+                restarts=previous.restarts + 1,
+                stopped_at=None,
+                launcher=self.launcher.ref(),
+            )
+        )
         return (
             message + f"\nThe previous deployment (plan {previous.plan_hash}) runs again, pids {_pids(job)}."
         )
@@ -244,12 +301,16 @@ class FlowDeployer:
             if report.state is JobState.HEALTHY:
                 return time.monotonic() - started
             if report.state is JobState.DEAD:
-                raise DeploymentError(f"the job exited during start-up: {report.reason}.{_tail(job)}")
+                raise DeploymentError(f"the job exited during start-up: {report.reason}.{self._tail(job)}")
             if time.monotonic() - started > timeout:
                 raise DeploymentError(
-                    f"the job did not connect within {timeout:.0f}s ({report.reason}).{_tail(job)}"
+                    f"the job did not connect within {timeout:.0f}s ({report.reason}).{self._tail(job)}"
                 )
             time.sleep(0.1)
+
+    def _tail(self, job: LaunchedJob) -> str:
+        tail = self.launcher.logs(job)
+        return f"\nLast lines of {job.log_path}:\n{tail}" if tail else ""
 
     def undeploy(self, flow_name: str, by: str) -> Deployment | None:
         """Stop a flow's job on purpose; health sensors will not restart it. ``None`` if never deployed."""
@@ -257,45 +318,92 @@ class FlowDeployer:
             current = self.store.current(flow_name)
             if current is None:
                 return None
-            if self._alive(current.job):
-                self._require_local(current)
-                self.launcher.stop(current.job, self.options.drain_timeout_s)
+            if self._alive(current):
+                self._reachable(current).stop(current.job, self.options.drain_timeout_s)
             return self.store.mark_stopped(current, by)
 
     def restart(self, flow_name: str, by: str, log: Log = print) -> Deployment:
-        """Start the recorded deployment again, as it was (for health sensors and operators)."""
+        """Start the recorded deployment again, as it was: its own config snapshot, not the live files
+        (the health sensor's restarts; a redeploy is what picks up edits)."""
         with self.store.lock(flow_name, holder=by):
             current = self.store.current(flow_name)
             if current is None:
                 raise DeploymentError(f"flow {flow_name!r} has never been deployed here")
-            if self._alive(current.job):
-                self.launcher.stop(current.job, self.options.drain_timeout_s)
+            if current.stopped_on_purpose:
+                raise DeploymentError(
+                    f"flow {flow_name!r} was stopped on purpose by {current.stopped_by}; not restarting it "
+                    "(materialize the flow to deploy it again)"
+                )
+            self.check_restart(current, log)
+            if self._alive(current):
+                self._reachable(current).stop(current.job, self.options.drain_timeout_s)
             job = self.launcher.launch(current.job.request, str(self.store.flow_dir(flow_name)))
             try:
                 self.wait_healthy(job)
             except DeploymentError:
                 self.launcher.stop(job, timeout_s=5.0)
                 raise
-            restarted = replace(
-                current, job=job, restarts=current.restarts + 1, stopped_at=None, stopped_by=None
+            restarted = msgspec.structs.replace(
+                current,
+                job=job,
+                restarts=current.restarts + 1,
+                stopped_at=None,
+                stopped_by=None,
+                launcher=self.launcher.ref(),
             )
             self.store.save(restarted)
             log(f"restarted flow {flow_name!r}: pids {_pids(job)}")
             return restarted
 
+    def check_restart(self, current: Deployment, log: Log = print) -> None:
+        """What a restart can check before it launches: the snapshot still compiles, its tables, topics
+        and fence are as a deploy requires. (Config edits are not picked up: the snapshot is what ran.)"""
+        request = current.job.request
+        for directory in request.sys_path:
+            ensure_on_path(directory)
+        spec = LoomFlowSpec(
+            request.import_path,
+            config=request.config_files,
+            environment=request.environment,
+            processes=request.processes,
+            workers_per_process=request.workers_per_process,
+        )
+        compiled = compile_spec(spec, request.environment)
+        self.check_tables(compiled, log=log)
+        self.check_topics(compiled, log)
+        check_fence(compiled, current, timeout_s=self.options.connect_timeout_s)
+
     def _running(self, flow_name: str) -> bool:
         current = self.store.current(flow_name)
-        return current is not None and not current.stopped_on_purpose and self._alive(current.job)
+        return current is not None and not current.stopped_on_purpose and self._alive(current)
 
-    def _alive(self, job: LaunchedJob) -> bool:
-        return job.host == socket.gethostname() and self.launcher.report(job).alive_processes > 0
+    def launcher_for(self, deployment: Deployment) -> Launcher:
+        """The launcher that reaches *deployment*'s job: this deployer's, unless the record names
+        another launcher class (the job predates a change of launcher), then that one, rebuilt; this
+        deployer's again when that one cannot be built here (it does not import)."""
+        if deployment.launcher.same_class(self.launcher):
+            return self.launcher
+        try:
+            return deployment.launcher.build()
+        except DeploymentError:
+            return self.launcher
 
-    def _require_local(self, deployment: Deployment) -> None:
-        if deployment.host != socket.gethostname():
+    def _alive(self, deployment: Deployment) -> bool:
+        """Whether the recorded job runs; ``False`` when its launcher cannot see it from here."""
+        launcher = self.launcher_for(deployment)
+        return launcher.owns(deployment.job) and launcher.report(deployment.job).alive_processes > 0
+
+    def _reachable(self, deployment: Deployment) -> Launcher:
+        """The launcher that can stop *deployment*'s job from here, or ``DeploymentError`` saying where
+        the job runs."""
+        launcher = self.launcher_for(deployment)
+        if not launcher.owns(deployment.job):
             raise DeploymentError(
-                f"flow {deployment.flow_name!r} is deployed on host {deployment.host!r}; this is "
-                f"{socket.gethostname()!r}. Stop it there, or share no state directory between hosts."
+                f"flow {deployment.flow_name!r} is deployed on host {deployment.host!r}, out of reach of "
+                f"the {launcher.name} launcher here ({launcher.location()}). Stop it there, or share no "
+                "state directory between hosts."
             )
+        return launcher
 
 
 def launch_request(spec: LoomFlowSpec, compiled: CompiledFlow, run_id: str | None) -> LaunchRequest:
@@ -314,6 +422,14 @@ def launch_request(spec: LoomFlowSpec, compiled: CompiledFlow, run_id: str | Non
         run_id=run_id,
         cwd=str(Path.cwd()),
     )
+
+
+def config_hash_of(files: tuple[str, ...], environment: str) -> str:
+    """The config hash of loom config *files* as a deployment would load them."""
+    from loom_dagster.describe import config_hash
+    from loom_dagster.loading import load_config
+
+    return config_hash(load_config(files, environment))
 
 
 def deployment_extra(compiled: CompiledFlow, offsets: OffsetPlan | None) -> dict[str, object]:
@@ -357,8 +473,3 @@ def import_root(import_path: str) -> str:
 
 def _pids(job: LaunchedJob) -> str:
     return ", ".join(str(p.pid) for p in job.processes)
-
-
-def _tail(job: LaunchedJob) -> str:
-    tail = log_tail(job.log_path)
-    return f"\nLast lines of {job.log_path}:\n{tail}" if tail else ""

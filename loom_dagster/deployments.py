@@ -1,28 +1,31 @@
 """Deployment records and the per-flow lock, under a state directory on this host.
 
 Layout: ``<state_dir>/flows/<flow>/deployment.json`` (the current deployment), ``history.jsonl``
-(every deployment, newest last), ``lock`` (held around stop-previous -> launch -> record) and
+(every deployment, newest last), ``lock`` (held around stop-previous -> launch -> record),
+``snapshots/<time>-<hash>/`` (the config files each deployment runs, copied at deploy time) and
 ``job.log`` / ``status-<n>.json`` (written by the job).
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from loom_dagster.errors import DeploymentError
-from loom_dagster.launchers.base import LaunchedJob
+from loom_dagster.launchers.base import LaunchedJob, LauncherRef
 
 STATE_DIR_VARIABLE = "LOOM_DAGSTER_STATE_DIR"
+_KEPT_SNAPSHOTS = 10
 
 
 def default_state_dir() -> Path:
@@ -34,9 +37,20 @@ def default_state_dir() -> Path:
     return Path(home) / "loom" if home else Path.home() / ".loom-dagster"
 
 
-@dataclass(frozen=True)
-class Deployment:
-    """What is (or was) deployed for a flow, as recorded by the deployer."""
+class Deployment(msgspec.Struct, frozen=True):
+    """What is (or was) deployed for a flow, as recorded by the deployer.
+
+    ``launcher`` names the launcher that ran the job (records older than the field: the local one).
+
+    Example:
+        >>> record = Deployment.decode(b'{"flow_name": "f", "plan_hash": "p", "config_hash": "c", '
+        ...     b'"deployed_at": 1, "job": {"flow_name": "f", "launcher": "local", "host": "h", '
+        ...     b'"processes": [{"pid": 7, "start_ticks": 1}], "log_path": "", "started_at": 1, '
+        ...     b'"request": {"flow_name": "f", "import_path": "m:f", "config_files": [], '
+        ...     b'"environment": "test", "plan_hash": "p", "config_hash": "c"}}}')
+        >>> record.job.processes[0].pid, record.launcher.path
+        (7, 'local')
+    """
 
     flow_name: str
     job: LaunchedJob
@@ -48,7 +62,8 @@ class Deployment:
     stopped_at: float | None = None
     stopped_by: str | None = None
     restarts: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = {}
+    launcher: LauncherRef = LauncherRef()
 
     @property
     def stopped_on_purpose(self) -> bool:
@@ -60,18 +75,15 @@ class Deployment:
         """Host the job runs on; liveness can only be read there."""
         return self.job.host
 
-    def to_json(self) -> dict[str, Any]:
-        """JSON-safe form."""
-        data = asdict(self)
-        data["job"] = self.job.to_json()
-        return data
+    def encode(self, indent: int = 0) -> bytes:
+        """The record as JSON (keys sorted; *indent* > 0 pretty-prints)."""
+        data = msgspec.json.encode(self, order="sorted")
+        return msgspec.json.format(data, indent=indent) if indent else data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Deployment:
-        """Inverse of ``to_json``."""
-        fields = dict(data)
-        fields["job"] = LaunchedJob.from_json(fields["job"])
-        return cls(**fields)
+    def decode(cls, data: bytes | str) -> Deployment:
+        """A record from its JSON (also the layout written before the records were structs)."""
+        return msgspec.json.decode(data, type=cls)
 
 
 def flow_dir_name(flow_name: str) -> str:
@@ -102,10 +114,10 @@ class DeploymentStore:
         """The flow's current deployment record, or ``None``."""
         path = self.root / "flows" / flow_dir_name(flow_name) / "deployment.json"
         try:
-            return Deployment.from_json(json.loads(path.read_text()))
+            return Deployment.decode(path.read_bytes())
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError) as exc:
+        except ValueError as exc:  # msgspec.DecodeError / ValidationError
             raise DeploymentError(f"deployment record {path} is unreadable: {exc}") from exc
 
     def all(self) -> list[Deployment]:
@@ -124,24 +136,23 @@ class DeploymentStore:
     def current_from_dir(self, directory: Path) -> Deployment | None:
         """Read the record in *directory* (skipping unreadable ones)."""
         try:
-            return Deployment.from_json(json.loads((directory / "deployment.json").read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
+            return Deployment.decode((directory / "deployment.json").read_bytes())
+        except (OSError, ValueError):
             return None
 
     def save(self, deployment: Deployment, *, history: bool = True) -> None:
         """Write the flow's current record atomically, and append it to its history."""
         directory = self.flow_dir(deployment.flow_name)
-        data = deployment.to_json()
         tmp = directory / f".deployment.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        tmp.write_bytes(deployment.encode(indent=2))
         os.replace(tmp, directory / "deployment.json")
         if history:
-            with open(directory / "history.jsonl", "a") as handle:
-                handle.write(json.dumps(data, sort_keys=True) + "\n")
+            with open(directory / "history.jsonl", "ab") as handle:
+                handle.write(deployment.encode() + b"\n")
 
     def mark_stopped(self, deployment: Deployment, by: str) -> Deployment:
         """Record that the flow was stopped on purpose (undeploy)."""
-        stopped = replace(deployment, stopped_at=time.time(), stopped_by=by)
+        stopped = msgspec.structs.replace(deployment, stopped_at=time.time(), stopped_by=by)
         self.save(stopped)
         return stopped
 
@@ -150,7 +161,50 @@ class DeploymentStore:
         path = self.root / "flows" / flow_dir_name(flow_name) / "history.jsonl"
         if not path.is_file():
             return []
-        return [Deployment.from_json(json.loads(line)) for line in path.read_text().splitlines() if line]
+        return [Deployment.decode(line) for line in path.read_bytes().splitlines() if line]
+
+    def snapshot_config(self, flow_name: str, files: tuple[str, ...], label: str) -> tuple[str, ...]:
+        """Copy a deployment's config files, in merge order, into a snapshot of its own; return the copies.
+
+        Every launch of the deployment (first start, restart by the health sensor, rollback) reads the
+        snapshot, never the live files: editing a config in place changes nothing until the next deploy.
+        The copies may hold secrets, as the originals do: the directory is private (0700, files 0600).
+        """
+        snapshots = self.flow_dir(flow_name) / "snapshots"
+        directory = snapshots / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}-{label}"
+        directory.mkdir(parents=True, mode=0o700)
+        copies = []
+        for index, source in enumerate(files):
+            target = directory / f"{index:02d}-{Path(source).name}"
+            target.touch(mode=0o600)
+            target.write_bytes(Path(source).read_bytes())
+            copies.append(str(target))
+        self._prune_snapshots(snapshots, keep=_KEPT_SNAPSHOTS, referenced=directory)
+        return tuple(copies)
+
+    def _prune_snapshots(self, snapshots: Path, keep: int, referenced: Path) -> None:
+        """Drop the oldest snapshots beyond *keep*, never one a recorded deployment still points at."""
+        in_use = {referenced}
+        for deployment in self.all_records(snapshots.parent.name):
+            for file in deployment.job.request.config_files:
+                in_use.add(Path(file).parent)
+        directories = sorted(d for d in snapshots.iterdir() if d.is_dir())
+        for directory in directories[:-keep]:
+            if directory not in in_use:
+                shutil.rmtree(directory, ignore_errors=True)
+
+    def all_records(self, flow_dir: str) -> list[Deployment]:
+        """The current record and the last history entries of one flow directory (for snapshot pruning)."""
+        directory = self.root / "flows" / flow_dir
+        records = [r for r in (self.current_from_dir(directory),) if r is not None]
+        history = directory / "history.jsonl"
+        if history.is_file():
+            for line in history.read_text().splitlines()[-_KEPT_SNAPSHOTS:]:
+                try:
+                    records.append(Deployment.decode(line))
+                except ValueError:
+                    continue
+        return records
 
     @contextmanager
     def lock(self, flow_name: str, holder: str) -> Iterator[None]:

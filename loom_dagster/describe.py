@@ -26,7 +26,7 @@ from loom_dagster.records import (
     SinkBackend,
     TopicRole,
 )
-from loom_dagster.redact import redact_mapping, redact_text, redact_url
+from loom_dagster.redact import redact_text, redact_url
 from loom_dagster.schema import payload_columns
 
 if TYPE_CHECKING:
@@ -127,8 +127,8 @@ def storage_sink(flow_name: str, path: tuple[int, ...], sink: CompiledStorageSin
     raise FlowLoadError(
         f"flow {flow_name!r}: sink {sink_name or path!r} ({type(node).__name__}) resolves to "
         f"{type(config).__name__}, a backend loom-dagster does not know (it maps Delta, ClickHouse and "
-        "SQLAlchemy tables). Use one of those backends, or subclass LoomTranslator and override "
-        "describe_unknown_sink to say which asset it writes."
+        "SQLAlchemy tables). Write the table through one of those backends; other backends are not "
+        "supported yet."
     )
 
 
@@ -443,14 +443,3 @@ def _type_name(t: Any) -> str:
 
 def _enum_value(value: Any) -> str:
     return str(getattr(value, "value", value))
-
-
-def redacted_config_section(config: Any, path: str) -> Any:
-    """A config section with secrets masked, for metadata; ``None`` when absent."""
-    try:
-        from omegaconf import OmegaConf
-
-        section = OmegaConf.select(config._config, path)
-        return redact_mapping(OmegaConf.to_container(section, resolve=True)) if section is not None else None
-    except Exception:
-        return None

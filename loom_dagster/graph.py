@@ -41,7 +41,7 @@ class LoomAssetGraph:
 def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslator) -> LoomAssetGraph:
     """Specs for every flow, topic, collection and table, with deps from sources through flows to sinks."""
     owners = _KeyOwners()
-    flow_nodes = [FlowNode(c, translator.get_flow_spec(c.flow)) for c in compiled]
+    flow_nodes = [FlowNode(c, translator.get_asset_spec(c.flow)) for c in compiled]
     for node in flow_nodes:
         owners.claim(node.spec.key, f"flow:{node.compiled.flow.name}", f"flow {node.compiled.flow.name!r}")
     flow_key = {n.compiled.flow.name: n.spec.key for n in flow_nodes}
@@ -49,18 +49,13 @@ def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslat
     topics = merge_topics([c.flow for c in compiled])
     topic_specs: dict[str, dg.AssetSpec] = {}
     for topic in topics:
-        base = (
-            translator.get_output_topic_spec(topic)
-            if topic.written_by
-            else translator.get_source_topic_spec(topic)
-        )
-        spec = base.merge_attributes(deps=[flow_key[f] for f in topic.written_by])
+        spec = translator.get_asset_spec(topic).merge_attributes(deps=[flow_key[f] for f in topic.written_by])
         owners.claim(spec.key, f"kafka:{topic.topic}", f"Kafka topic {topic.topic!r}")
         topic_specs[topic.topic] = spec
 
     collection_specs: dict[tuple[str, str], dg.AssetSpec] = {}
     for coll in _merge_collections([c.flow for c in compiled]):
-        spec = translator.get_source_collection_spec(coll)
+        spec = translator.get_asset_spec(coll)
         owners.claim(
             spec.key, f"mongo:{coll.database}.{coll.collection}", f"Mongo collection {coll.collection!r}"
         )
@@ -71,7 +66,7 @@ def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslat
     for node in flow_nodes:
         flow = node.compiled.flow
         for sink in flow.storage_sinks:
-            spec = translator.get_storage_sink_spec(sink, flow)
+            spec = translator.get_asset_spec(sink, flow=flow)
             owners.claim(
                 spec.key, sink.identity, f"{sink.backend.value} sink {sink.slot!r} of flow {flow.name!r}"
             )
@@ -154,3 +149,8 @@ class _KeyOwners:
             "unique, and two different tables or topics cannot share a key: rename one, or give them "
             "distinct keys in a LoomTranslator subclass (e.g. a key prefix)."
         )
+
+
+def graph_sinks(graph: LoomAssetGraph) -> list[tuple[str, CompiledFlow, dict[str, str]]]:
+    """Each flow of *graph* as the Dagster-free sink readers take it: (flow key, compiled flow, sink keys)."""
+    return [(node.spec.key.to_user_string(), node.compiled, dict(node.sink_keys)) for node in graph.flows]

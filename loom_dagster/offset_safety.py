@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from loom_dagster.errors import DeploymentError
-from loom_dagster.kafka_lag import OffsetSnapshot, OffsetSnapshotError, cluster_for, snapshot_offsets
+from loom_dagster.kafka.cluster import cluster_for
+from loom_dagster.kafka.snapshot import OffsetSnapshot, OffsetSnapshotError, snapshot_offsets
 from loom_dagster.redact import redact_text
 
 if TYPE_CHECKING:

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
 
 from loom_dagster.deploy import DeployOptions, FlowDeployer
 from loom_dagster.deployments import DeploymentStore
-from loom_dagster.launchers.local import LocalProcessLauncher
+from loom_dagster.launchers.base import LOCAL_LAUNCHER, Launcher, canonical_path, load_launcher
+from loom_dagster.launchers.local import DEFAULT_LOG_MAX_BYTES, DEFAULT_LOG_MAX_FILES, LocalProcessLauncher
 
 
 class LoomDeployResource(dg.ConfigurableResource):
     """Deploys loom flows when their assets are materialized.
 
+    ``launcher`` picks where jobs run: ``local`` (detached processes on this host) or the import path
+    of a ``Launcher`` subclass, built with ``launcher_config`` as keyword arguments. The deploy, the
+    health sensor, the ``loom_undeploy`` job and (from the deployment record) the CLI all use it.
+
     Example:
         >>> resource = LoomDeployResource(state_dir="/tmp/loom-state", health_timeout_s=30)
         >>> resource.deployer().options.health_timeout_s
         30.0
+        >>> LoomDeployResource(launcher="local", launcher_config={"python": "/usr/bin/python3"}).build_launcher().python
+        '/usr/bin/python3'
     """
 
     state_dir: str | None = Field(
@@ -44,13 +51,48 @@ class LoomDeployResource(dg.ConfigurableResource):
         description="Create a missing SQL/ClickHouse sink table from its payload struct before launch "
         "(otherwise a missing table fails the deploy, listing the DDL that creates it).",
     )
+    log_max_bytes: int = Field(
+        default=DEFAULT_LOG_MAX_BYTES,
+        ge=1024,
+        description="A job log file is rotated at this size (job.log, job.log.1, ...).",
+    )
+    log_max_files: int = Field(
+        default=DEFAULT_LOG_MAX_FILES,
+        ge=1,
+        description="Log files kept per launch, job.log included: at most log_max_bytes x log_max_files on disk.",
+    )
     connect_timeout_s: float = Field(
         default=10.0, description="Seconds each pre-launch check may take to reach a broker or database."
     )
 
+    launcher: str = Field(
+        default=LOCAL_LAUNCHER,
+        description="Where jobs run: 'local' (detached processes on this host), or 'package.module:Class', "
+        "a loom_dagster.launchers.Launcher subclass built with launcher_config as keyword arguments.",
+    )
+    launcher_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the launcher (JSON-safe: they are recorded with each deployment). "
+        "For 'local' they override python_executable (as python), heartbeat_timeout_s, log_max_bytes and "
+        "log_max_files.",
+    )
+
+    def build_launcher(self) -> Launcher:
+        """The launcher this resource names, configured."""
+        config = dict(self.launcher_config)
+        if canonical_path(self.launcher) == canonical_path(LOCAL_LAUNCHER):
+            local = LocalProcessLauncher(
+                self.python_executable,
+                heartbeat_timeout_s=self.heartbeat_timeout_s,
+                log_max_bytes=self.log_max_bytes,
+                log_max_files=self.log_max_files,
+            )
+            config = {**local.config(), **config}
+        return load_launcher(self.launcher, config)
+
     def deployer(self) -> FlowDeployer:
         """The deployer configured by this resource."""
-        launcher = LocalProcessLauncher(self.python_executable, heartbeat_timeout_s=self.heartbeat_timeout_s)
+        launcher = self.build_launcher()
         options = DeployOptions(
             launch=self.mode == "deploy",
             health_timeout_s=self.health_timeout_s,

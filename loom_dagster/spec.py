@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,11 +77,3 @@ class LoomFlowSpec:
     def load_config(self, environment: str | None = None) -> ConfigContext:
         """Load the loom config (overlays and ``LOOM__*`` overrides applied)."""
         return load_config(self.config_sources, self.resolved_environment(environment))
-
-    def files_fingerprint(self, environment: str | None = None) -> str:
-        """Hash of the config files' bytes: a cheap change detector across processes."""
-        digest = hashlib.sha256()
-        for path in self.config_files(environment):
-            digest.update(path.encode())
-            digest.update(Path(path).read_bytes())
-        return digest.hexdigest()[:16]

@@ -1,7 +1,10 @@
 """``LoomTranslator``: how loom objects become Dagster ``AssetSpec``s. Subclass it to change keys,
-groups, metadata or tags, one method per kind of object, as ``DagsterDbtTranslator`` does.
+groups, metadata or tags, as ``DagsterDbtTranslator`` / ``DagsterSlingTranslator`` do: one entry,
+``get_asset_spec(props)``, dispatching to one hook per kind of object.
 
-The translator decides how each asset looks; the builders wire the edges (deps) between them.
+The translator decides how each asset looks; the builders wire the edges (deps) between them. Metadata
+goes through Dagster's metadata sets: ``LoomMetadataSet`` (``loom/...``), ``KafkaMetadataSet``
+(``kafka/...``) and Dagster's own ``TableMetadataSet`` / ``UriMetadataSet`` (``dagster/...``).
 """
 
 from __future__ import annotations
@@ -9,6 +12,13 @@ from __future__ import annotations
 import json
 
 import dagster as dg
+
+# Not exported from ``dagster`` itself in 1.13.27 (nor 1.13.28); the classes are public API otherwise.
+from dagster._core.definitions.metadata.metadata_set import (
+    NamespacedMetadataSet,
+    TableMetadataSet,
+    UriMetadataSet,
+)
 
 from loom_dagster.records import (
     LoomFlow,
@@ -25,37 +35,141 @@ MONGO_GROUP = "mongo"
 DLQ_TAG = "loom/dlq"
 BACKEND_LABELS = {SinkBackend.DELTA: "Delta", SinkBackend.CLICKHOUSE: "ClickHouse", SinkBackend.SQL: "SQL"}
 
+LoomRecord = LoomFlow | LoomTopic | LoomSourceCollection | LoomStorageSink
+"""What ``LoomTranslator.get_asset_spec`` takes: one typed record per kind of asset."""
+
+
+class LoomMetadataSet(NamespacedMetadataSet):
+    """loom's metadata entries (namespace ``loom``), on specs and on materializations.
+
+    Splat it into a metadata dict; fields left ``None`` are left out.
+
+    Example:
+        >>> dict(LoomMetadataSet(plan_hash="0123abcd", consumer_group="orders"))
+        {'loom/plan_hash': '0123abcd', 'loom/consumer_group': 'orders'}
+        >>> LoomMetadataSet.extract({"loom/plan_hash": "0123abcd", "other": 1}).plan_hash
+        '0123abcd'
+    """
+
+    # flow specs
+    import_path: str | None = None
+    environment: str | None = None
+    plan_hash: str | None = None
+    steps: str | None = None
+    consumer_group: str | None = None
+    delivery: str | None = None
+    topics: str | None = None
+    collections: str | None = None
+    error_routes: str | None = None
+    sinks: dg.JsonMetadataValue | None = None
+    defs_state: dg.TextMetadataValue | None = None
+    # topic specs
+    read_by: str | None = None
+    written_by: str | None = None
+    error_kinds: str | None = None
+    # table specs
+    sink: str | None = None
+    backend: str | None = None
+    payload_type: str | None = None
+    # deploy materializations
+    deployed: bool | None = None
+    restarted: bool | None = None
+    restarts: int | None = None
+    config_hash: str | None = None
+    declared_plan_hash: str | None = None
+    compile_ms: float | None = None
+    summary: dg.JsonMetadataValue | None = None
+    sink_tables: dg.JsonMetadataValue | None = None
+    offsets: dg.JsonMetadataValue | None = None
+    pid: int | None = None
+    pids: str | None = None
+    processes: int | None = None
+    host: str | None = None
+    started_at: dg.TimestampMetadataValue | None = None
+    log_path: dg.PathMetadataValue | None = None
+    config_snapshot: str | None = None
+    previous_deployment: str | None = None
+    drain_s: float | None = None
+    gate_s: float | None = None
+    error: str | None = None
+    report: dg.JsonMetadataValue | None = None
+
+    @classmethod
+    def namespace(cls) -> str:
+        """The key prefix: ``loom``."""
+        return "loom"
+
+
+class KafkaMetadataSet(NamespacedMetadataSet):
+    """Kafka entries (namespace ``kafka``) of a topic's spec.
+
+    Example:
+        >>> dict(KafkaMetadataSet(topic="orders"))
+        {'kafka/topic': 'orders'}
+    """
+
+    topic: str | None = None
+
+    @classmethod
+    def namespace(cls) -> str:
+        """The key prefix: ``kafka``."""
+        return "kafka"
+
 
 class LoomTranslator:
     """Maps loom flows, topics, collections and tables to ``AssetSpec``s.
 
+    Callers use ``get_asset_spec(props)``; it dispatches on the record's type to one hook per kind
+    (``get_flow_spec``, ``get_source_topic_spec``, ``get_output_topic_spec``,
+    ``get_source_collection_spec``, ``get_storage_sink_spec``). Override either.
+
     Example:
         >>> import dagster as dg
         >>> class PrefixedTranslator(LoomTranslator):
-        ...     def get_flow_spec(self, flow):
-        ...         spec = super().get_flow_spec(flow)
+        ...     def get_asset_spec(self, props, *, flow=None):
+        ...         spec = super().get_asset_spec(props, flow=flow)
         ...         return spec.replace_attributes(key=spec.key.with_prefix("streaming"))
+        >>> from loom_dagster.records import LoomSourceCollection
+        >>> PrefixedTranslator().get_asset_spec(LoomSourceCollection("shop", "orders", "f")).key.path
+        ['streaming', 'mongo', 'shop', 'orders']
     """
+
+    def get_asset_spec(self, props: LoomRecord, *, flow: LoomFlow | None = None) -> dg.AssetSpec:
+        """The spec of one loom object (without edges: the builders add those).
+
+        *props* is a ``LoomFlow``, a ``LoomTopic`` (a source topic when no flow here writes it), a
+        ``LoomSourceCollection`` or a ``LoomStorageSink``; a storage sink also needs the *flow* that
+        writes it (for its group and owners).
+        """
+        if isinstance(props, LoomFlow):
+            return self.get_flow_spec(props)
+        if isinstance(props, LoomTopic):
+            if props.written_by:
+                return self.get_output_topic_spec(props)
+            return self.get_source_topic_spec(props)
+        if isinstance(props, LoomSourceCollection):
+            return self.get_source_collection_spec(props)
+        if isinstance(props, LoomStorageSink):
+            if flow is None:
+                raise TypeError(f"get_asset_spec of storage sink {props.slot!r} needs flow=<the LoomFlow>")
+            return self.get_storage_sink_spec(props, flow)
+        raise TypeError(f"LoomTranslator has no spec for {type(props).__name__}")
 
     def get_flow_spec(self, flow: LoomFlow) -> dg.AssetSpec:
         """The flow itself: ``["loom", <flow name>]``; materializing it deploys the job."""
-        metadata: dict[str, object] = {
-            "loom/import_path": flow.import_path,
-            "loom/environment": flow.environment,
-            "loom/plan_hash": flow.plan_hash,
-            "loom/steps": ", ".join(flow.steps),
-        }
-        if flow.consumer_group is not None:
-            metadata["loom/consumer_group"] = flow.consumer_group
-            metadata["loom/delivery"] = flow.delivery or ""
-            metadata["loom/topics"] = ", ".join(t.topic for t in flow.source_topics)
-        if flow.source_collections:
-            metadata["loom/collections"] = ", ".join(
-                f"{c.database}.{c.collection}" for c in flow.source_collections
-            )
-        if flow.error_routes:
-            metadata["loom/error_routes"] = error_routes_text(flow.error_routes)
-        metadata["loom/sinks"] = dg.MetadataValue.json(flow.sink_identities)
+        kafka_source = flow.consumer_group is not None
+        metadata = LoomMetadataSet(
+            import_path=flow.import_path,
+            environment=flow.environment,
+            plan_hash=flow.plan_hash,
+            steps=", ".join(flow.steps),
+            consumer_group=flow.consumer_group,
+            delivery=(flow.delivery or "") if kafka_source else None,
+            topics=", ".join(t.topic for t in flow.source_topics) if kafka_source else None,
+            collections=", ".join(f"{c.database}.{c.collection}" for c in flow.source_collections) or None,
+            error_routes=error_routes_text(flow.error_routes) if flow.error_routes else None,
+            sinks=dg.MetadataValue.json(flow.sink_identities),
+        )
         return dg.AssetSpec(
             key=dg.AssetKey(["loom", flow.name]),
             description=flow.description or _flow_description(flow),
@@ -64,7 +178,7 @@ class LoomTranslator:
             tags=dict(flow.tags),
             kinds={"loom", "bytewax"},
             code_version=flow.plan_hash,
-            metadata=metadata,
+            metadata=dict(metadata),
         )
 
     def get_source_topic_spec(self, topic: LoomTopic) -> dg.AssetSpec:
@@ -74,7 +188,10 @@ class LoomTranslator:
             description=f"Kafka topic {topic.topic}, read by {_names(topic.read_by)}.",
             group_name=TOPIC_GROUP,
             kinds={"kafka"},
-            metadata={"kafka/topic": topic.topic, "loom/read_by": ", ".join(topic.read_by)},
+            metadata={
+                **KafkaMetadataSet(topic=topic.topic),
+                **LoomMetadataSet(read_by=", ".join(topic.read_by)),
+            },
         )
 
     def get_output_topic_spec(self, topic: LoomTopic) -> dg.AssetSpec:
@@ -82,14 +199,14 @@ class LoomTranslator:
         role = "Dead-letter topic" if topic.is_dlq else "Kafka topic"
         readers = f", read by {_names(topic.read_by)}" if topic.read_by else ""
         tags = {DLQ_TAG: "true"} if topic.is_dlq else {}
-        metadata: dict[str, object] = {
-            "kafka/topic": topic.topic,
-            "loom/written_by": ", ".join(topic.written_by),
+        metadata = {
+            **KafkaMetadataSet(topic=topic.topic),
+            **LoomMetadataSet(
+                written_by=", ".join(topic.written_by),
+                error_kinds=", ".join(topic.error_kinds) or None,
+                read_by=", ".join(topic.read_by) or None,
+            ),
         }
-        if topic.error_kinds:
-            metadata["loom/error_kinds"] = ", ".join(topic.error_kinds)
-        if topic.read_by:
-            metadata["loom/read_by"] = ", ".join(topic.read_by)
         return dg.AssetSpec(
             key=dg.AssetKey(["kafka", topic.topic]),
             description=f"{role} {topic.topic}, written by {_names(topic.written_by)}{readers}.",
@@ -106,7 +223,7 @@ class LoomTranslator:
             description=f"MongoDB collection {collection.database}.{collection.collection} (change stream).",
             group_name=MONGO_GROUP,
             kinds={"mongodb"},
-            metadata={"dagster/table_name": f"{collection.database}.{collection.collection}"},
+            metadata=dict(TableMetadataSet(table_name=f"{collection.database}.{collection.collection}")),
         )
 
     def get_storage_sink_spec(self, sink: LoomStorageSink, flow: LoomFlow) -> dg.AssetSpec:
@@ -119,16 +236,16 @@ class LoomTranslator:
         else:
             key, table_name = ["sql", sink.database or "default", sink.table], sink.table
             kinds = {"sql", "table", *_sql_dialect(sink.uri)}
-        metadata: dict[str, object] = {
-            "dagster/table_name": table_name,
-            "loom/sink": sink.sink_name,
-            "loom/backend": sink.backend.value,
-            "loom/payload_type": sink.payload_type,
+        metadata = {
+            **TableMetadataSet(
+                table_name=table_name,
+                column_schema=to_table_schema(sink.columns) if sink.columns else None,
+            ),
+            **UriMetadataSet(uri=sink.uri or None),
+            **LoomMetadataSet(
+                sink=sink.sink_name, backend=sink.backend.value, payload_type=sink.payload_type
+            ),
         }
-        if sink.uri:
-            metadata["dagster/uri"] = sink.uri
-        if sink.columns:
-            metadata["dagster/column_schema"] = to_table_schema(sink.columns)
         return dg.AssetSpec(
             key=dg.AssetKey(key),
             description=f"{BACKEND_LABELS[sink.backend]} table {table_name}, written by loom flow "

@@ -140,6 +140,19 @@ def make_topics(bootstrap: str, prefix: str, names: list[str], partitions: int =
     return topics
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _defs_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Definitions loads keep their defs state (``loom_dagster.defs_state``) in a directory of the
+    test session, not in ``~/.loom-dagster``; subprocesses (dagster dev, code servers) inherit it."""
+    before = os.environ.get("LOOM_DAGSTER_DEFS_STATE")
+    os.environ["LOOM_DAGSTER_DEFS_STATE"] = str(tmp_path_factory.mktemp("defs-state"))
+    yield
+    if before is None:
+        os.environ.pop("LOOM_DAGSTER_DEFS_STATE", None)
+    else:
+        os.environ["LOOM_DAGSTER_DEFS_STATE"] = before
+
+
 @pytest.fixture(autouse=True)
 def _no_loom_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests choose their loom environment explicitly."""

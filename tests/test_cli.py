@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from loom_dagster.dev.kafka import KafkaBroker
 from tests.support.deploy_env import DeployBench, bench_fixture, runtime_pids_for
+from tests.support.helpers import run_cli
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,15 +24,8 @@ def bench(kafka: KafkaBroker, tmp_path: Path, topic_prefix: str) -> Iterator[Dep
 
 
 def cli(bench: DeployBench, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the installed console script."""
-    exe = str(Path(sys.executable).with_name("loom-dagster"))
-    return subprocess.run(
-        [exe, "--state-dir", str(bench.state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    """Run the installed console script on the bench's state dir."""
+    return run_cli(bench.state_dir, *args, timeout_s=60)
 
 
 def test_status_logs_stop(bench: DeployBench) -> None:

@@ -3,6 +3,7 @@ the field, the defs.yaml and the line; relative config paths resolve against the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import inspect
 import re
@@ -16,6 +17,7 @@ from typing import Any
 import dagster as dg
 import pytest
 import yaml
+from dagster.components.resolved.errors import ResolutionException
 from dagster.components.testing import create_defs_folder_sandbox
 
 import loom_dagster.component as component_module
@@ -24,13 +26,15 @@ from loom_dagster.component import (
     DeployResourceModel,
     JobHealthModel,
     KafkaLagModel,
+    LoomFlowModel,
     LoomFlowsComponent,
     PrefixedLoomTranslator,
     SensorsModel,
     SinkFreshnessModel,
     SinkHealthModel,
 )
-from loom_dagster.sensors.settings import (
+from loom_dagster.component_models import SettingsModel, settings_model
+from loom_dagster.settings import (
     JobHealthSettings,
     KafkaLagSettings,
     LoomSensorSettings,
@@ -482,3 +486,158 @@ def test_docstring_examples_build_in_the_example_location(doc: str | None) -> No
     assert (*prefix, "loom", "orders_enrichment") in {
         tuple(k.path) for k in defs.resolve_asset_graph().get_all_asset_keys()
     }
+
+
+# --- models generated from the settings, the resource and LoomFlowSpec ---------------------------------
+
+GENERATED = [
+    (JobHealthModel, JobHealthSettings),
+    (KafkaLagModel, KafkaLagSettings),
+    (SinkFreshnessModel, SinkFreshness),
+    (SinkHealthModel, SinkHealthSettings),
+    (SensorsModel, LoomSensorSettings),
+    (LoomFlowModel, LoomFlowSpec),
+]
+
+
+@pytest.mark.parametrize(("model", "source"), GENERATED, ids=[s.__name__ for _, s in GENERATED])
+def test_yaml_model_has_every_field_and_default_of_its_dataclass(model: Any, source: type) -> None:
+    fields = {field.name: field for field in dataclasses.fields(source)}
+    assert set(model.model_fields) == set(fields)
+    for name, field in fields.items():
+        if field.default is not dataclasses.MISSING:
+            assert model.model_fields[name].default == field.default, name
+    assert model.source is source
+
+
+def test_deploy_model_has_every_field_default_and_constraint_of_the_resource() -> None:
+    for name, info in LoomDeployResource.model_fields.items():
+        generated = DeployResourceModel.model_fields[name]
+        assert (generated.default, generated.description) == (info.default, info.description), name
+        assert generated.metadata == info.metadata, name  # e.g. log_max_bytes >= 1024
+    assert set(DeployResourceModel.model_fields) == set(LoomDeployResource.model_fields)
+
+
+def test_a_new_settings_field_is_a_yaml_key_with_no_second_edit() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class GrownLagSettings(KafkaLagSettings):
+        max_partitions: int = 64
+        """Partitions sampled per flow."""
+
+    model = settings_model(GrownLagSettings, name="GrownLagModel")
+    schema = model.model().model_json_schema()["properties"]["max_partitions"]
+    assert (schema["default"], schema["description"]) == (64, "Partitions sampled per flow.")
+    resolved = model.resolve_from_yaml("max_partitions: 8\nwarn_lag: 5\n")
+    assert resolved.to_value() == GrownLagSettings(max_partitions=8, warn_lag=5)
+    with pytest.raises(ResolutionException, match=r"max_partitions: Input should be a valid integer"):
+        model.resolve_from_yaml("max_partitions: lots\n")
+
+
+def test_nested_settings_keep_unset_fields_at_their_dataclass_defaults() -> None:
+    model = SensorsModel.resolve_from_yaml(
+        "sink_health:\n  freshness:\n    delta/x: {fail_after_s: 5}\n  default_freshness: {warn_after_s: 7}\n"
+    )
+    assert isinstance(model, SettingsModel)
+    assert model.to_settings() == LoomSensorSettings(
+        sink_health=SinkHealthSettings(
+            default_freshness=SinkFreshness(warn_after_s=7),
+            freshness={"delta/x": SinkFreshness(fail_after_s=5)},
+        )
+    )
+
+
+def test_schema_descriptions_come_from_the_sources() -> None:
+    definitions = LoomFlowsComponent.get_model_cls().model_json_schema()["$defs"]
+
+    def description(model: str, field: str) -> str:
+        return definitions[f"{model}Model"]["properties"][field]["description"]
+
+    assert description("JobHealthModel", "backoff_reset_after_s").startswith(
+        "A restarted job must stay healthy"
+    )
+    assert (
+        description("DeployResourceModel", "state_dir")
+        == LoomDeployResource.model_fields["state_dir"].description
+    )
+    assert "LOOM_ENV" in description("LoomFlowModel", "environment")  # from LoomFlowSpec's Args
+    assert "relative to the directory of this defs.yaml" in description("LoomFlowModel", "config")
+
+
+# --- translation and post_processing --------------------------------------------------------------------
+
+TRANSLATION_YAML = (
+    EXAMPLE_FLOWS_YAML
+    + """\
+key_prefix: [yaml]
+translation:
+  key: "{{ 'streams/' ~ name if kind == 'topic' else spec.key.to_user_string() }}"
+  group_name: "{{ 'kafka_topics' if kind == 'topic' else spec.group_name }}"
+  kinds: "{{ ['loom'] if kind == 'flow' else spec.kinds }}"
+  tags: {loom/kind: "{{ kind }}"}
+  metadata: {loom/object: "{{ name }}", loom/flow_env: "{{ flow.environment if flow else 'none' }}"}
+"""
+)
+
+
+def test_translation_overrides_key_group_kinds_tags_and_metadata_per_loom_object() -> None:
+    with yaml_component(TRANSLATION_YAML) as (_, sandbox), sandbox.build_all_defs() as defs:
+        graph = defs.resolve_asset_graph()
+        nodes = {key.to_user_string(): graph.get(key) for key in graph.get_all_asset_keys()}
+
+    topic, flow = nodes["streams/orders"], nodes["yaml/loom/orders_enrichment"]
+    assert (topic.group_name, topic.kinds, topic.tags["loom/kind"]) == ("kafka_topics", {"kafka"}, "topic")
+    assert (topic.metadata["loom/object"], topic.metadata["loom/flow_env"]) == ("orders", "none")
+    assert topic.metadata["kafka/topic"] == "orders"  # merged, not replaced
+    assert (flow.group_name, flow.kinds, flow.tags["loom/kind"]) == ("orders", {"loom"}, "flow")
+    assert flow.tags["domain"] == "orders" and flow.metadata["loom/flow_env"] == "development"
+    table = nodes["yaml/delta/orders_enriched"]
+    assert (table.tags["loom/kind"], table.metadata["loom/object"]) == ("table", "orders_enriched")
+    assert "streams/orders.dlq" in nodes and not any(key.startswith("yaml/kafka/") for key in nodes)
+    # Edges follow the translated keys.
+    assert flow.parent_keys == {dg.AssetKey(["streams", "orders"])}
+    assert nodes["yaml/loom/order_ledger"].parent_keys == {dg.AssetKey(["streams", "orders.enriched"])}
+
+
+def test_translation_keeps_sensors_and_checks_of_the_translated_assets() -> None:
+    prefixed_only = EXAMPLE_FLOWS_YAML + "key_prefix: [yaml]\n"
+    with yaml_component(prefixed_only) as (_, sandbox), sandbox.build_all_defs() as defs:
+        expected = {
+            (k.asset_key.to_user_string(), k.name) for k in defs.resolve_asset_graph().asset_check_keys
+        }
+        expected_sensors = {s.name for s in defs.sensors or []}
+    with yaml_component(TRANSLATION_YAML) as (_, sandbox), sandbox.build_all_defs() as defs:
+        graph = defs.resolve_asset_graph()
+        checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
+        assert {check.asset_key for check in graph.asset_check_keys} <= graph.get_all_asset_keys()
+        assert (
+            {s.name for s in defs.sensors or []}
+            == expected_sensors
+            == {
+                "loom_job_health",
+                "loom_kafka_lag",
+                "loom_sink_health",
+            }
+        )
+    assert checks == {(key.replace("yaml/kafka/", "streams/"), name) for key, name in expected}
+    assert ("yaml/delta/orders_enriched", "freshness") in checks
+
+
+def test_translation_error_names_the_field_and_line() -> None:
+    defs_yaml, text = load_error(EXAMPLE_FLOWS_YAML + "translation: {grup_name: x}\n")
+    assert f"attributes.translation.AssetSpecUpdateKwargsModel.grup_name at {defs_yaml}:15" in text
+
+
+def test_dagster_post_processing_edits_loom_assets_by_selection() -> None:
+    post_processing = 'post_processing:\n  assets:\n    - target: "kind:kafka"\n      attributes: {owners: ["team:platform"]}\n'
+    with create_defs_folder_sandbox() as sandbox:
+        component_dir = sandbox.defs_folder_path / "loom_flows"
+        component_dir.mkdir()
+        body = textwrap.indent(EXAMPLE_FLOWS_YAML.strip(), "  ")
+        (component_dir / "defs.yaml").write_text(
+            f"type: {COMPONENT_TYPE}\nattributes:\n{body}\n{post_processing}"
+        )
+        with sandbox.build_all_defs() as defs:
+            graph = defs.resolve_asset_graph()
+            owners = {key.to_user_string(): graph.get(key).owners for key in graph.get_all_asset_keys()}
+    assert owners["kafka/orders"] == ["team:platform"]
+    assert owners["loom/orders_enrichment"] == ["team:data-platform"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from loom_dagster.dev.kafka import KafkaBroker, create_topics
 from loom_dagster.dev.produce import produce, sample_orders
 from loom_dagster.launchers import procfs
 from tests.support.dagster_dev import ROOT, dagster_dev, graphql, launch_materialization, wait_run
+from tests.support.helpers import wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -39,16 +39,6 @@ def _alive(store: DeploymentStore, flow: str) -> list[int]:
     if current is None:
         return []
     return [p.pid for p in current.job.processes if procfs.is_alive(p.pid, p.start_ticks)]
-
-
-def _wait(predicate: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1.0)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def test_example_deploys_survives_restart_and_is_healed_by_the_daemon(
@@ -91,7 +81,7 @@ def test_example_deploys_survives_restart_and_is_healed_by_the_daemon(
         with dagster_dev(home, env=env):
             assert _alive(store, "orders_enrichment") == [pid]  # not started twice
             os.kill(pid, signal.SIGKILL)
-            restarted = _wait(
+            restarted = wait_for(
                 lambda: [p for p in _alive(store, "orders_enrichment") if p != pid],
                 150,
                 "the health sensor restart",
@@ -99,7 +89,9 @@ def test_example_deploys_survives_restart_and_is_healed_by_the_daemon(
             assert len(restarted) == 1
         produce(kafka.bootstrap_servers, "orders", sample_orders(200, start=200), key=lambda o: o.customer_id)
         history = store.history("orders_enrichment")
-        assert len(history) == 2 and history[-1].run_id != run_id
+        # The sensor's run restarted the recorded deployment (its config snapshot), not a new deploy.
+        assert len(history) == 2 and history[-1].restarts == 1 and history[-1].run_id == run_id
+        assert history[-1].job.request.config_files == history[0].job.request.config_files
     finally:
         for deployment in store.all():
             for proc in deployment.job.processes:

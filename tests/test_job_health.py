@@ -21,6 +21,7 @@ from loom_dagster.sensors.health import (
     build_job_health_sensor,
     plan_restart,
     record_restart,
+    reset_backoff_when_stable,
 )
 from loom_dagster.sensors.settings import JobHealthSettings
 from tests.support.deploy_env import DeployBench, bench_fixture, runtime_pids_for
@@ -94,6 +95,7 @@ def test_sigkilled_job_is_restarted_and_catches_up(bench: DeployBench) -> None:
         result, checks, _ = _tick(bench, instance, settings, result.cursor)
         assert not checks[0].passed and checks[0].severity == dg.AssetCheckSeverity.ERROR
         assert "dead" in (checks[0].description or "")
+        assert "died without a final status (killed by a signal" in (checks[0].description or "")
         (request,) = result.run_requests or []
         assert request.asset_selection == [FLOW_KEY]
         assert request.tags["loom/restart"] == "true"
@@ -139,3 +141,44 @@ def test_no_restart_after_undeploy(bench: DeployBench) -> None:
         assert not result.run_requests
         assert not checks[0].passed and checks[0].severity == dg.AssetCheckSeverity.WARN
         assert "stopped on purpose by test" in (checks[0].description or "")
+
+
+def test_backoff_resets_only_after_a_stable_period() -> None:
+    settings = JobHealthSettings(backoff_initial_s=10, backoff_max_s=1000, backoff_reset_after_s=600)
+    state = RestartState()
+    record_restart(state, settings, now=0)
+    record_restart(state, settings, now=10)
+    assert state.consecutive == 2
+    assert not reset_backoff_when_stable(state, settings, now=100, job_started_at=50)  # healthy 50 s
+    assert state.consecutive == 2
+    assert reset_backoff_when_stable(state, settings, now=700, job_started_at=50)  # healthy 650 s
+    assert state.consecutive == 0
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_backoff_grows_across_short_lived_restarts(bench: DeployBench) -> None:
+    """A job that dies shortly after each (healthy) restart keeps backing off: 1 s, 2 s, 4 s ..."""
+    import json
+
+    settings = JobHealthSettings(backoff_initial_s=1.0, max_restarts=10, restart_window_s=600)
+    delays = []
+    with dg.instance_for_test() as instance:
+        assert bench.materialize(instance).success
+        cursor = None
+        for _ in range(3):
+            _kill_job(bench)
+            while True:  # tick until the backoff lets a restart through
+                result, checks, _ = _tick(bench, instance, settings, cursor)
+                cursor = result.cursor
+                if result.run_requests:
+                    break
+                assert "backing off" in (checks[0].description or ""), checks[0].description
+                time.sleep(0.3)
+            state = json.loads(cursor or "{}")["ticks"]
+            delays.append(round(state["next_restart_at"] - state["restarts"][-1], 3))
+            assert bench.materialize(instance).success  # what the daemon does with the request
+            result, checks, _ = _tick(bench, instance, settings, cursor)  # healthy again, briefly
+            cursor = result.cursor
+            assert checks[0].passed
+    assert delays == [1.0, 2.0, 4.0]

@@ -4,9 +4,7 @@ and asset check on a real instance."""
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,39 +15,33 @@ import dagster as dg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
+from loom.streaming.kafka import ConsumerSettings, KafkaSecuritySettings
 
 from loom_dagster import LoomDeployResource, LoomFlowSpec
 from loom_dagster.assets import build_loom_asset_graph
 from loom_dagster.checks import KAFKA_LAG
 from loom_dagster.deployments import Deployment, DeploymentStore
-from loom_dagster.dev.kafka import KafkaBroker
+from loom_dagster.dev.kafka import KafkaBroker, pick_free_ports
 from loom_dagster.graph import FlowNode, LoomAssetGraph
-from loom_dagster.kafka_lag import (
+from loom_dagster.kafka.cluster import KafkaCluster, LagTarget, cluster_for
+from loom_dagster.kafka.lag_check import check_lag
+from loom_dagster.kafka.lag_eval import (
     DeploymentStart,
     FlowLag,
-    KafkaCluster,
-    LagFetch,
-    LagSample,
-    LagSeverity,
-    LagStatus,
-    LagTarget,
-    LagWindows,
-    PartitionOffsets,
-    PartitionWindow,
-    TargetOffsets,
-    check_lag,
-    cluster_for,
     evaluate_flow,
     evaluate_window,
-    fetch_offsets,
     starting_window_s,
 )
+from loom_dagster.kafka.lag_status import LagSeverity, LagStatus
+from loom_dagster.kafka.lag_window import LagSample, LagWindows, PartitionWindow
+from loom_dagster.kafka.offsets import LagFetch, PartitionOffsets, TargetOffsets, fetch_offsets
 from loom_dagster.launchers.base import LaunchedJob, LaunchRequest
 from loom_dagster.records import LoomFlow
 from loom_dagster.sensors.lag import build_kafka_lag_checks, build_kafka_lag_sensor, kafka_lag_targets
 from loom_dagster.sensors.settings import KafkaLagSettings
 from tests.conftest import make_topics, ticks_config
 from tests.support.deploy_env import DeployBench, bench_fixture
+from tests.support.helpers import silent_listener
 
 TICKS_IMPORT = "tests.flows.delta_only:ticks_flow"
 QUIET = KafkaLagSettings(window=5, warn_lag=10**9, error_lag=10**10, request_timeout_s=5.0)
@@ -195,8 +187,8 @@ def test_cluster_for_keeps_security_out_of_repr() -> None:
         "sasl.password": "hunter2",
         "ssl.ca.location": "/ca",
     }
-    assert "hunter2" not in repr(cluster) and not cluster.plaintext
-    assert KafkaCluster("a:1").plaintext and KafkaCluster("a:1").addresses() == [("a", 1)]
+    assert "hunter2" not in repr(cluster)
+    assert KafkaCluster("a:1").addresses() == [("a", 1)]
 
 
 # --------------------------------------------------------------------------- real broker helpers
@@ -371,42 +363,22 @@ def test_no_commits_deleted_topic_and_unreachable_broker(bootstrap: str, topic_p
 
 def test_silent_listener_is_unreachable_after_the_request_timeout() -> None:
     """Something accepts TCP but never speaks Kafka: UNREACHABLE once ``request_timeout_s`` is spent."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def hold() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            with contextlib.suppress(OSError):
-                accepted.append(server.accept()[0])
-
-    thread = threading.Thread(target=hold, daemon=True)
-    thread.start()
-    try:
-        port = server.getsockname()[1]
+    with silent_listener() as port:
         started = time.monotonic()
         report = check_lag(
             [_target(f"127.0.0.1:{port}", "loom/silent", "g", "t")], KafkaLagSettings(request_timeout_s=1.5)
         )
         elapsed = time.monotonic() - started
-    finally:
-        stop.set()
-        thread.join()
-        for conn in accepted:
-            conn.close()
-        server.close()
     (flow,) = report.flows
     assert flow.status is LagStatus.UNREACHABLE and "metadata request failed" in flow.reason
     assert 1.0 < elapsed < 5.0
 
 
 @pytest.mark.kafka
-def test_request_count_is_the_same_for_1_and_20_flows(bootstrap: str, topic_prefix: str) -> None:
-    """Batched: the same broker requests for 1 flow and 20 flows (20 groups x 3 partitions). The per-group
-    AdminClient path (what confluent-kafka alone allows) grows with the number of groups."""
+def test_requests_grow_by_two_per_group(bootstrap: str, topic_prefix: str) -> None:
+    """One AdminClient per cluster: the handshake, topic metadata and end offsets cost the same for 1 flow
+    and 20 flows (20 groups x 3 partitions); committed offsets cost one FindCoordinator + one OffsetFetch
+    per group (librdkafka takes one group per call), all in flight at once."""
     topics = make_topics(bootstrap, topic_prefix, [f"f{i}" for i in range(20)], partitions=3)
     targets = []
     for i, topic in enumerate(topics):
@@ -416,24 +388,132 @@ def test_request_count_is_the_same_for_1_and_20_flows(bootstrap: str, topic_pref
     _fetch_ready(targets)
     ones = [fetch_offsets(targets[:1]) for _ in range(3)]
     twenties = [fetch_offsets(targets) for _ in range(3)]
-    one, twenty = ones[0], twenties[0]
-    # librdkafka may fold its own bootstrap Metadata into ours (6 instead of 7): compare the max of 3
-    assert max(f.requests for f in ones) == max(f.requests for f in twenties) <= 7
-    for fetch in ones + twenties:
+    # librdkafka may fold its own bootstrap Metadata into ours: compare the max of 3
+    assert max(f.requests for f in twenties) - max(f.requests for f in ones) == 2 * 19
+    for fetch, groups in [(f, 1) for f in ones] + [(f, 20) for f in twenties]:
         apis = fetch.by_api()
-        assert apis.pop("Metadata") in (1, 2)
-        assert apis == {"ApiVersion": 2, "FindCoordinator": 1, "ListOffsets": 1, "OffsetFetch": 1}
-    assert twenty.clusters[0].group_offsets == "batched OffsetFetch v8"
+        assert apis["Metadata"] in (1, 2) and apis["ListOffsets"] == 1 and apis["FindCoordinator"] == groups
+        assert fetch.clusters[0].groups == groups and fetch.clusters[0].group_offsets_s > 0
+    twenty = twenties[0]
     assert all(p.committed == 2 and p.end == 4 for t in twenty.targets.values() for p in t.partitions)
+    print(f"\n[requests] 1 flow={ones[0].requests} 20 flows={twenty.requests} {twenty.by_api()}")
 
-    slow_one = fetch_offsets(targets[:1], batch_groups=False)
-    slow_twenty = fetch_offsets(targets, batch_groups=False)
-    assert slow_twenty.requests > slow_one.requests
-    assert {p.committed for t in slow_twenty.targets.values() for p in t.partitions} == {2}
-    print(
-        f"\n[requests] batched: 1 flow={one.requests} 20 flows={twenty.requests} {twenty.by_api()}; "
-        f"per-group AdminClient: 1 flow={slow_one.requests} 20 flows={slow_twenty.requests}"
+
+# --------------------------------------------------------------------------- secured cluster (SASL)
+
+SASL_USER, SASL_PASSWORD = "loom", "lag-secret-pw"
+
+
+class SaslBroker(KafkaBroker):
+    """The dev broker with a SASL_PLAINTEXT (PLAIN) listener next to its PLAINTEXT one (for setup)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.external_bootstrap = None  # always our own broker: its listeners are what we test
+        self.sasl_port = pick_free_ports(1)[0]
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.sasl_port}"
+
+    def _launch(self, java: str, lib: Path) -> None:
+        assert self.data_dir is not None
+        props = self.data_dir / "server.properties"
+        sasl = f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+        jaas = f'org.apache.kafka.common.security.plain.PlainLoginModule required user_{SASL_USER}="{SASL_PASSWORD}";'
+        lines = []
+        for line in props.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key in ("listeners", "advertised.listeners") and sasl not in value:
+                value = f"{value},{sasl}"
+            elif key == "listener.security.protocol.map" and "SASL_PLAINTEXT" not in value:
+                value += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+            lines.append(f"{key}={value}")
+        lines += [
+            "sasl.enabled.mechanisms=PLAIN",
+            f"listener.name.sasl_plaintext.plain.sasl.jaas.config={jaas}",
+        ]
+        props.write_text("\n".join(dict.fromkeys(lines)) + "\n")
+        super()._launch(java, lib)
+
+
+@pytest.fixture(scope="module")
+def sasl_kafka() -> Iterator[SaslBroker]:
+    with SaslBroker() as broker:
+        yield broker
+
+
+def _sasl_settings(bootstrap: str, group: str, topic: str, password: str) -> ConsumerSettings:
+    """loom consumer settings of a SASL/PLAIN cluster, as a flow's config declares them."""
+    security = KafkaSecuritySettings(
+        protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username=SASL_USER, sasl_password=password
     )
+    return ConsumerSettings(
+        brokers=(bootstrap,), group_id=group, topics=(topic,), delivery="at_least_once", security=security
+    )
+
+
+@pytest.mark.kafka
+def test_secured_cluster_gets_lag_through_the_admin_client(sasl_kafka: SaslBroker, topic_prefix: str) -> None:
+    """SASL: the same fetch as on PLAINTEXT, with the flow's own security settings; a wrong password is
+    UNREACHABLE, and the password shows nowhere."""
+    plain = sasl_kafka.bootstrap_servers
+    (topic,) = make_topics(plain, topic_prefix, ["secure"], partitions=2)
+    group = f"{topic_prefix}-g"
+    _produce(plain, topic, 20, 2)
+    _commit(plain, group, topic, {0: 20, 1: 5})
+    cluster = cluster_for(_sasl_settings(sasl_kafka.sasl_bootstrap, group, topic, SASL_PASSWORD))
+    assert ("sasl.password", SASL_PASSWORD) in cluster.config
+    target = LagTarget("loom/secure", group, (topic,), cluster)
+
+    fetch = _fetch_ready([target])
+    offsets = {p.partition: (p.end, p.committed) for p in fetch.targets["loom/secure"].partitions}
+    assert offsets == {0: (20, 20), 1: (20, 5)}
+    assert fetch.by_api()["FindCoordinator"] == 1 and fetch.requests > 0
+    flow = check_lag([target], QUIET).flows[0]
+    assert flow.status is LagStatus.OK and flow.total_lag == 15
+
+    wrong = cluster_for(_sasl_settings(sasl_kafka.sasl_bootstrap, group, topic, "not-the-password"))
+    started = time.monotonic()
+    (denied,) = check_lag(
+        [LagTarget("loom/denied", group, (topic,), wrong)], KafkaLagSettings(request_timeout_s=3.0)
+    ).flows
+    assert time.monotonic() - started < 6.0
+    assert denied.status is LagStatus.UNREACHABLE and not denied.passed, denied.reason
+    assert "not-the-password" not in repr(denied) and SASL_PASSWORD not in repr(flow)
+
+
+# --------------------------------------------------------------------------- loom-dagster status
+
+
+def _deployment(source: dict[str, Any], start_offsets: dict[str, dict[str, int]] | None = None) -> Deployment:
+    """A deployment record as the deployer writes it (source summary, start offsets), an hour old."""
+    at = time.time() - 3600
+    request = LaunchRequest("ticks", TICKS_IMPORT, (), "test", "plan", "config")
+    job = LaunchedJob("ticks", "local", socket.gethostname(), (), "", at, request)
+    extra: dict[str, Any] = {"source": source, "start_offsets": start_offsets or {}}
+    return Deployment("ticks", job, "plan", "config", deployed_at=at, extra=extra)
+
+
+@pytest.mark.kafka
+def test_cli_status_lag_is_the_checks_lag(bootstrap: str, topic_prefix: str) -> None:
+    """``loom-dagster status`` reads lag with the check's fetch and evaluation (one shot): a number when
+    every partition is fine, else the lag with its status; a secured cluster is not read (no credentials
+    in a record)."""
+    from loom_dagster.cli import source_lag
+
+    (topic,) = make_topics(bootstrap, topic_prefix, ["status"], partitions=2)
+    group = f"{topic_prefix}-g"
+    _produce(bootstrap, topic, 10, 2)
+    _fetch_ready([_target(bootstrap, "ticks", group, topic)])
+    source = {"kind": "kafka", "brokers": [bootstrap], "group_id": group, "topics": [topic], "secured": False}
+    assert source_lag(_deployment(source, {topic: {"0": 4, "1": 10}})) == "6 (NO_COMMITS)"
+    _commit(bootstrap, group, topic, {0: 10, 1: 7})
+    assert source_lag(_deployment(source)) == 3
+    assert source_lag(_deployment({**source, "brokers": ["127.0.0.1:9"]})) == "unavailable (UNREACHABLE)"
+    secured = source_lag(_deployment({**source, "secured": True}))
+    assert secured == "n/a (secured cluster: see the kafka_lag check)"
+    assert source_lag(_deployment({"kind": "mongo"})) is None
 
 
 # --------------------------------------------------------------------------- Dagster
@@ -625,17 +705,6 @@ def test_deployed_job_lag_goes_stall_then_ok(bench: DeployBench) -> None:
 def test_idle_tail_of_a_table_buffer_is_not_a_stop() -> None:
     """A healthy loom job on a quiet topic keeps its last rows (and offsets) in a table buffer: with the
     tail within the flow's buffer size, STOP is reported as OK; beyond it, STOP stays."""
-    from loom_dagster.kafka_lag import (
-        KafkaCluster,
-        LagSample,
-        LagStatus,
-        LagTarget,
-        PartitionOffsets,
-        PartitionWindow,
-        TargetOffsets,
-        evaluate_flow,
-    )
-    from loom_dagster.sensors.settings import KafkaLagSettings
 
     def flow_status(idle_tail: int, lag: int) -> tuple[LagStatus, str]:
         target = LagTarget("loom/f", "g", ("t",), KafkaCluster("127.0.0.1:9"), idle_tail)

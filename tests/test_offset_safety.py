@@ -5,12 +5,8 @@ from the broker independently (``Consumer.committed`` + ``get_watermark_offsets`
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +17,7 @@ from loom_dagster.catalog import CompiledFlow, compile_spec
 from loom_dagster.dev.kafka import KafkaBroker
 from loom_dagster.offset_safety import OffsetCheckError, OffsetPlan, plan_offsets
 from tests.conftest import make_topics, write_yaml
+from tests.support.helpers import silent_listener
 
 PER_PARTITION = {0: 40, 1: 50, 2: 60}
 """Messages produced to each of the 3 partitions."""
@@ -309,36 +306,9 @@ def test_unreachable_broker_fails_fast_naming_the_brokers(tmp_path: Path) -> Non
     assert "kafka.consumer.brokers" in text
 
 
-@contextlib.contextmanager
-def _silent_listener() -> Iterator[int]:
-    """A port that accepts TCP but never speaks Kafka."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def hold() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            with contextlib.suppress(OSError):
-                accepted.append(server.accept()[0])
-
-    thread = threading.Thread(target=hold, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join()
-        for conn in accepted:
-            conn.close()
-        server.close()
-
-
 def test_silent_broker_is_bounded_by_the_timeout_and_secrets_stay_out(tmp_path: Path) -> None:
     security = "{protocol: SASL_PLAINTEXT, sasl_mechanism: PLAIN, sasl_username: app, sasl_password: hunter2}"
-    with _silent_listener() as port:
+    with silent_listener() as port:
         compiled = _compiled(tmp_path, f"127.0.0.1:{port}", "g", ["t"], security=security)
         started = time.monotonic()
         with pytest.raises(OffsetCheckError) as caught:

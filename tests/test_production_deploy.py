@@ -21,6 +21,7 @@ from loom_dagster.checks import DEPLOY_CHECKS
 from loom_dagster.deploy_checks import run_flow_deploy_checks
 from loom_dagster.deployments import DeploymentStore
 from loom_dagster.dev.produce import produce
+from loom_dagster.launchers import procfs
 from tests.conftest import make_topics, shapes_config, write_yaml
 from tests.flows.shapes import Event
 from tests.support.deploy_env import runtime_pids_for
@@ -125,8 +126,10 @@ def _check_evaluation(result: dg.ExecuteInProcessResult) -> Any:
 def _failure_text(result: dg.ExecuteInProcessResult) -> str:
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failures, "the materialization was expected to fail"
-    error = failures[0].step_failure_data.user_failure_data  # type: ignore[union-attr]
-    return error.description or ""
+    data = failures[0].step_failure_data  # type: ignore[union-attr]
+    if data.user_failure_data is not None:
+        return data.user_failure_data.description or ""
+    return data.error.message if data.error else ""
 
 
 @pytest.mark.kafka
@@ -171,6 +174,27 @@ def test_production_deploy_blocked_then_silenced_writes_every_sink(prod: _Prod) 
                 break
         assert all(counts[k] > 0 for k in ("delta", "clickhouse", "sql")), counts
         assert prod.delta_raw_rows(), "no message written in the documented plain-msgpack format arrived"
+
+        # Versions that cannot reach what they need are refused before the drain: the job keeps its pid.
+        (pid,) = [p.pid for p in DeploymentStore(prod.state).current("events").job.processes]  # type: ignore[union-attr]
+        base = prod.config / "base.yaml"
+        good = base.read_text()
+        for broken, expected in (
+            (good.replace(f"127.0.0.1:{prod.ch_port}", "127.0.0.1:9"), "unreachable"),
+            (
+                good.replace(f"topics: [{prod.prefix}.events]", f"topics: [{prod.prefix}.nope]"),
+                "does not exist",
+            ),
+            (good.replace(prod.bootstrap, "127.0.0.1:9"), "127.0.0.1:9"),
+        ):
+            base.write_text(broken)
+            refused = prod.materialize(instance)
+            assert not refused.success
+            assert expected in _failure_text(refused), _failure_text(refused)
+            current = DeploymentStore(prod.state).current("events")
+            assert current is not None and [p.pid for p in current.job.processes] == [pid]
+            assert procfs.is_alive(pid)
+        base.write_text(good)
 
 
 def plain_envelope(event_id: str, value: int) -> bytes:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from tests.conftest import shapes_config
 from tests.flows.delta_only import Tick
 from tests.flows.leaky import LEAK_ID
 from tests.support.deploy_env import DeployBench, bench_fixture, runtime_pids_for
+from tests.support.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 LEAKY = "tests.flows.leaky:ticks_flow"
@@ -300,15 +300,8 @@ def job_files(bench: DeployBench) -> tuple[list[dict[str, object]], str]:
 
 
 def cli(bench: DeployBench, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``loom-dagster`` console script."""
-    exe = str(Path(sys.executable).with_name("loom-dagster"))
-    return subprocess.run(
-        [exe, "--state-dir", str(bench.state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    """Run the installed console script on the bench's state dir."""
+    return run_cli(bench.state_dir, *args, timeout_s=60)
 
 
 def _spec_text(defs: dg.Definitions) -> str:

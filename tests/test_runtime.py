@@ -33,6 +33,7 @@ from loom_dagster.runtime.status import (
     read_status,
     write_status,
 )
+from tests.support.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 IMPORT_PATH = "tests.test_runtime:runtime_flow"
@@ -156,17 +157,6 @@ def delta_ids(table_dir: Path) -> list[int]:
     )
     assert done.returncode == 0, done.stderr
     return list(json.loads(done.stdout))
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class Job:

@@ -13,11 +13,12 @@ import signal
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import msgspec
 import pytest
 from loom.core.observability.event import LifecycleEvent, Scope
 
@@ -384,9 +385,9 @@ def test_bad_input_exit_2_is_never_restarted(bench: SqlBench) -> None:
         broken = write_yaml(bench.root / "broken" / "base.yaml", "kafka: [this is not a mapping\n")
         launcher = bench.resource().deployer().launcher
         launcher.stop(deployment.job, timeout_s=30)
-        request = replace(deployment.job.request, config_files=(str(broken),))
+        request = msgspec.structs.replace(deployment.job.request, config_files=(str(broken),))
         job = launcher.launch(request, str(bench.store.flow_dir(FLOW)))
-        bench.store.save(replace(deployment, job=job, restarts=deployment.restarts + 1))
+        bench.store.save(msgspec.structs.replace(deployment, job=job, restarts=deployment.restarts + 1))
         status = bench.wait_dead()
         assert status.exit_code == 2 and status.sink_error is None
 

@@ -24,17 +24,14 @@ from deltalake import write_deltalake
 
 from loom_dagster import LoomFlowSpec, build_loom_asset_graph
 from loom_dagster.checks import KAFKA_LAG, SINK_FRESHNESS
-from loom_dagster.graph import LoomAssetGraph
+from loom_dagster.graph import LoomAssetGraph, graph_sinks
 from loom_dagster.sensors.settings import SinkFreshness, SinkHealthSettings
 from loom_dagster.sensors.sinks import build_sink_freshness_checks, build_sink_health_sensor
-from loom_dagster.sink_health import (
-    FreshnessStatus,
-    ReadStatus,
-    SinkReading,
-    read_sink,
-    sink_targets,
-    sync_sqlalchemy_url,
-)
+from loom_dagster.sinks.connections import sync_sqlalchemy_url
+from loom_dagster.sinks.freshness import FreshnessStatus
+from loom_dagster.sinks.read import read_sink
+from loom_dagster.sinks.reading import ReadStatus, SinkReading
+from loom_dagster.sinks.targets import sink_targets
 from tests.conftest import shapes_config
 
 SHAPES = "tests.flows.shapes:make_flow"
@@ -172,7 +169,7 @@ def assert_no_secret(h: Harness, *extra: str) -> None:
     for key in h.instance.get_asset_keys():
         for record in h.instance.fetch_materializations(key, limit=100).records:
             blobs.append(repr(record.event_log_entry))
-    for target in sink_targets(h.graph):
+    for target in sink_targets(graph_sinks(h.graph)):
         blobs.append(repr(target))
     assert not [b for b in blobs if PASSWORD in b]
 
@@ -239,36 +236,57 @@ def test_delta_maintenance_commits_are_not_new_data(
     assert h.stored_metadata(DELTA_KEY)["loom/version"] == 2
 
 
-def test_deltalake_reader_agrees_with_the_log_reader(tmp_path: Path) -> None:
-    """The remote path (``deltalake`` history) runs in a child process: deltalake + pyarrow can abort
-    the interpreter at exit, which must not become pytest's exit code."""
+def test_object_store_path_agrees_with_local_files_and_reports_unreachable(tmp_path: Path) -> None:
+    """One Delta reader, two ways to its log: a ``file://`` URI read through delta-rs' object store (the
+    path every s3:// / gs:// / az:// table takes) gives the same readings as plain local files; a store
+    that refuses connections is *unreachable*, its secret scrubbed. Runs in a child process: deltalake +
+    pyarrow can abort the interpreter at exit, which must not become pytest's exit code."""
     uri = tmp_path / "events"
     for i in range(4):
         append_delta(uri, i + 1, start=10 * i)
     script = textwrap.dedent(
         f"""
-        import json, time
+        import json
+        from pathlib import Path
         from loom_dagster.records import SinkBackend
-        from loom_dagster.sink_health import SinkTarget, SinkReading, ReadStatus, read_delta, read_delta_with_deltalake
+        from loom_dagster.sinks.delta_log import LocalDeltaLog, ObjectStoreDeltaLog
+        from loom_dagster.sinks.read import read_sink
+        from loom_dagster.sinks.read_delta import read_delta
+        from loom_dagster.sinks.reading import ReadStatus, SinkReading
+        from loom_dagster.sinks.targets import SinkTarget
         t = SinkTarget("delta/events", SinkBackend.DELTA, "events", None, "x", ("f",), ("loom/f",),
                        connect_url={str(uri)!r})
         prev = SinkReading("delta/events", SinkBackend.DELTA, ReadStatus.OK, 0.0, marker="1", version=1)
+        logs = {{"files": LocalDeltaLog(Path({str(uri)!r}) / "_delta_log"),
+                 "store": ObjectStoreDeltaLog({uri.as_uri()!r})}}
         out = {{}}
-        for name, fn in (("log", read_delta), ("deltalake", read_delta_with_deltalake)):
+        for name, log in logs.items():
             for label, p in (("first", None), ("since", prev)):
-                r = fn(t, p, now=1.0)
+                r = read_delta(t, p, now=1.0, log=log)
                 out[f"{{name}}-{{label}}"] = [r.status.value, r.marker, r.version, r.rows, r.rows_added,
                                                   r.last_modified]
+        gone = ObjectStoreDeltaLog({(tmp_path / "nothing").as_uri()!r})
+        out["store-missing"] = read_delta(t, None, now=1.0, log=gone).status.value
+        remote = SinkTarget("delta/r", SinkBackend.DELTA, "r", None, "s3://bucket/r", ("f",), ("loom/f",),
+            connect_url="s3://bucket/r", storage_options=(("AWS_ACCESS_KEY_ID", "k"),
+            ("AWS_ALLOW_HTTP", "true"), ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"), ("AWS_REGION", "x"),
+            ("AWS_SECRET_ACCESS_KEY", {PASSWORD!r})))
+        r = read_sink(remote, timeout_s=1)
+        out["remote-unreachable"] = [r.status.value, r.error]
         print(json.dumps(out))
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("{"))  # rc may be 134 at exit
     out = json.loads(line)
-    assert out["log-first"] == ["ok", "3", 3, 4, None, pytest.approx(commit_time(uri, 3))]
-    assert out["log-since"] == ["ok", "3", 3, 4, 7, pytest.approx(commit_time(uri, 3))]
-    assert out["deltalake-first"] == out["log-first"]
-    assert out["deltalake-since"] == out["log-since"]
+    assert out["files-first"] == ["ok", "3", 3, 4, None, pytest.approx(commit_time(uri, 3))]
+    assert out["files-since"] == ["ok", "3", 3, 4, 7, pytest.approx(commit_time(uri, 3))]
+    assert out["store-first"] == out["files-first"]
+    assert out["store-since"] == out["files-since"]
+    assert out["store-missing"] == "missing"
+    status, error = out["remote-unreachable"]
+    assert status == "unreachable" and "s3://bucket/r" in error and "\x1b" not in error
+    assert PASSWORD not in error
 
 
 # -- ClickHouse -----------------------------------------------------------------------------------
@@ -561,7 +579,7 @@ def test_targets_keep_secrets_out_of_repr_and_merge_writers(
             LoomFlowSpec(AUDIT, config=cfg, environment="test"),
         ]
     )
-    targets = {t.asset_key: t for t in sink_targets(graph)}
+    targets = {t.asset_key: t for t in sink_targets(graph_sinks(graph))}
     assert set(targets) == {"delta/events", "clickhouse/analytics/events", "sql/warehouse/events"}
     assert targets["delta/events"].flow_keys == ("loom/events", "loom/events_audit")
     for target in targets.values():

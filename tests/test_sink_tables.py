@@ -20,7 +20,10 @@ from loom.core.backend.sqlalchemy import sa_table_for
 
 from loom_dagster import LoomFlowSpec
 from loom_dagster.catalog import CompiledFlow, compile_spec
-from loom_dagster.sink_tables import SinkTablesReport, _reflect, _run_sql, check_sink_tables
+from loom_dagster.sinks.check_sql import reflect_columns
+from loom_dagster.sinks.check_tables import check_sink_tables
+from loom_dagster.sinks.connections import run_sql
+from loom_dagster.sinks.table_report import SinkTablesReport
 from tests.conftest import shapes_config
 from tests.flows.shapes import Row
 
@@ -156,9 +159,9 @@ def test_async_driver_path_reads_through_run_sync(tmp_path: Path) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE t (a TEXT NOT NULL)")
     url = f"sqlite+aiosqlite:///{db}"
-    columns = _run_sql(url, lambda c: _reflect(c, "t", None), timeout_s=5, force_async=True)
+    columns = run_sql(url, lambda c: reflect_columns(c, "t", None), timeout_s=5, force_async=True)
     assert columns is not None and [(c["name"], c["nullable"]) for c in columns] == [("a", False)]
-    assert _run_sql(url, lambda c: _reflect(c, "missing", None), timeout_s=5, force_async=True) is None
+    assert run_sql(url, lambda c: reflect_columns(c, "missing", None), timeout_s=5, force_async=True) is None
 
 
 def test_missing_sql_driver_is_a_problem_without_the_password(

@@ -10,10 +10,13 @@ from pathlib import Path
 import dagster as dg
 import msgspec
 import pytest
+from dagster._core.definitions.metadata.metadata_set import TableMetadataSet, UriMetadataSet
 
 from loom_dagster import LoomFlowSpec, LoomTranslator, build_loom_asset_graph, build_loom_defs
-from loom_dagster.records import LoomFlow
+from loom_dagster.graph import merge_topics
+from loom_dagster.records import LoomFlow, LoomSourceCollection
 from loom_dagster.schema import payload_columns
+from loom_dagster.translator import KafkaMetadataSet, LoomMetadataSet, LoomRecord
 from tests.conftest import shapes_config
 
 SHAPES = "tests.flows.shapes:make_flow"
@@ -142,3 +145,74 @@ def test_build_loom_defs_validates(tmp_path: Path, sinks_env: pytest.MonkeyPatch
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert "loom/events" in keys
     assert defs.resolve_job_def("loom_undeploy") is not None
+
+
+def test_get_asset_spec_dispatches_to_the_per_kind_hooks(
+    tmp_path: Path, sinks_env: pytest.MonkeyPatch
+) -> None:
+    sinks_env.setenv("LOOM_TEST_SINKS", "delta,ch,sql,topic")
+    translator = LoomTranslator()
+    (node,) = _graph(tmp_path, translator).flows
+    flow = node.compiled.flow
+    assert translator.get_asset_spec(flow) == translator.get_flow_spec(flow)
+    topics = {t.topic: t for t in merge_topics([flow])}
+    source, output = topics["t.events"], topics["t.events.out"]
+    assert translator.get_asset_spec(source) == translator.get_source_topic_spec(source)
+    assert translator.get_asset_spec(output) == translator.get_output_topic_spec(output)
+    sink = flow.storage_sinks[0]
+    assert translator.get_asset_spec(sink, flow=flow) == translator.get_storage_sink_spec(sink, flow)
+    coll = LoomSourceCollection("shop", "orders", "events")
+    assert translator.get_asset_spec(coll).key == dg.AssetKey(["mongo", "shop", "orders"])
+    assert translator.get_asset_spec(coll).metadata == {"dagster/table_name": "shop.orders"}
+    with pytest.raises(TypeError, match="needs flow="):
+        translator.get_asset_spec(sink)
+    with pytest.raises(TypeError, match="no spec for str"):
+        translator.get_asset_spec("events")  # type: ignore[arg-type]
+
+
+def test_overriding_get_asset_spec_changes_every_kind_and_the_edges(
+    tmp_path: Path, sinks_env: pytest.MonkeyPatch
+) -> None:
+    sinks_env.setenv("LOOM_TEST_SINKS", "delta,topic")
+    seen: list[str] = []
+
+    class Prefixed(LoomTranslator):
+        def get_asset_spec(self, props: LoomRecord, *, flow: LoomFlow | None = None) -> dg.AssetSpec:
+            seen.append(type(props).__name__)
+            spec = super().get_asset_spec(props, flow=flow)
+            return spec.replace_attributes(key=spec.key.with_prefix("prod"))
+
+    graph = _graph(tmp_path, Prefixed())
+    assert sorted(set(seen)) == ["LoomFlow", "LoomStorageSink", "LoomTopic"]
+    (flow,) = graph.flows
+    assert flow.spec.key == dg.AssetKey(["prod", "loom", "events"])
+    assert {d.asset_key for d in flow.spec.deps} == {dg.AssetKey(["prod", "kafka", "t.events"])}
+    delta = graph.spec_for(dg.AssetKey(["prod", "delta", "events"]))
+    assert delta is not None and {d.asset_key for d in delta.deps} == {flow.spec.key}
+    assert flow.sink_keys == {
+        "events_delta": "prod/delta/events",
+        "dlq:events_dlq": "prod/kafka/t.events.dlq",
+        "output:events_out": "prod/kafka/t.events.out",
+    }
+
+
+def test_metadata_goes_through_dagster_metadata_sets(tmp_path: Path, sinks_env: pytest.MonkeyPatch) -> None:
+    sinks_env.setenv("LOOM_TEST_SINKS", "delta,ch,sql,topic")
+    graph = _graph(tmp_path)
+    (node,) = graph.flows
+    loom_md = LoomMetadataSet.extract(node.spec.metadata)
+    assert loom_md.plan_hash == node.compiled.flow.plan_hash
+    assert loom_md.consumer_group == "t-events" and loom_md.collections is None
+    assert loom_md.sinks is not None and loom_md.sinks.value == node.compiled.flow.sink_identities
+    assert set(node.spec.metadata) == set(loom_md.keys())
+
+    delta = graph.spec_for(dg.AssetKey(["delta", "events"]))
+    assert delta is not None
+    table = TableMetadataSet.extract(delta.metadata)
+    assert table.table_name == "events" and table.column_schema is not None
+    assert [c.name for c in table.column_schema.columns] == ["event_id", "value", "doubled", "note"]
+    assert UriMetadataSet.extract(delta.metadata).uri == str(tmp_path / "cfg" / "delta" / "events")
+    assert LoomMetadataSet.extract(delta.metadata).backend == "delta"
+    out = graph.spec_for(dg.AssetKey(["kafka", "t.events.out"]))
+    assert out is not None and KafkaMetadataSet.extract(out.metadata).topic == "t.events.out"
+    assert dict(LoomMetadataSet(plan_hash="abc", pid=4)) == {"loom/plan_hash": "abc", "loom/pid": 4}

@@ -1,13 +1,46 @@
-"""Launchers run a flow's Bytewax job somewhere and report on it: local processes today; the
-``Launcher`` interface leaves room for Kubernetes or any other place a long-running job can live."""
+"""Launchers run a flow's Bytewax job somewhere and report on it: local processes by default; the
+``Launcher`` interface leaves room for Kubernetes or any other place a long-running job can live.
+
+``LocalProcessLauncher`` is imported on first use (``loom_dagster.launchers.local`` imports this
+package back), so importing the interface never loads the local launcher.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from loom_dagster.launchers.base import (
+    LOCAL_LAUNCHER,
     JobProcess,
+    JobReport,
     JobState,
     LaunchedJob,
     Launcher,
+    LauncherRef,
     LaunchRequest,
+    RuntimeProcess,
+    load_launcher,
 )
-from loom_dagster.launchers.local import LocalProcessLauncher
 
-__all__ = ["JobProcess", "JobState", "LaunchRequest", "LaunchedJob", "Launcher", "LocalProcessLauncher"]
+if TYPE_CHECKING:
+    from loom_dagster.launchers.local import LocalProcessLauncher
+
+__all__ = [
+    "LOCAL_LAUNCHER",
+    "JobProcess",
+    "JobReport",
+    "JobState",
+    "LaunchRequest",
+    "LaunchedJob",
+    "Launcher",
+    "LauncherRef",
+    "LocalProcessLauncher",
+    "RuntimeProcess",
+    "load_launcher",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LocalProcessLauncher":
+        from loom_dagster.launchers.local import LocalProcessLauncher
+
+        return LocalProcessLauncher
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,15 +1,30 @@
-"""The ``Launcher`` interface and the records it exchanges with the deployer."""
+"""The ``Launcher`` interface and the records it exchanges with the deployer.
+
+The records are frozen ``msgspec`` structs: a deployment record is their JSON form
+(``msgspec.json.encode``), and records written before they were structs load unchanged.
+"""
 
 from __future__ import annotations
 
 import abc
-from dataclasses import asdict, dataclass, field
+import importlib
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
+import msgspec
 
-@dataclass(frozen=True)
-class LaunchRequest:
+from loom_dagster.errors import DeploymentError
+
+LOCAL_LAUNCHER = "local"
+"""Alias of :data:`LOCAL_LAUNCHER_PATH` in a resource's ``launcher`` field and in records."""
+LOCAL_LAUNCHER_PATH = "loom_dagster.launchers.local:LocalProcessLauncher"
+
+
+class LaunchRequest(msgspec.Struct, frozen=True):
     """Everything needed to start one flow's job; no secrets (those come from env or config files)."""
 
     flow_name: str
@@ -25,22 +40,8 @@ class LaunchRequest:
     run_id: str | None = None
     cwd: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        """JSON-safe form, for deployment records."""
-        return asdict(self)
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LaunchRequest:
-        """Inverse of ``to_json``."""
-        data = dict(data)
-        for key in ("config_files", "sys_path"):
-            data[key] = tuple(data.get(key) or ())
-        data["env"] = tuple(tuple(pair) for pair in data.get("env") or ())
-        return cls(**data)
-
-
-@dataclass(frozen=True)
-class JobProcess:
+class JobProcess(msgspec.Struct, frozen=True):
     """One process of a job: PID plus start time (so a reused PID is never mistaken for it)."""
 
     pid: int
@@ -50,8 +51,7 @@ class JobProcess:
     argv: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class LaunchedJob:
+class LaunchedJob(msgspec.Struct, frozen=True):
     """A job the launcher started: where it runs, how to find its processes, logs and status."""
 
     flow_name: str
@@ -61,30 +61,7 @@ class LaunchedJob:
     log_path: str
     started_at: float
     request: LaunchRequest
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-safe form, for deployment records."""
-        data = asdict(self)
-        data["request"] = self.request.to_json()
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LaunchedJob:
-        """Inverse of ``to_json``."""
-        procs = tuple(
-            JobProcess(**{**p, "argv": tuple(p.get("argv") or ())}) for p in data.get("processes") or ()
-        )
-        return cls(
-            flow_name=data["flow_name"],
-            launcher=data["launcher"],
-            host=data["host"],
-            processes=procs,
-            log_path=data["log_path"],
-            started_at=float(data["started_at"]),
-            request=LaunchRequest.from_json(data["request"]),
-            extra=dict(data.get("extra") or {}),
-        )
+    extra: dict[str, Any] = {}
 
 
 class JobState(StrEnum):
@@ -107,11 +84,50 @@ class JobReport:
     statuses: tuple[dict[str, Any], ...] = ()
 
 
+@dataclass(frozen=True)
+class RuntimeProcess:
+    """A running ``python -m loom_dagster.runtime`` process a launcher can see (orphan detection)."""
+
+    pid: int
+    start_ticks: int
+    flow_name: str | None
+    status_file: str | None
+    run_id: str | None
+    host: str = ""
+
+
+class LauncherRef(msgspec.Struct, frozen=True):
+    """Which launcher ran a job, recorded with the deployment so a tool without the Dagster resource
+    (the ``loom-dagster`` CLI) builds the same launcher again.
+
+    ``path`` is ``local`` or ``package.module:Class``; ``config`` its JSON-safe keyword arguments;
+    ``sys_path`` the directory the class was imported from (tried when it does not import as is).
+
+    Example:
+        >>> LauncherRef().build().name
+        'local'
+    """
+
+    path: str = LOCAL_LAUNCHER
+    config: dict[str, Any] = {}
+    sys_path: tuple[str, ...] = ()
+
+    def build(self) -> Launcher:
+        """The launcher, constructed with ``config``; ``DeploymentError`` when it cannot be."""
+        return load_launcher(self.path, self.config, self.sys_path)
+
+    def same_class(self, launcher: Launcher) -> bool:
+        """True when *launcher* is an instance of the class this reference names."""
+        return canonical_path(self.path) == class_path(type(launcher))
+
+
 class Launcher(abc.ABC):
     """Starts, inspects and stops a flow's long-running job.
 
-    A launcher owns *where* a job runs. Deploy/redeploy/rollback logic lives in the deployer and is
-    the same for every launcher.
+    A launcher owns *where* a job runs and every fact about that place (process table, host name,
+    log files). Deploy/redeploy/rollback logic lives in the deployer and is the same for every
+    launcher. A launcher is built from JSON-safe keyword arguments (``config()`` returns them), so a
+    deployment record can name it (``ref()``) and the CLI can build it again.
     """
 
     name: str = "launcher"
@@ -132,3 +148,95 @@ class Launcher(abc.ABC):
     def preflight(self, request: LaunchRequest, timeout_s: float) -> None:
         """Check, without touching a running job, that the new version imports and compiles where it
         will run. Raises ``DeploymentError`` with the reason."""
+
+    def config(self) -> dict[str, Any]:
+        """The JSON-safe keyword arguments that build this launcher again (default: none)."""
+        return {}
+
+    def ref(self) -> LauncherRef:
+        """How a deployment record names this launcher."""
+        cls = type(self)
+        return LauncherRef(class_path(cls), self.config(), _module_root(cls.__module__))
+
+    def owns(self, job: LaunchedJob) -> bool:
+        """Whether this launcher, from where it runs, can inspect and stop *job* (default: yes)."""
+        return True
+
+    def location(self) -> str:
+        """Where this launcher runs jobs, for messages (default: its name)."""
+        return self.name
+
+    def uptime(self, job: LaunchedJob) -> float | None:
+        """Seconds the job's youngest live process has run; ``None`` when none runs or unknown."""
+        return None
+
+    def logs(self, job: LaunchedJob, lines: int = 40) -> str:
+        """The last *lines* lines of the job's log, secrets redacted (default: none)."""
+        return ""
+
+    def follow_logs(self, job: LaunchedJob) -> Iterator[str]:
+        """The lines appended to the job's log from now on, redacted, until interrupted."""
+        raise DeploymentError(f"the {self.name!r} launcher cannot follow a job's log")
+
+    def runtime_processes(self) -> list[RuntimeProcess]:
+        """Every running loom runtime process this launcher can see, recorded or not (orphan
+        detection; default: none, so orphans are found from the consumer-group fence only)."""
+        return []
+
+
+def class_path(cls: type) -> str:
+    """``module:QualifiedName`` of a class."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def canonical_path(path: str) -> str:
+    """*path* with the ``local`` alias expanded."""
+    return LOCAL_LAUNCHER_PATH if path == LOCAL_LAUNCHER else path
+
+
+def load_launcher(
+    path: str, config: Mapping[str, Any] | None = None, sys_path: tuple[str, ...] = ()
+) -> Launcher:
+    """Build the launcher ``path`` names (``local`` or ``package.module:Class``) with *config* as
+    keyword arguments; *sys_path* entries are tried when the module does not import as is.
+
+    Example:
+        >>> load_launcher("local", {"heartbeat_timeout_s": 5}).heartbeat_timeout_s
+        5
+    """
+    module_name, _, attribute = canonical_path(path).partition(":")
+    if not module_name or not attribute:
+        raise DeploymentError(f"launcher {path!r}: expected 'local' or 'package.module:Class'")
+    cls = getattr(_import(module_name, sys_path, path), attribute, None)
+    if not isinstance(cls, type) or not issubclass(cls, Launcher):
+        raise DeploymentError(f"launcher {path!r} is not a Launcher subclass")
+    try:
+        return cls(**dict(config or {}))
+    except TypeError as exc:
+        raise DeploymentError(f"launcher {path!r} does not take this config: {exc}") from exc
+
+
+def _import(module_name: str, sys_path: tuple[str, ...], path: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as first:
+        missing = [entry for entry in sys_path if entry not in sys.path]
+        if not missing:
+            raise DeploymentError(f"launcher {path!r} does not import: {first}") from first
+        sys.path[:0] = missing
+        try:
+            return importlib.import_module(module_name)
+        except ImportError as exc:
+            raise DeploymentError(f"launcher {path!r} does not import: {exc}") from exc
+
+
+def _module_root(module_name: str) -> tuple[str, ...]:
+    """The sys.path entry *module_name* was imported from (empty when unknown)."""
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None)
+    if not file:
+        return ()
+    path = Path(file).resolve().parent
+    for _ in range(module_name.count(".") + (1 if Path(file).name == "__init__.py" else 0)):
+        path = path.parent
+    return (str(path),)

@@ -9,17 +9,35 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from loom_dagster.errors import DeploymentError
 from loom_dagster.launchers import procfs
-from loom_dagster.launchers.base import JobProcess, JobReport, JobState, LaunchedJob, Launcher, LaunchRequest
+from loom_dagster.launchers.base import (
+    JobProcess,
+    JobReport,
+    JobState,
+    LaunchedJob,
+    Launcher,
+    LaunchRequest,
+    RuntimeProcess,
+)
 from loom_dagster.launchers.preflight import failure_detail
 from loom_dagster.redact import redact_text
 from loom_dagster.runtime.failure import MAX_REASON_CHARS, clip
-from loom_dagster.runtime.status import read_status
+from loom_dagster.runtime.logs import (
+    DEFAULT_LOG_MAX_BYTES,
+    DEFAULT_LOG_MAX_FILES,
+    LogSettings,
+    follow_lines,
+    read_tail,
+)
+from loom_dagster.runtime.status import FINAL_STATES, JobStatus, describe_exit_code, read_status
 
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30.0
+RUNTIME_MODULE = "loom_dagster.runtime"
 
 
 class LocalProcessLauncher(Launcher):
@@ -37,9 +55,54 @@ class LocalProcessLauncher(Launcher):
 
     name = "local"
 
-    def __init__(self, python: str | None = None, heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S):
+    def __init__(
+        self,
+        python: str | None = None,
+        heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
+        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES,
+        log_max_files: int = DEFAULT_LOG_MAX_FILES,
+    ):
         self.python = python or sys.executable
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.log_max_bytes = log_max_bytes  # job.log rotates at this size ...
+        self.log_max_files = log_max_files  # ... keeping this many files (job.log included)
+
+    def config(self) -> dict[str, Any]:
+        """The keyword arguments that build this launcher again (recorded with each deployment)."""
+        return {
+            "python": self.python,
+            "heartbeat_timeout_s": self.heartbeat_timeout_s,
+            "log_max_bytes": self.log_max_bytes,
+            "log_max_files": self.log_max_files,
+        }
+
+    def owns(self, job: LaunchedJob) -> bool:
+        """True when the job runs on this host: only here can its processes be read and signalled."""
+        return job.host == socket.gethostname()
+
+    def location(self) -> str:
+        """``host '<this host>'``."""
+        return f"host {socket.gethostname()!r}"
+
+    def uptime(self, job: LaunchedJob) -> float | None:
+        """Seconds since the youngest live process started, from ``/proc``."""
+        alive = [p for p in job.processes if procfs.is_alive(p.pid, p.start_ticks)]
+        uptimes = [procfs.uptime_seconds(p.pid) for p in alive]
+        if not uptimes or None in uptimes:
+            return None
+        return min(u for u in uptimes if u is not None)
+
+    def logs(self, job: LaunchedJob, lines: int = 40) -> str:
+        """The tail of ``job.log`` (across its rotated files), redacted."""
+        return log_tail(job.log_path, lines, window_bytes=max(256 * 1024, lines * 2048))
+
+    def follow_logs(self, job: LaunchedJob) -> Iterator[str]:
+        """Lines appended to ``job.log`` from now on (opened now), across rotations, redacted."""
+        return follow_lines(job.log_path)
+
+    def runtime_processes(self) -> list[RuntimeProcess]:
+        """Every live ``python -m loom_dagster.runtime`` process of this host, from ``/proc``."""
+        return scan_runtime_processes()
 
     def launch(self, request: LaunchRequest, log_dir: str) -> LaunchedJob:
         """Start every process of the job and return their PIDs and start times."""
@@ -81,6 +144,8 @@ class LocalProcessLauncher(Launcher):
             argv += ["--config", config]
         argv += ["--environment", request.environment, "--status-file", status_path]
         argv += ["--flow-name", request.flow_name]
+        if request.run_id:
+            argv += ["--run-id", request.run_id]  # names the job in its consumer-group fence
         for entry in request.sys_path:
             argv += ["--sys-path", entry]
         if request.processes > 1 or request.workers_per_process > 1:
@@ -92,6 +157,8 @@ class LocalProcessLauncher(Launcher):
     def _spawn_detached(self, argv: list[str], log_path: Path, request: LaunchRequest) -> int:
         env = {**os.environ, **dict(request.env)}
         env["PYTHONPATH"] = os.pathsep.join([*request.sys_path, env.get("PYTHONPATH", "")]).strip(os.pathsep)
+        # the runtime rotates job.log itself; what it prints before that is appended to job.log here
+        env.update(LogSettings(log_path, self.log_max_bytes, self.log_max_files).env())
         payload = json.dumps({"argv": argv, "log_path": str(log_path), "cwd": request.cwd})
         helper = subprocess.run(
             [self.python, "-m", "loom_dagster.launchers._detach"],
@@ -123,8 +190,7 @@ class LocalProcessLauncher(Launcher):
                 statuses.append(status.to_dict())
                 connected += status.connected
             if not running:
-                detail = f" ({status.state}, exit {status.exit_code}: {status.error})" if status else ""
-                problems.append(f"process {proc.process_id} (pid {proc.pid}) is not running{detail}")
+                problems.append(f"process {proc.process_id} (pid {proc.pid}) {_how_it_ended(status)}")
             elif status is not None and status.is_stale(self.heartbeat_timeout_s):
                 problems.append(
                     f"process {proc.process_id} (pid {proc.pid}) has not written a heartbeat for "
@@ -185,6 +251,23 @@ class LocalProcessLauncher(Launcher):
             )
 
 
+def _how_it_ended(status: JobStatus | None) -> str:
+    """Why a process is gone, in words: its final record, or the absence of one (a kill)."""
+    if status is None:
+        return "is not running and never wrote a status record (it died at start-up; see the job log)"
+    if status.state in FINAL_STATES:
+        code = status.exit_code
+        meaning = describe_exit_code(code) if code is not None else "no exit code recorded"
+        error = f": {status.error}" if status.error else ""
+        return f"exited with code {code} ({meaning}){error}"
+    age = status.heartbeat_age()
+    since = f"; its last heartbeat was {age:.0f}s ago" if age is not None else ""
+    return (
+        f"died without a final status (killed by a signal, e.g. SIGKILL or the OOM killer, while "
+        f"{status.state}){since}"
+    )
+
+
 def _signal(proc: JobProcess, sig: signal.Signals) -> None:
     """Signal a job process only if it is still the process we started (same start time)."""
     if not procfs.is_alive(proc.pid, proc.start_ticks):
@@ -197,6 +280,45 @@ def _signal(proc: JobProcess, sig: signal.Signals) -> None:
             os.kill(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def scan_runtime_processes() -> list[RuntimeProcess]:
+    """Every live ``loom_dagster.runtime`` process of this host (pid, start ticks, flow, status file)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        process = runtime_process(int(entry.name))
+        if process is not None:
+            found.append(process)
+    return found
+
+
+def runtime_process(pid: int) -> RuntimeProcess | None:
+    """*pid* as a runtime process of this host, or ``None`` (gone, a zombie, another program)."""
+    argv = procfs.cmdline(pid)
+    if "-m" not in argv or RUNTIME_MODULE not in argv or argv.index(RUNTIME_MODULE) != argv.index("-m") + 1:
+        return None
+    stat = procfs.read_stat(pid)
+    if stat is None or stat.state in ("Z", "X", "x"):
+        return None
+    return RuntimeProcess(
+        pid,
+        stat.start_ticks,
+        _arg(argv, "--flow-name"),
+        _arg(argv, "--status-file"),
+        _arg(argv, "--run-id"),
+        socket.gethostname(),
+    )
+
+
+def _arg(argv: Sequence[str], flag: str) -> str | None:
+    for index, item in enumerate(argv):
+        if item == flag and index + 1 < len(argv):
+            return argv[index + 1]
+        if item.startswith(flag + "="):
+            return item.split("=", 1)[1]
+    return None
 
 
 def _cluster_addresses(processes: int) -> tuple[str, ...]:
@@ -217,19 +339,13 @@ def _cluster_addresses(processes: int) -> tuple[str, ...]:
 def log_tail(
     path: str | Path, lines: int = 40, window_bytes: int = 256 * 1024, max_line_chars: int = MAX_REASON_CHARS
 ) -> str:
-    """Last *lines* whole lines of a log file (within its last *window_bytes*), secrets redacted, each
-    capped at *max_line_chars* keeping its head and tail; empty when missing. A failure reason fits
-    whole: the runtime caps it at the same :data:`~loom_dagster.runtime.failure.MAX_REASON_CHARS`."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            start = max(0, handle.tell() - window_bytes)
-            handle.seek(start)
-            text = handle.read().decode(errors="replace")
-    except OSError:
-        return ""
-    kept = text.splitlines()
-    if start > 0 and kept:
+    """Last *lines* whole lines of a job log, across its rotated files (``job.log.N`` ... ``job.log``,
+    within their last *window_bytes*), secrets redacted, each capped at *max_line_chars* keeping its
+    head and tail; empty when missing. A failure reason fits whole: the runtime caps it at the same
+    :data:`~loom_dagster.runtime.failure.MAX_REASON_CHARS`."""
+    data, cut = read_tail(path, window_bytes)
+    kept = data.decode(errors="replace").splitlines()
+    if cut and kept:
         kept = kept[1:]  # the first line is partial: a secret cut in two would not be recognized
     if lines <= 0:
         return ""

@@ -79,9 +79,13 @@ def build_runner(
     """Compile the flow against its config (deploy checks included) into a runner."""
     from loom.streaming.bytewax import StreamingRunner
 
-    return StreamingRunner.from_context(
+    from loom_dagster.runtime.loom_logging import note_error_routes
+
+    runner = StreamingRunner.from_context(
         flow, config=config, observability_runtime=observability, environment=environment
     )
+    note_error_routes(runner)  # a routed record's log line names its error topic
+    return runner
 
 
 def is_runtime_configuration_error(exc: BaseException) -> bool:

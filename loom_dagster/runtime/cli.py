@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loom_dagster.redact import redact_text as redact
-from loom_dagster.runtime.job import JobOptions, run_job
+from loom_dagster.runtime.job import DEFAULT_FENCE_TIMEOUT_S, JobOptions, run_job
 from loom_dagster.runtime.status import (
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_HEARTBEAT_S,
@@ -87,6 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not commit the offsets made durable by the shutdown flush (they are then replayed)",
     )
+    parser.add_argument(
+        "--run-id", default=None, help="the Dagster run that deployed this job (names it in its fence)"
+    )
+    fence = parser.add_argument_group("consumer-group fence (Kafka sources; see loom_dagster.fence)")
+    fence.add_argument(
+        "--fence-timeout",
+        type=float,
+        default=DEFAULT_FENCE_TIMEOUT_S,
+        help="seconds to wait for the consumer group's fence before refusing to start "
+        f"(default {DEFAULT_FENCE_TIMEOUT_S:g}; a SIGKILLed holder frees it after ~10 s)",
+    )
+    fence.add_argument(
+        "--no-fence",
+        dest="fence",
+        action="store_false",
+        help="do not take the fence: nothing stops a second job of the same group (duplicates)",
+    )
     cluster = parser.add_argument_group("cluster (overrides streaming.runtime)")
     cluster.add_argument("--process-id", type=int, default=None, help="this process's index in --addresses")
     cluster.add_argument(
@@ -108,6 +125,8 @@ def parse_options(argv: Sequence[str] | None = None) -> JobOptions:
         parser.error("--heartbeat must be above 0")
     if args.drain_timeout < 0:
         parser.error("--drain-timeout must be 0 (no limit) or above")
+    if args.fence_timeout <= 0:
+        parser.error("--fence-timeout must be above 0")
     return JobOptions(
         import_path=args.import_path,
         configs=tuple(args.configs),
@@ -121,6 +140,9 @@ def parse_options(argv: Sequence[str] | None = None) -> JobOptions:
         heartbeat_s=args.heartbeat,
         final_commit=args.final_commit,
         drain_timeout_s=args.drain_timeout or None,
+        run_id=args.run_id,
+        fence=args.fence,
+        fence_timeout_s=args.fence_timeout,
     )
 
 
@@ -152,13 +174,20 @@ def _check_cluster(
 
 
 def configure_logging() -> None:
-    """Our own lines go to stderr, one per event, prefixed and redacted."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Our own lines go to stderr, one per event, prefixed and redacted; loom's one per event, a
+    routed record in one line (:mod:`~loom_dagster.runtime.loom_logging`). With
+    ``LOOM_DAGSTER_LOG_FILE`` set (by the launcher), fd 1/2 go to the rotated job log first
+    (:mod:`~loom_dagster.runtime.logs`)."""
+    from loom_dagster.runtime.logs import JobLogHandler, start_job_log
+    from loom_dagster.runtime.loom_logging import configure_loom_logging
+
+    handler = JobLogHandler(sys.stderr, start_job_log(LOG_PREFIX))
     handler.setFormatter(_RedactingFormatter(f"{LOG_PREFIX}%(message)s"))
     logger = logging.getLogger("loom_dagster.runtime")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    configure_loom_logging(sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

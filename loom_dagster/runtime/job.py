@@ -8,7 +8,13 @@ How a job ends, and what a launcher sees (exit code / final status record):
   (argparse error: exit 2, one stderr line, no record);
 - the dataflow fails before its first poll (unreachable broker: ~10 s, loom's metadata timeout):
   exit 3, record ``failed``, ``connected_at`` null;
-- it fails after connecting: exit 1; a signal: drain, final offset commit, exit 0, ``stopped``.
+- it fails after connecting: exit 1; a signal: drain, final offset commit, exit 0, ``stopped``;
+- another job consumes the same consumer group (it holds the group's fence, see
+  ``loom_dagster.fence``): exit 5 before the dataflow starts, the reason naming that job (host, pid,
+  flow); a job that loses its fence while running drains and exits 5 too.
+
+A Kafka-sourced job takes the fence after compiling and before its dataflow starts (process 0 of a
+cluster takes it for the whole cluster), and releases it after the final offset commit.
 
 A job that dies because a sink write (a table flush) raised says so: its final ``error`` starts with
 ``sink '<name>' failed to write: `` and the record's ``sink_error`` keeps the full (redacted) text.
@@ -21,11 +27,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loom_dagster.redact import redact_text as redact
 from loom_dagster.runtime.failure import exception_chain, interrupted, one_line_reason
@@ -36,6 +43,7 @@ from loom_dagster.runtime.status import (
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_HEARTBEAT_S,
     EXIT_BAD_INPUT,
+    EXIT_FENCED,
     EXIT_FLOW_FAILED,
     EXIT_STARTUP_FAILED,
     EXIT_STOPPED,
@@ -45,7 +53,12 @@ from loom_dagster.runtime.status import (
     describe_exit_code,
 )
 
+if TYPE_CHECKING:
+    from loom_dagster.fence import JobFence
+
 log = logging.getLogger("loom_dagster.runtime")
+DEFAULT_FENCE_TIMEOUT_S = 30.0
+"""How long a starting job waits for its consumer group's fence (a SIGKILLed holder frees it in ~10 s)."""
 T = TypeVar("T")
 
 
@@ -65,6 +78,9 @@ class JobOptions:
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     final_commit: bool = True
     drain_timeout_s: float | None = DEFAULT_DRAIN_TIMEOUT_S
+    run_id: str | None = None
+    fence: bool = True
+    fence_timeout_s: float = DEFAULT_FENCE_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,14 @@ class Outcome:
 
 class _Refused(Exception):
     """The flow cannot start as given (import, config, compile): exit ``EXIT_BAD_INPUT``."""
+
+
+class _NoFence(Exception):
+    """The consumer group's fence was not acquired: the job must not start (``outcome`` says how)."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reason)
+        self.outcome = outcome
 
 
 @dataclass
@@ -122,12 +146,58 @@ def _execute(options: JobOptions, reporter: StatusReporter, signals: StopSignals
         prepared = _prepare(options, reporter)
     except _Refused as exc:
         return Outcome(EXIT_BAD_INPUT, str(exc))
-    outcome = _run(prepared, reporter, signals)
-    if outcome.code == EXIT_STOPPED and options.final_commit:
-        from loom_dagster.runtime.final_commit import final_commit
+    try:
+        fence = _acquire_fence(options, prepared, reporter)
+    except _NoFence as exc:
+        return exc.outcome
+    try:
+        outcome = _run(prepared, reporter, signals)
+        if outcome.code == EXIT_STOPPED and options.final_commit:
+            from loom_dagster.runtime.final_commit import final_commit
 
-        final_commit(prepared.runner)
+            final_commit(prepared.runner)
+    finally:
+        if fence is not None:
+            fence.release()  # after the final commit: the next job starts from committed offsets
+    if (
+        fence is not None
+        and fence.lost_reason is not None
+        and outcome.code in (EXIT_STOPPED, EXIT_FLOW_FAILED)
+    ):
+        return Outcome(EXIT_FENCED, fence.lost_reason)
     return outcome
+
+
+def _acquire_fence(options: JobOptions, prepared: _Prepared, reporter: StatusReporter) -> JobFence | None:
+    """Take the consumer group's fence before the dataflow starts (Kafka sources, process 0 only)."""
+    settings = getattr(getattr(getattr(prepared.runner, "_plan", None), "source", None), "settings", None)
+    group = getattr(settings, "group_id", None)
+    if (
+        not options.fence
+        or options.process_id not in (None, 0)
+        or not group
+        or not hasattr(settings, "brokers")
+    ):
+        return None
+    from loom_dagster.fence import FenceError, FenceIdentity, fence_for
+
+    flow = reporter.snapshot().flow
+    fence = fence_for(settings, group, FenceIdentity.of_this_process(flow, options.run_id), _stop_on_lost)
+    try:
+        seconds = fence.acquire(options.fence_timeout_s)
+    except FenceError as exc:
+        codes = {"held": EXIT_FENCED, "config": EXIT_BAD_INPUT}
+        code = codes.get(exc.kind, EXIT_STARTUP_FAILED)
+        reason = str(exc) if code != EXIT_STARTUP_FAILED else f"failed before its first poll: {exc}"
+        raise _NoFence(Outcome(code, reason)) from exc
+    log.info("holding the fence %r of consumer group %r (took %.2fs)", fence.group, group, seconds)
+    return fence
+
+
+def _stop_on_lost(reason: str) -> None:
+    """The fence is lost: stop the dataflow through the SIGTERM path (drain, final commit)."""
+    log.error("%s", reason)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _step(label: str, action: Callable[[], T]) -> T:

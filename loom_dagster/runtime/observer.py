@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from msgspec.structs import replace
 
 from loom_dagster.redact import redact_text
 from loom_dagster.runtime.failure import clip

@@ -6,8 +6,9 @@ import logging
 import os
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
+
+from msgspec.structs import replace
 
 from loom_dagster.redact import redact_text as redact
 from loom_dagster.runtime.observer import StatusObserver

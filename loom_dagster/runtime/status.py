@@ -1,9 +1,10 @@
 """The status record a running flow job keeps on disk, and how to read it.
 
-Standard library only: a launcher, a sensor or a health check imports this module without
-importing loom or bytewax.
+Standard library and msgspec only: a launcher, a sensor or a health check imports this module
+without importing loom or bytewax. The records are ``msgspec.Struct``s (``to_dict`` / ``from_dict``
+for callers holding decoded JSON).
 
-The record is one small JSON object, rewritten atomically (temp file + ``os.replace``) at start,
+The record is one small JSON object (keys sorted), rewritten atomically (temp file + ``os.replace``) at start,
 on every state change and on every heartbeat, so a reader sees either the previous or the next
 complete version, never a torn one. Times are epoch seconds (floats). Example::
 
@@ -35,6 +36,10 @@ Exit codes of ``python -m loom_dagster.runtime`` (also written to ``exit_code``)
 - ``EXIT_DRAIN_TIMEOUT`` (4): stopped on request, but the drain did not finish within
   ``--drain-timeout`` (e.g. only one process of a cluster was signalled); the process gave up.
   Nothing was committed past what was durable: the unfinished part is replayed by the next run.
+- ``EXIT_FENCED`` (5): another job consumes the same consumer group (``loom_dagster.fence``): it
+  holds the group's fence, so this job refused to start before consuming anything (the error names
+  the holder: host, pid, flow); or this job lost its fence while running and stopped after a drain.
+  Restarting helps only once the other job is stopped.
 
 A process killed by a signal (SIGKILL, or SIGTERM before the handler is installed, in the first
 ~0.6 s) has no final record: its file stays in a non-final state with a stale ``heartbeat_at``.
@@ -42,26 +47,28 @@ A process killed by a signal (SIGKILL, or SIGTERM before the handler is installe
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import msgspec
 
 EXIT_STOPPED = 0
 EXIT_FLOW_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STARTUP_FAILED = 3
 EXIT_DRAIN_TIMEOUT = 4
+EXIT_FENCED = 5
 
 EXIT_CODE_MEANINGS: Mapping[int, str] = {
     EXIT_STOPPED: "stopped on request after draining",
     EXIT_FLOW_FAILED: "the flow failed at run time",
-    EXIT_BAD_INPUT: "bad arguments, import, config or compile error (nothing started)",
+    EXIT_BAD_INPUT: "bad input: arguments, import, config, compile or deploy-check error; nothing started",
     EXIT_STARTUP_FAILED: "the flow failed before its first successful poll",
     EXIT_DRAIN_TIMEOUT: "stopped on request, but the drain did not finish in time",
+    EXIT_FENCED: "another job consumes the same consumer group (holds its fence); refused to start or stopped",
 }
 
 STATE_STARTING = "starting"
@@ -77,8 +84,7 @@ MAX_SINK_ERROR_CHARS = 8000
 DEFAULT_DRAIN_TIMEOUT_S = 120.0
 
 
-@dataclass
-class SinkStatus:
+class SinkStatus(msgspec.Struct):
     """What one sink (table node name or output topic) has written so far."""
 
     last_write_at: float | None = None
@@ -86,13 +92,17 @@ class SinkStatus:
     failed_writes: int = 0
 
 
-@dataclass
-class SinkError:
-    """The last failed write (flush) of one sink: which sink, when, why, how many times."""
+class SinkError(msgspec.Struct):
+    """The last failed write (flush) of one sink: which sink, when, why, how many times.
+
+    Example:
+        >>> SinkError.from_dict({"sink": "readings_sql", "at": 1.5, "error": "no such table"})
+        SinkError(sink='readings_sql', at=1.5, error='no such table', error_type=None, count=1, first_at=None, recovered_at=None)
+    """
 
     sink: str
     at: float
-    error: str
+    error: str = ""
     error_type: str | None = None
     count: int = 1
     first_at: float | None = None
@@ -112,46 +122,51 @@ class SinkError:
         kind = f"{self.error_type}: " if self.error_type and self.error_type not in first else ""
         return f"sink {self.sink!r} failed to write ({times}): {kind}{first}"
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready mapping (the ``sink_error`` entry of a status record)."""
+        return cast("dict[str, Any]", msgspec.to_builtins(self))
+
     @classmethod
     def from_dict(cls, data: object) -> SinkError | None:
         """Parse the ``sink_error`` entry of a status record (``None`` if absent or malformed)."""
         if not isinstance(data, Mapping):
             return None
         try:
-            return cls(
-                sink=str(data["sink"]),
-                at=float(data["at"]),
-                error=str(data.get("error") or ""),
-                error_type=None if data.get("error_type") is None else str(data["error_type"]),
-                count=int(data.get("count") or 1),
-                first_at=_opt_float(data.get("first_at")),
-                recovered_at=_opt_float(data.get("recovered_at")),
-            )
-        except (KeyError, TypeError, ValueError):
+            return msgspec.convert(_drop_nulls(data, _SINK_ERROR_DEFAULTED), cls, strict=False)
+        except msgspec.ValidationError:
             return None
 
 
-@dataclass
-class JobStatus:
-    """One snapshot of a flow job, as written to the status file."""
+class JobStatus(msgspec.Struct):
+    """One snapshot of a flow job, as written to the status file.
+
+    Example:
+        >>> status = JobStatus(flow="orders", pid=42, host="h", started_at=1.0)
+        >>> JobStatus.from_dict(status.to_dict()) == status
+        True
+    """
 
     flow: str
     pid: int
-    host: str
+    host: str = ""
     state: str = STATE_STARTING
-    started_at: float = field(default_factory=time.time)
+    started_at: float = msgspec.field(default_factory=time.time)
     heartbeat_at: float | None = None
     connected_at: float | None = None
     last_poll_at: float | None = None
     records_in: int = 0
     records_out: int = 0
     errors: int = 0
-    sinks: dict[str, SinkStatus] = field(default_factory=dict)
+    sinks: dict[str, SinkStatus] = msgspec.field(default_factory=dict)
     sink_error: SinkError | None = None
     exit_code: int | None = None
     error: str | None = None
     process_id: int | None = None
     partitions: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.state not in STATES:
+            raise ValueError(f"unknown state {self.state!r}")
 
     @property
     def is_final(self) -> bool:
@@ -178,7 +193,7 @@ class JobStatus:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready mapping written to the status file."""
-        return asdict(self)
+        return cast("dict[str, Any]", msgspec.to_builtins(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobStatus:
@@ -187,56 +202,44 @@ class JobStatus:
         Raises:
             ValueError: if a required key is missing or a value has the wrong type.
         """
+        if not isinstance(data, Mapping) or "started_at" not in data:
+            raise ValueError("not a loom-dagster job status record: no started_at")
         try:
-            return cls(
-                flow=str(data["flow"]),
-                pid=int(data["pid"]),
-                host=str(data.get("host", "")),
-                state=_state(data.get("state")),
-                started_at=float(data["started_at"]),
-                heartbeat_at=_opt_float(data.get("heartbeat_at")),
-                connected_at=_opt_float(data.get("connected_at")),
-                last_poll_at=_opt_float(data.get("last_poll_at")),
-                records_in=int(data.get("records_in") or 0),
-                records_out=int(data.get("records_out") or 0),
-                errors=int(data.get("errors") or 0),
-                sinks=_sinks(data.get("sinks")),
-                sink_error=SinkError.from_dict(data.get("sink_error")),
-                exit_code=_opt_int(data.get("exit_code")),
-                error=None if data.get("error") is None else str(data["error"]),
-                process_id=_opt_int(data.get("process_id")),
-                partitions=_opt_int(data.get("partitions")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not a loom-dagster job status record: {exc!r}") from exc
+            return msgspec.convert(_lenient(data), cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"not a loom-dagster job status record: {exc}") from exc
 
 
-def _state(value: object) -> str:
-    if value not in STATES:
-        raise ValueError(f"unknown state {value!r}")
-    return str(value)
+_SINK_ERROR_DEFAULTED = ("error", "count")
+_STATUS_DEFAULTED = ("host", "records_in", "records_out", "errors")
+_SINK_STATUS_DEFAULTED = ("records", "failed_writes")
 
 
-def _opt_float(value: object) -> float | None:
-    return None if value is None else float(value)  # type: ignore[arg-type]
+def _drop_nulls(data: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """*data* without the null entries of *keys*, which then take their defaults (as older readers did)."""
+    return {k: v for k, v in data.items() if not (v is None and k in keys)}
 
 
-def _opt_int(value: object) -> int | None:
-    return None if value is None else int(value)  # type: ignore[call-overload]
+def _lenient(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A decoded status record as the records take it: nulls of defaulted fields dropped, a malformed
+    ``sink_error`` or ``sinks`` entry left out (the rest of the record still loads)."""
+    out = _drop_nulls(data, _STATUS_DEFAULTED)
+    if "sink_error" in out:
+        out["sink_error"] = SinkError.from_dict(out["sink_error"])
+    sinks = out.get("sinks")
+    if sinks is None or isinstance(sinks, Mapping):
+        out["sinks"] = {
+            str(name): _drop_nulls(entry, _SINK_STATUS_DEFAULTED)
+            for name, entry in (sinks or {}).items()
+            if isinstance(entry, Mapping)
+        }
+    else:
+        out["sinks"] = {}
+    return out
 
 
-def _sinks(value: object) -> dict[str, SinkStatus]:
-    if not isinstance(value, Mapping):
-        return {}
-    sinks: dict[str, SinkStatus] = {}
-    for name, entry in value.items():
-        if isinstance(entry, Mapping):
-            sinks[str(name)] = SinkStatus(
-                last_write_at=_opt_float(entry.get("last_write_at")),
-                records=int(entry.get("records") or 0),
-                failed_writes=int(entry.get("failed_writes") or 0),
-            )
-    return sinks
+_ENCODER = msgspec.json.Encoder(order="sorted")
+_DECODER = msgspec.json.Decoder()
 
 
 def write_status(path: str | os.PathLike[str], status: JobStatus, *, durable: bool = False) -> None:
@@ -246,8 +249,8 @@ def write_status(path: str | os.PathLike[str], status: JobStatus, *, durable: bo
     """
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    payload = json.dumps(status.to_dict(), separators=(",", ":"), sort_keys=True)
-    with open(tmp, "w", encoding="utf-8") as handle:
+    payload = _ENCODER.encode(status)
+    with open(tmp, "wb") as handle:
         handle.write(payload)
         if durable:
             handle.flush()
@@ -258,12 +261,12 @@ def write_status(path: str | os.PathLike[str], status: JobStatus, *, durable: bo
 def read_status(path: str | os.PathLike[str]) -> JobStatus | None:
     """Read a status file; ``None`` if it is missing, empty, partial or not a status record."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        raw = Path(path).read_bytes()
+    except OSError:
         return None
     try:
-        data = json.loads(text)
-    except ValueError:
+        data = _DECODER.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return None
     if not isinstance(data, dict):
         return None
@@ -288,6 +291,7 @@ __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_DRAIN_TIMEOUT",
     "EXIT_CODE_MEANINGS",
+    "EXIT_FENCED",
     "EXIT_FLOW_FAILED",
     "EXIT_STARTUP_FAILED",
     "EXIT_STOPPED",

@@ -18,7 +18,6 @@ Both halts hold until a new deployment (a materialization that succeeds) replace
 
 import json
 import re
-import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -26,17 +25,18 @@ from typing import Any
 
 import dagster as dg
 
-from loom_dagster.checks import JOB_RUNNING
-from loom_dagster.deployments import Deployment
+from loom_dagster.checks import JOB_RUNNING, RESTART_TAG
+from loom_dagster.defs_state import Lazy
+from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.graph import LoomAssetGraph
-from loom_dagster.launchers import procfs
-from loom_dagster.launchers.base import JobReport, JobState
+from loom_dagster.kafka_lag import cluster_for
+from loom_dagster.launchers.base import JobReport, JobState, Launcher
+from loom_dagster.orphans import FenceTarget, Orphan, OrphanReport, find_orphans
 from loom_dagster.redact import redact_text
 from loom_dagster.resources import LoomDeployResource
 from loom_dagster.runtime.status import EXIT_BAD_INPUT, EXIT_FLOW_FAILED, SinkError, describe_exit_code
 from loom_dagster.sensors.settings import JobHealthSettings
 
-RESTART_TAG = "loom/restart"
 FLOW_TAG = "loom/flow"
 SAME_ERROR_LIMIT = 2
 """Deaths in a row with the same error after which restarts stop (until a new deployment)."""
@@ -113,10 +113,14 @@ def dump_cursor(states: dict[str, RestartState]) -> str:
 
 
 def assess(
-    deployment: Deployment, report: JobReport, asset_key: dg.AssetKey, starting_grace_s: float
+    deployment: Deployment,
+    report: JobReport,
+    asset_key: dg.AssetKey,
+    starting_grace_s: float,
+    uptime_s: float | None = None,
 ) -> FlowHealth:
-    """Health of one deployed flow from the launcher's report and the job's status records."""
-    metadata = job_metadata(deployment, report)
+    """Health of one deployed flow from the launcher's report (and uptime) and the job's status records."""
+    metadata = job_metadata(deployment, report, uptime_s)
     name = deployment.flow_name
     if deployment.stopped_on_purpose:
         return FlowHealth(
@@ -187,7 +191,7 @@ def deployment_key(deployment: Deployment) -> str:
 
 _CUT = re.compile(r" \(while: | \| |\n|\[SQL: |\[parameters: ")
 _PHASE = re.compile(r"^(?:failed at run time|failed before its first poll|failed while draining after \w+): ")
-_EXIT = re.compile(r"\bexit (-?\d+): ")
+_EXIT = re.compile(r"\bexit(?:ed with code)? (-?\d+)(?: \([^)]*\))?: ")
 
 
 def error_signature(text: str) -> str:
@@ -226,10 +230,9 @@ def _clock(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
-def job_metadata(deployment: Deployment, report: JobReport) -> dict[str, Any]:
-    """Observation metadata: state, uptime, restarts, counts and last write per sink."""
+def job_metadata(deployment: Deployment, report: JobReport, uptime_s: float | None = None) -> dict[str, Any]:
+    """Observation metadata: state, uptime (the launcher's), restarts, counts and last write per sink."""
     job = deployment.job
-    uptimes = [procfs.uptime_seconds(p.pid) for p in job.processes if procfs.is_alive(p.pid, p.start_ticks)]
     statuses = report.statuses
     sinks: dict[str, dict[str, Any]] = {}
     for status in statuses:
@@ -251,8 +254,8 @@ def job_metadata(deployment: Deployment, report: JobReport) -> dict[str, Any]:
         "loom/errors": dg.MetadataValue.int(sum(int(s.get("errors") or 0) for s in statuses)),
         "loom/sinks": dg.MetadataValue.json(sinks),
     }
-    if uptimes and all(u is not None for u in uptimes):
-        metadata["loom/uptime_s"] = dg.MetadataValue.float(round(min(u for u in uptimes if u is not None), 1))
+    if uptime_s is not None:
+        metadata["loom/uptime_s"] = dg.MetadataValue.float(round(uptime_s, 1))
     for sink, info in sinks.items():
         if info["last_write_at"]:
             metadata[f"loom/last_write/{sink}"] = dg.MetadataValue.timestamp(info["last_write_at"])
@@ -336,6 +339,21 @@ def update_halt(state: RestartState, deployment: str, death: Death | None) -> No
         state.halted, state.halted_deployment = reason, deployment
 
 
+def reset_backoff_when_stable(
+    state: RestartState, settings: JobHealthSettings, now: float, job_started_at: float
+) -> bool:
+    """Start the backoff over once the running job has been healthy for ``backoff_reset_after_s``.
+
+    One healthy tick is not enough: a job that dies seconds after each start would otherwise be
+    restarted at the initial backoff every time, until the cap.
+    """
+    if now - job_started_at < settings.backoff_reset_after_s:
+        return False
+    state.consecutive = 0
+    state.gave_up = False
+    return True
+
+
 def record_restart(state: RestartState, settings: JobHealthSettings, now: float) -> None:
     """Book one restart: the next one waits ``initial * 2**consecutive`` seconds, capped."""
     state.restarts.append(now)
@@ -358,6 +376,7 @@ def build_job_health_sensor(
         >>> sensor = build_job_health_sensor(graph, JobHealthSettings(interval_s=5))  # doctest: +SKIP
     """
     flow_keys = {node.compiled.flow.name: node.spec.key for node in graph.flows}
+    fences = Lazy(lambda: fence_targets(graph))  # compiles the plans (credentials) on the first tick
 
     @dg.sensor(
         name=name,
@@ -373,17 +392,23 @@ def build_job_health_sensor(
         now = time.time()
         events: list[Any] = []
         requests: list[dg.RunRequest] = []
+        orphans = tick_orphans(deployer.store, list(flow_keys), fences(), context.log, deployer.launcher)
         for flow_name, key in flow_keys.items():
-            deployment = deployer.store.current(flow_name)
-            if deployment is None or deployment.host != socket.gethostname():
+            if orphans.of(flow_name):  # another job consumes the group: report it, restart nothing
+                events.append(orphan_evaluation(key, orphans.of(flow_name), deployer.store.root))
                 continue
-            report = deployer.launcher.report(deployment.job)
-            health = assess(deployment, report, key, loom.health_timeout_s)
+            deployment = deployer.store.current(flow_name)
+            launcher = deployer.launcher_for(deployment) if deployment is not None else None
+            if deployment is None or launcher is None or not launcher.owns(deployment.job):
+                continue
+            report = launcher.report(deployment.job)
+            health = assess(
+                deployment, report, key, loom.health_timeout_s, _uptime(launcher, deployment, report)
+            )
             state = states.setdefault(flow_name, RestartState())
             description = health.description
             if health.passed and report.state is JobState.HEALTHY:
-                state.consecutive = 0
-                state.gave_up = False
+                reset_backoff_when_stable(state, settings, now, deployment.job.started_at)
             in_progress = False
             if health.death is not None or health.restart_reason is not None:
                 in_progress = restart_in_progress(context.instance, flow_name)
@@ -556,7 +581,8 @@ def one_shot_result(deployer: Any, flow_name: str, key: dg.AssetKey, grace_s: fl
             severity=dg.AssetCheckSeverity.WARN,
             description="never deployed on this host; materialize the flow to deploy it",
         )
-    if deployment.host != socket.gethostname():
+    launcher = deployer.launcher_for(deployment)
+    if not launcher.owns(deployment.job):
         return dg.AssetCheckResult(
             asset_key=key,
             check_name=JOB_RUNNING,
@@ -564,7 +590,8 @@ def one_shot_result(deployer: Any, flow_name: str, key: dg.AssetKey, grace_s: fl
             severity=dg.AssetCheckSeverity.WARN,
             description=f"deployed on host {deployment.host!r}; health can only be read there",
         )
-    health = assess(deployment, deployer.launcher.report(deployment.job), key, grace_s)
+    report = launcher.report(deployment.job)
+    health = assess(deployment, report, key, grace_s, _uptime(launcher, deployment, report))
     return dg.AssetCheckResult(
         asset_key=key,
         check_name=JOB_RUNNING,
@@ -575,6 +602,73 @@ def one_shot_result(deployer: Any, flow_name: str, key: dg.AssetKey, grace_s: fl
     )
 
 
-def flow_names(graph: LoomAssetGraph) -> Sequence[str]:
-    """Names of the graph's flows."""
-    return [node.compiled.flow.name for node in graph.flows]
+def _uptime(launcher: Launcher, deployment: Deployment, report: JobReport) -> float | None:
+    """The job's uptime when any process runs (the launcher reads it where the job lives)."""
+    return launcher.uptime(deployment.job) if report.alive_processes > 0 else None
+
+
+# --------------------------------------------------------------------------- orphan jobs
+
+ORPHAN_TIMEOUT_S = 5.0
+"""Bound of the one fence describe per cluster per tick."""
+
+
+def fence_targets(graph: LoomAssetGraph) -> list[FenceTarget]:
+    """The fence of every Kafka-sourced flow of *graph* (cluster from its consumer settings)."""
+    targets = []
+    for node in graph.flows:
+        flow = node.compiled.flow
+        settings = getattr(node.compiled.plan.source, "settings", None)
+        if flow.source_kind == "kafka" and flow.consumer_group and settings is not None:
+            targets.append(FenceTarget(flow.name, flow.consumer_group, cluster_for(settings)))
+    return targets
+
+
+def tick_orphans(
+    store: DeploymentStore,
+    flows: Sequence[str],
+    targets: Sequence[FenceTarget],
+    log: Any,
+    launcher: Launcher | None = None,
+) -> OrphanReport:
+    """This tick's orphans of the graph's flows (fence holders + the processes *launcher* sees);
+    never raises."""
+    try:
+        report = find_orphans(
+            store, flows=flows, targets=targets, timeout_s=ORPHAN_TIMEOUT_S, launcher=launcher
+        )
+    except Exception as exc:  # a broken probe must not stop health reporting
+        log.warning(f"orphan job check failed: {redact_text(str(exc))}")
+        return OrphanReport()
+    for reason in report.unreachable:
+        log.warning(f"fence holders not read (orphan jobs found from this host's processes only): {reason}")
+    return report
+
+
+def orphan_evaluation(key: dg.AssetKey, orphans: Sequence[Orphan], state_dir: Any) -> dg.AssetCheckEvaluation:
+    """``job_running`` failing (ERROR) because a job with no deployment record here consumes the group."""
+    description = "; ".join(o.describe(state_dir) for o in orphans)
+    metadata: dict[str, Any] = {
+        "loom/state": "orphan",
+        "loom/detail": description,
+        "loom/orphans": dg.MetadataValue.json(
+            [
+                {
+                    "host": o.host,
+                    "pid": o.pid,
+                    "group": o.consumer_group,
+                    "found_by": o.found_by,
+                    "run_id": o.run_id,
+                }
+                for o in orphans
+            ]
+        ),
+    }
+    return dg.AssetCheckEvaluation(
+        asset_key=key,
+        check_name=JOB_RUNNING,
+        passed=False,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=_clip(description, MAX_ERROR_CHARS),
+        metadata=metadata,
+    )

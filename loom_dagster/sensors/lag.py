@@ -17,19 +17,15 @@ from typing import Any
 import dagster as dg
 
 from loom_dagster.checks import KAFKA_LAG
+from loom_dagster.defs_state import Lazy
 from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.graph import FlowNode, LoomAssetGraph
-from loom_dagster.kafka_lag import (
-    DeploymentStart,
-    FlowLag,
-    LagFetch,
-    LagSeverity,
-    LagTarget,
-    LagWindows,
-    check_lag,
-    lag_target,
-    starting_window_s,
-)
+from loom_dagster.kafka.cluster import LagTarget, lag_target
+from loom_dagster.kafka.lag_check import check_lag
+from loom_dagster.kafka.lag_eval import DeploymentStart, FlowLag, starting_window_s
+from loom_dagster.kafka.lag_status import LagSeverity
+from loom_dagster.kafka.lag_window import LagWindows
+from loom_dagster.kafka.offsets import LagFetch
 from loom_dagster.resources import LoomDeployResource
 from loom_dagster.sensors.settings import KafkaLagSettings
 
@@ -41,6 +37,32 @@ _DESCRIPTION = (
     "warn_lag) / ERR (total lag >= error_lag) / STALL / STOP / REWIND / NO_COMMITS / MISSING_TOPIC / "
     "UNAVAILABLE / UNREACHABLE."
 )
+
+
+def kafka_lag_flows(graph: LoomAssetGraph) -> list[tuple[dg.AssetKey, str]]:
+    """The flow asset key and consumer group of every Kafka-sourced flow, from its records alone
+    (no plan, no credentials): what the checks are declared with at load."""
+    return [
+        (node.spec.key, flow.consumer_group)
+        for node in graph.flows
+        for flow in [node.compiled.flow]
+        if flow.source_kind == "kafka" and flow.consumer_group and flow.source_topics
+    ]
+
+
+def lazy_lag_targets(
+    graph: LoomAssetGraph, settings: KafkaLagSettings
+) -> Lazy[tuple[list[tuple[dg.AssetKey, LagTarget]], dict[str, tuple[str, float]]]]:
+    """The lag targets (with their clusters' connection settings) and starting windows, resolved on
+    first use in the process that ticks (it compiles the plans the state-backed load skipped) and
+    kept for its lifetime; restricted to the flows declared at load."""
+    declared = {key for key, _ in kafka_lag_flows(graph)}
+
+    def resolve() -> tuple[list[tuple[dg.AssetKey, LagTarget]], dict[str, tuple[str, float]]]:
+        pairs = [(k, t) for k, t in kafka_lag_targets(graph) if k in declared]
+        return pairs, starting_windows(graph, settings, pairs)
+
+    return Lazy(resolve)
 
 
 def kafka_lag_targets(graph: LoomAssetGraph) -> list[tuple[dg.AssetKey, LagTarget]]:
@@ -77,9 +99,14 @@ def buffer_max_age_s(node: FlowNode) -> float:
     return max(ages, default=0.0)
 
 
-def starting_windows(graph: LoomAssetGraph, settings: KafkaLagSettings) -> dict[str, tuple[str, float]]:
-    """Target name (flow asset key) -> (flow name, starting window in seconds) of every Kafka flow."""
-    names = {target.name for _, target in kafka_lag_targets(graph)}
+def starting_windows(
+    graph: LoomAssetGraph,
+    settings: KafkaLagSettings,
+    pairs: Sequence[tuple[dg.AssetKey, LagTarget]] | None = None,
+) -> dict[str, tuple[str, float]]:
+    """Target name (flow asset key) -> (flow name, starting window in seconds) of every Kafka flow
+    (of *pairs*, default ``kafka_lag_targets(graph)``)."""
+    names = {target.name for _, target in (kafka_lag_targets(graph) if pairs is None else pairs)}
     return {
         node.spec.key.to_user_string(): (
             node.compiled.flow.name,
@@ -127,16 +154,16 @@ def build_kafka_lag_checks(
     With *read_deployments* (default) it needs the ``loom`` resource, to tell ``STARTING`` from
     ``NO_COMMITS`` right after a deploy.
     """
-    pairs = kafka_lag_targets(graph)
-    windows = starting_windows(graph, settings)
+    resolved = lazy_lag_targets(graph, settings)
     specs = [
-        dg.AssetCheckSpec(KAFKA_LAG, asset=key, description=f"{_DESCRIPTION} Group `{target.group}`.")
-        for key, target in pairs
+        dg.AssetCheckSpec(KAFKA_LAG, asset=key, description=f"{_DESCRIPTION} Group `{group}`.")
+        for key, group in kafka_lag_flows(graph)
     ]
 
     def run(
         context: dg.AssetCheckExecutionContext, store: DeploymentStore | None
     ) -> Iterator[dg.AssetCheckResult]:
+        pairs, windows = resolved()
         selected = context.selected_asset_check_keys
         chosen = [(k, t) for k, t in pairs if dg.AssetCheckKey(k, KAFKA_LAG) in selected]
         names = [t.name for _, t in chosen]
@@ -194,16 +221,17 @@ def build_kafka_lag_sensor(
     With *read_deployments* (default) it needs the ``loom`` resource: each tick reads every flow's
     current deployment record (start time, start offsets) for the ``STARTING`` window.
     """
-    pairs = kafka_lag_targets(graph)
-    targets = [t for _, t in pairs]
-    windows = starting_windows(graph, settings)
-    names = [t.name for t in targets]
+    declared = kafka_lag_flows(graph)
+    resolved = lazy_lag_targets(graph, settings)
 
     def tick(
         context: dg.SensorEvaluationContext, store: DeploymentStore | None
     ) -> dg.SensorResult | dg.SkipReason:
-        if not targets:
+        if not declared:
             return dg.SkipReason("no Kafka-sourced loom flow")
+        pairs, windows = resolved()
+        targets = [t for _, t in pairs]
+        names = [t.name for t in targets]
         starts = deployment_starts(store, windows, names) if store is not None else None
         report = check_lag(targets, settings, LagWindows.from_cursor(context.cursor), starts=starts)
         events = [
@@ -232,7 +260,7 @@ def build_kafka_lag_sensor(
     def _kafka_lag_sensor_deployed(
         context: dg.SensorEvaluationContext, loom: LoomDeployResource
     ) -> dg.SensorResult | dg.SkipReason:
-        return tick(context, loom.deployer().store if targets else None)
+        return tick(context, loom.deployer().store if declared else None)
 
     return decorate(_kafka_lag_sensor_deployed)
 

@@ -1,7 +1,7 @@
 """Sink health in Dagster: a sensor that reports a runless materialization of a sink table each time
 new data lands in it, and a ``freshness`` asset check per sink.
 
-The sensor reads every sink's metadata each tick (``loom_dagster.sink_health``), keeps the last
+The sensor reads every sink's metadata each tick (``loom_dagster.sinks``), keeps the last
 reading per sink in its cursor, emits ONE ``AssetMaterialization`` per sink whose data changed and none
 otherwise, and an ``AssetCheckEvaluation`` of ``freshness`` when a sink's freshness status changes (and
 at least every ``check_refresh_s``). ``build_sink_freshness_checks`` declares those checks, so the UI
@@ -12,27 +12,21 @@ import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import dagster as dg
+import msgspec
 
 from loom_dagster.checks import KAFKA_LAG, SINK_FRESHNESS
-from loom_dagster.graph import LoomAssetGraph
+from loom_dagster.defs_state import Lazy
+from loom_dagster.graph import LoomAssetGraph, graph_sinks
 from loom_dagster.records import SinkBackend
 from loom_dagster.sensors.settings import SinkHealthSettings
-from loom_dagster.sink_health import (
-    DEFAULT_TIMEOUT_S,
-    FreshnessVerdict,
-    ReadStatus,
-    Severity,
-    SinkReading,
-    SinkTarget,
-    SourceLag,
-    as_int,
-    evaluate_freshness,
-    read_sinks,
-    sink_targets,
-)
+from loom_dagster.sinks.connections import DEFAULT_TIMEOUT_S
+from loom_dagster.sinks.freshness import FreshnessVerdict, Severity, SourceLag, evaluate_freshness
+from loom_dagster.sinks.read import read_sinks
+from loom_dagster.sinks.reading import ReadStatus, SinkReading, as_int
+from loom_dagster.sinks.targets import SinkTarget, declared_sink_targets, sink_targets
 
 Clock = Callable[[], float]
 LAG_METADATA_KEYS = ("total_lag", "loom/total_lag")
@@ -40,12 +34,15 @@ LAG_METADATA_KEYS = ("total_lag", "loom/total_lag")
 CURSOR_VERSION = 1
 
 
-@dataclass(frozen=True)
-class SinkState:
+class SinkState(msgspec.Struct, frozen=True):
     """What the sensor remembers about one sink between ticks (one entry of its cursor).
 
     ``reading`` is the last successful reading (the baseline for change detection); the cursor keeps
-    only its marker, version, rows and time, so 200 sinks stay around 20 KiB.
+    only its marker, version, rows and time (``SinkCursorEntry``), so 200 sinks stay around 20 KiB.
+
+    Example:
+        >>> SinkState(check_status="fresh", check_at=12.3456).to_json()
+        {'ok': False, 'c': 'fresh', 'ct': 12.346}
     """
 
     reading: SinkReading | None = None
@@ -56,33 +53,57 @@ class SinkState:
     def to_json(self) -> dict[str, Any]:
         """Compact JSON-safe dict for the cursor (``None`` values left out)."""
         r = self.reading
-        data = {
-            "m": r.marker if r else None,
-            "v": r.version if r else None,
-            "r": r.rows if r else None,
-            "lm": _rounded(r.last_modified) if r else None,
-            "d": _rounded(self.last_data_at),
-            "c": self.check_status,
-            "ct": _rounded(self.check_at),
-        }
-        return {"ok": r is not None, **{k: v for k, v in data.items() if v is not None}}
+        entry = SinkCursorEntry(
+            ok=r is not None,
+            marker=r.marker if r else None,
+            version=r.version if r else None,
+            rows=r.rows if r else None,
+            last_modified=_rounded(r.last_modified) if r else None,
+            last_data_at=_rounded(self.last_data_at),
+            check_status=self.check_status,
+            check_at=_rounded(self.check_at),
+        )
+        return cast("dict[str, Any]", msgspec.to_builtins(entry))
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], target: SinkTarget) -> "SinkState":
-        """Inverse of ``to_json`` for *target*."""
+        """Inverse of ``to_json`` for *target* (a cursor entry written by any earlier version).
+
+        Raises:
+            ValueError: if a value has the wrong type.
+        """
+        entry = msgspec.convert({"ok": False, **data}, SinkCursorEntry, strict=False)
         reading = None
-        if data.get("ok"):
+        if entry.ok:
             reading = SinkReading(
                 asset_key=target.asset_key,
                 backend=target.backend,
                 status=ReadStatus.OK,
                 read_at=0.0,
-                marker=data.get("m"),
-                version=data.get("v"),
-                rows=data.get("r"),
-                last_modified=data.get("lm"),
+                marker=entry.marker,
+                version=entry.version,
+                rows=entry.rows,
+                last_modified=entry.last_modified,
             )
-        return cls(reading, data.get("d"), data.get("c"), data.get("ct"))
+        return cls(reading, entry.last_data_at, entry.check_status, entry.check_at)
+
+
+class SinkCursorEntry(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One sink in the sensor cursor, as stored: short keys, ``None`` values left out.
+
+    Example:
+        >>> msgspec.json.encode(SinkCursorEntry(ok=True, marker="7", version=7))
+        b'{"ok":true,"m":"7","v":7}'
+    """
+
+    ok: bool
+    marker: str | None = msgspec.field(default=None, name="m")
+    version: int | None = msgspec.field(default=None, name="v")
+    rows: int | None = msgspec.field(default=None, name="r")
+    last_modified: float | None = msgspec.field(default=None, name="lm")
+    last_data_at: float | None = msgspec.field(default=None, name="d")
+    check_status: str | None = msgspec.field(default=None, name="c")
+    check_at: float | None = msgspec.field(default=None, name="ct")
 
 
 def _rounded(value: float | None) -> float | None:
@@ -157,16 +178,18 @@ def build_sink_health_sensor(
     (none otherwise), and a ``freshness`` ``AssetCheckEvaluation`` when the status changes or the last
     one is older than ``check_refresh_s``. Declare the checks with ``build_sink_freshness_checks``.
     """
-    targets = sink_targets(graph, settings)
+    declared = declared_sink_targets(graph_sinks(graph), settings)
+    resolved = lazy_sink_targets(graph, settings, declared)
 
     @dg.sensor(
         name=name,
         minimum_interval_seconds=settings.interval_s,
         default_status=default_status,
-        description=f"Reads the metadata of {len(targets)} loom sink table(s): reports a materialization "
+        description=f"Reads the metadata of {len(declared)} loom sink table(s): reports a materialization "
         "when new data lands and evaluates their freshness (warn/fail windows, silent while the source lags).",
     )
     def _sink_health(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        targets = resolved()
         now = clock()
         states = load_cursor(context.cursor, targets)
         states.update(baseline_states(context.instance, [t for t in targets if t.asset_key not in states]))
@@ -187,6 +210,16 @@ def build_sink_health_sensor(
         return dg.SensorResult(asset_events=events, cursor=cursor)
 
     return _sink_health
+
+
+def lazy_sink_targets(
+    graph: LoomAssetGraph, settings: SinkHealthSettings, declared: Sequence[SinkTarget]
+) -> Lazy[list[SinkTarget]]:
+    """The sink targets with their connection settings, resolved on first use in the process that
+    ticks (it compiles the plans a state-backed load skipped) and kept for its lifetime; restricted
+    to the sinks declared at load."""
+    keys = {t.asset_key for t in declared}
+    return Lazy(lambda: [t for t in sink_targets(graph_sinks(graph), settings) if t.asset_key in keys])
 
 
 def sink_tick(
@@ -401,10 +434,11 @@ def build_sink_freshness_checks(
     The body reads each selected sink once: the time of its last data comes from the table (Delta
     commit, ClickHouse part, SQL timestamp column), else from the sink's latest materialization.
     """
-    targets = {t.asset_key: t for t in sink_targets(graph, settings)}
-    if not targets:
+    declared = declared_sink_targets(graph_sinks(graph), settings)
+    if not declared:
         raise ValueError("the asset graph has no storage sinks: there is nothing to check for freshness")
-    specs = [freshness_check_spec(t, settings) for t in targets.values()]
+    specs = [freshness_check_spec(t, settings) for t in declared]
+    resolved = lazy_sink_targets(graph, settings, declared)
 
     @dg.multi_asset_check(
         specs=specs,
@@ -413,6 +447,7 @@ def build_sink_freshness_checks(
         description="Freshness of loom sink tables, from their metadata and the source Kafka lag.",
     )
     def _freshness(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
+        targets = {t.asset_key: t for t in resolved()}
         chosen = [
             targets[k.asset_key.to_user_string()]
             for k in context.selected_asset_check_keys

@@ -144,6 +144,9 @@ class DeployBench:
             for proc in deployment.job.processes:
                 if procfs.is_alive(proc.pid, proc.start_ticks):
                     os.kill(proc.pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while procfs.is_alive(proc.pid, proc.start_ticks) and time.monotonic() < deadline:
+                    time.sleep(0.02)  # a SIGKILL is delivered asynchronously: wait until it is dead
 
 
 def runtime_pids_for(state_dir: Path) -> list[int]:

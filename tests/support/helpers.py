@@ -1,0 +1,67 @@
+"""Small helpers shared by the tests: polling, the installed CLI, a port that never speaks Kafka."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition", interval_s: float = 0.2
+) -> Any:
+    """Poll *predicate* until it returns something truthy; return it (fail naming *what* on timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def run_cli(state_dir: Path | str, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``loom-dagster`` console script on *state_dir*."""
+    exe = str(Path(sys.executable).with_name("loom-dagster"))
+    return subprocess.run(
+        [exe, "--state-dir", str(state_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=ROOT,
+    )
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[int]:
+    """A loopback port that accepts TCP connections but never speaks Kafka; yields the port."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def hold() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(server.accept()[0])
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        for conn in accepted:
+            conn.close()
+        server.close()
