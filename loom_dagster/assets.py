@@ -18,7 +18,7 @@ from loom_dagster.graph import FlowNode, LoomAssetGraph, build_asset_graph
 from loom_dagster.records import LoomFlow
 from loom_dagster.resources import LoomDeployResource
 from loom_dagster.spec import LoomFlowSpec
-from loom_dagster.translator import LoomTranslator, metadata_json
+from loom_dagster.translator import LoomMetadataSet, LoomTranslator, metadata_json
 
 RESOURCE_KEY = "loom"
 
@@ -203,72 +203,68 @@ def deploy_checks_result(key: dg.AssetKey, report: DeployChecksReport) -> dg.Ass
 def restart_metadata(deployment: Deployment) -> dict[str, Any]:
     """Metadata of a restart: the same deployment (plan, config snapshot), a new job."""
     job = deployment.job
-    return {
-        "loom/deployed": True,
-        "loom/restarted": True,
-        "loom/restarts": dg.MetadataValue.int(deployment.restarts),
-        "loom/plan_hash": deployment.plan_hash,
-        "loom/config_hash": deployment.config_hash,
-        "loom/pid": dg.MetadataValue.int(job.processes[0].pid),
-        "loom/pids": ", ".join(str(p.pid) for p in job.processes),
-        "loom/host": job.host,
-        "loom/started_at": dg.MetadataValue.timestamp(job.started_at),
-        "loom/log_path": dg.MetadataValue.path(job.log_path),
-        "loom/config_snapshot": ", ".join(job.request.config_files),
-    }
+    return dict(
+        LoomMetadataSet(
+            deployed=True,
+            restarted=True,
+            restarts=deployment.restarts,
+            plan_hash=deployment.plan_hash,
+            config_hash=deployment.config_hash,
+            pid=job.processes[0].pid,
+            pids=_pids(job),
+            host=job.host,
+            started_at=dg.MetadataValue.timestamp(job.started_at),
+            log_path=dg.MetadataValue.path(job.log_path),
+            config_snapshot=", ".join(job.request.config_files),
+        )
+    )
 
 
 def failure_metadata(exc: Exception) -> dict[str, Any]:
     """Metadata of a failed deploy: the error class, and the measured numbers where there are some."""
-    metadata: dict[str, Any] = {"loom/error": type(exc).__name__}
-    for attribute, key in (("report", "loom/report"), ("plan", "loom/offsets")):
-        found = getattr(exc, attribute, None)
-        if found is not None and hasattr(found, "metadata"):
-            metadata[key] = metadata_json(found.metadata())
-    return metadata
+    report, plan = getattr(exc, "report", None), getattr(exc, "plan", None)
+    return dict(
+        LoomMetadataSet(
+            error=type(exc).__name__,
+            report=metadata_json(report.metadata()) if report is not None else None,
+            offsets=metadata_json(plan.metadata()) if plan is not None else None,
+        )
+    )
 
 
 def deploy_metadata(declared: LoomFlow, result: DeployResult) -> dict[str, Any]:
     """Materialization metadata: plan hash, resolved sinks, compile time; deployment facts if launched."""
     flow = result.compiled.flow
-    metadata: dict[str, Any] = {
-        "loom/plan_hash": flow.plan_hash,
-        "loom/config_hash": flow.config_hash,
-        "loom/environment": flow.environment,
-        "loom/compile_ms": dg.MetadataValue.float(round(result.compiled.compile_seconds * 1000, 2)),
-        "loom/sinks": metadata_json(flow.sink_identities),
-        "loom/summary": metadata_json(config_section(result.compiled)),
-    }
-    if declared.plan_hash != flow.plan_hash:
-        metadata["loom/declared_plan_hash"] = declared.plan_hash
-    if result.tables is not None:
-        metadata["loom/sink_tables"] = metadata_json(result.tables.metadata())
-    if result.offsets is not None:
-        metadata["loom/offsets"] = metadata_json(result.offsets.metadata())
-    deployment = result.deployment
-    if deployment is None:
-        metadata["loom/deployed"] = False
-        return metadata
-    job = deployment.job
-    metadata.update(
-        {
-            "loom/deployed": True,
-            "loom/pid": dg.MetadataValue.int(job.processes[0].pid),
-            "loom/pids": ", ".join(str(p.pid) for p in job.processes),
-            "loom/host": job.host,
-            "loom/started_at": dg.MetadataValue.timestamp(job.started_at),
-            "loom/log_path": dg.MetadataValue.path(job.log_path),
-            "loom/processes": dg.MetadataValue.int(len(job.processes)),
-            "loom/previous_deployment": (
-                f"plan {result.previous.plan_hash}, pids "
-                + ", ".join(str(p.pid) for p in result.previous.job.processes)
-                if result.previous
-                else "none"
+    deployment, previous = result.deployment, result.previous
+    job = deployment.job if deployment is not None else None
+    return dict(
+        LoomMetadataSet(
+            plan_hash=flow.plan_hash,
+            config_hash=flow.config_hash,
+            environment=flow.environment,
+            compile_ms=round(result.compiled.compile_seconds * 1000, 2),
+            sinks=metadata_json(flow.sink_identities),
+            summary=metadata_json(config_section(result.compiled)),
+            declared_plan_hash=declared.plan_hash if declared.plan_hash != flow.plan_hash else None,
+            sink_tables=metadata_json(result.tables.metadata()) if result.tables is not None else None,
+            offsets=metadata_json(result.offsets.metadata()) if result.offsets is not None else None,
+            deployed=job is not None,
+            pid=job.processes[0].pid if job else None,
+            pids=_pids(job) if job else None,
+            host=job.host if job else None,
+            started_at=dg.MetadataValue.timestamp(job.started_at) if job else None,
+            log_path=dg.MetadataValue.path(job.log_path) if job else None,
+            processes=len(job.processes) if job else None,
+            previous_deployment=(
+                (f"plan {previous.plan_hash}, pids {_pids(previous.job)}" if previous else "none")
+                if job
+                else None
             ),
-        }
+            drain_s=round(result.drain_seconds, 3) if result.drain_seconds is not None else None,
+            gate_s=round(result.gate_seconds, 3) if result.gate_seconds is not None else None,
+        )
     )
-    if result.drain_seconds is not None:
-        metadata["loom/drain_s"] = dg.MetadataValue.float(round(result.drain_seconds, 3))
-    if result.gate_seconds is not None:
-        metadata["loom/gate_s"] = dg.MetadataValue.float(round(result.gate_seconds, 3))
-    return metadata
+
+
+def _pids(job: Any) -> str:
+    return ", ".join(str(p.pid) for p in job.processes)

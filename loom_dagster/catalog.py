@@ -133,6 +133,16 @@ class CompiledFlow:
         )
 
 
+def from_records(
+    spec: LoomFlowSpec, flow: LoomFlow, compile_seconds: float, on_stale: Callable[[], None]
+) -> CompiledFlow:
+    """A compiled flow from stored records (cache or defs state): its plan compiles on first use, and
+    *on_stale* runs if that plan no longer matches the records."""
+    return CompiledFlow(
+        spec, _presented(spec, flow), None, compile_seconds, from_cache=True, on_stale=on_stale
+    )
+
+
 def compile_spec(spec: LoomFlowSpec, environment: str | None = None) -> CompiledFlow:
     """Import, configure and compile one flow; describe it as records (never from the cache).
 
@@ -259,14 +269,7 @@ class CompileCache:
         if key is not None:
             entry = self.get(key)
             if entry is not None:
-                return CompiledFlow(
-                    spec,
-                    _presented(spec, entry.flow),
-                    None,
-                    entry.compile_seconds,
-                    from_cache=True,
-                    on_stale=lambda: self.discard(key),
-                )
+                return from_records(spec, entry.flow, entry.compile_seconds, lambda: self.discard(key))
         compiled = _compile_loaded(spec, stream_flow, env)
         if key is not None:
             described = replace(compiled.flow, group_name=None, description=None, owners=(), tags=())

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -50,11 +50,12 @@ import msgspec
 from loom_dagster.catalog import (
     CompiledFlow,
     _compile_loaded,
-    _presented,
     code_version,
     default_compile_cache,
+    from_records,
 )
 from loom_dagster.deployments import default_state_dir
+from loom_dagster.describe import attribute_names
 from loom_dagster.errors import FlowLoadError
 from loom_dagster.loading import ENVIRONMENT_VARIABLE, snapshot_config_files
 from loom_dagster.records import LoomFlow
@@ -207,14 +208,7 @@ class DefsState:
         return DefsState(self.directory, refresh="always").load(specs)
 
     def _from_entry(self, spec: LoomFlowSpec, entry: FlowState) -> CompiledFlow:
-        return CompiledFlow(
-            spec,
-            _presented(spec, entry.flow),
-            None,
-            entry.compile_seconds,
-            from_cache=True,
-            on_stale=lambda: self.discard(entry.key),
-        )
+        return from_records(spec, entry.flow, entry.compile_seconds, lambda: self.discard(entry.key))
 
     def _refresh_one(self, spec: LoomFlowSpec, key: str) -> CompiledFlow:
         try:
@@ -549,22 +543,8 @@ def _reachable(root: Any, limit: int = 20000) -> Iterator[Any]:
 
 
 def _attribute_values(value: Any) -> list[Any]:
-    names: list[str] = []
-    if is_dataclass(value):
-        names = [f.name for f in fields(value)]
-    elif hasattr(type(value), "__struct_fields__"):
-        names = list(type(value).__struct_fields__)
-    else:
-        for klass in type(value).__mro__:
-            slots = klass.__dict__.get("__slots__", ())
-            for slot in [slots] if isinstance(slots, str) else slots:
-                private = slot.startswith("__") and not slot.endswith("__")
-                names.append(f"_{klass.__name__.lstrip('_')}{slot}" if private else slot)
-        names += list(getattr(value, "__dict__", {}))
     out = []
-    for name in dict.fromkeys(names):
-        if name == "__weakref__":
-            continue
+    for name in attribute_names(value):
         try:
             out.append(getattr(value, name))
         except Exception:  # a property or slot that cannot be read: nothing to track

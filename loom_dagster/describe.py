@@ -402,7 +402,9 @@ def _structure(value: Any, depth: int, path: set[int]) -> Any:
     return [_type_name(type(value)), _class_fingerprint(type(value)), _attributes(value, depth, path)]
 
 
-def _attributes(value: Any, depth: int, path: set[int]) -> Any:
+def attribute_names(value: Any) -> list[str]:
+    """The names of an object's state: dataclass fields, msgspec struct fields, else slots (mangled
+    names for private ones) plus ``__dict__``; in order, without duplicates or ``__weakref__``."""
     names: list[str] = []
     if is_dataclass(value):
         names = [f.name for f in fields(value)]
@@ -415,7 +417,11 @@ def _attributes(value: Any, depth: int, path: set[int]) -> Any:
                 private = slot.startswith("__") and not slot.endswith("__")
                 names.append(f"_{klass.__name__.lstrip('_')}{slot}" if private else slot)
         names += list(getattr(value, "__dict__", {}))
-    found = {n: getattr(value, n) for n in dict.fromkeys(names) if n != "__weakref__" and hasattr(value, n)}
+    return [n for n in dict.fromkeys(names) if n != "__weakref__"]
+
+
+def _attributes(value: Any, depth: int, path: set[int]) -> Any:
+    found = {n: getattr(value, n) for n in attribute_names(value) if hasattr(value, n)}
     if not found:
         return _stable_repr(value)
     return {n: _structure(v, depth + 1, path) for n, v in found.items()}

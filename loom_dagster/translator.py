@@ -292,6 +292,6 @@ def _sql_dialect(uri: str | None) -> set[str]:
     return {{"postgresql": "postgres"}.get(scheme, scheme)} if scheme else set()
 
 
-def metadata_json(value: object) -> dg.MetadataValue:
+def metadata_json(value: object) -> dg.JsonMetadataValue:
     """JSON metadata that survives non-JSON values by stringifying them."""
-    return dg.MetadataValue.json(json.loads(json.dumps(value, default=str)))
+    return dg.JsonMetadataValue(json.loads(json.dumps(value, default=str)))

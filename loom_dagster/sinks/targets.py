@@ -110,18 +110,25 @@ def declared_sink_targets(
             found[key] = (
                 prior.with_writer(record.flow_name, flow_key)
                 if prior is not None
-                else SinkTarget(
-                    asset_key=key,
-                    backend=record.backend,
-                    table=record.table,
-                    database=record.database,
-                    location=record.uri or "",
-                    flow_names=(record.flow_name,),
-                    flow_keys=(flow_key,),
+                else replace(
+                    declared_target(key, record, flow_key),
                     timestamp_column=columns.get(key) if record.backend is SinkBackend.SQL else None,
                 )
             )
     return sorted(found.values(), key=lambda t: t.asset_key)
+
+
+def declared_target(asset_key: str, record: LoomStorageSink, flow_key: str) -> SinkTarget:
+    """A sink's target from its record alone (no connection settings yet)."""
+    return SinkTarget(
+        asset_key=asset_key,
+        backend=record.backend,
+        table=record.table,
+        database=record.database,
+        location=record.uri or "",
+        flow_names=(record.flow_name,),
+        flow_keys=(flow_key,),
+    )
 
 
 def target_for(
@@ -133,15 +140,7 @@ def target_for(
 ) -> SinkTarget:
     """The target of one compiled ``IntoTable`` sink (its secrets kept out of ``repr``)."""
     config: Any = compiled.config
-    common = SinkTarget(
-        asset_key=asset_key,
-        backend=record.backend,
-        table=record.table,
-        database=record.database,
-        location=record.uri or "",
-        flow_names=(record.flow_name,),
-        flow_keys=(flow_key,),
-    )
+    common = declared_target(asset_key, record, flow_key)
     if record.backend is SinkBackend.DELTA:
         options = getattr(config, "storage_options", None) or {}
         return replace(
