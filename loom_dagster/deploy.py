@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -24,16 +25,18 @@ from loom_dagster.catalog import CompiledFlow, compile_spec
 from loom_dagster.deploy_checks import DeployChecksFailed, DeployChecksReport, run_flow_deploy_checks
 from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.errors import DeploymentError
-from loom_dagster.fence import check_fence
 from loom_dagster.launchers.base import JobState, LaunchedJob, Launcher, LaunchRequest
 from loom_dagster.lineage import check_lineage
 from loom_dagster.loading import ensure_on_path
-from loom_dagster.offset_safety import OffsetPlan, plan_offsets
 from loom_dagster.records import LoomFlow
-from loom_dagster.sinks.check_tables import check_sink_tables
-from loom_dagster.sinks.table_report import SinkTablesReport
 from loom_dagster.spec import LoomFlowSpec
-from loom_dagster.topic_checks import TopicsReport, check_topics
+
+if TYPE_CHECKING:
+    # The pre-launch checks pull in Kafka, SQLAlchemy and ClickHouse clients: imported when a deploy
+    # runs them, not when a code location that only declares the deploy assets loads.
+    from loom_dagster.offset_safety import OffsetPlan
+    from loom_dagster.sinks.table_report import SinkTablesReport
+    from loom_dagster.topic_checks import TopicsReport
 
 Log = Callable[[str], None]
 OnChecks = Callable[[DeployChecksReport], None]
@@ -132,6 +135,8 @@ class FlowDeployer:
         tables = self.check_tables(compiled, sink_keys, log)
         self.check_topics(compiled, log)
         offsets = self.check_offsets(compiled, accept_offset_reset, log)
+        from loom_dagster.fence import check_fence
+
         fence = check_fence(
             compiled, self.store.current(declared.name), timeout_s=self.options.connect_timeout_s
         )
@@ -181,6 +186,8 @@ class FlowDeployer:
         self, compiled: CompiledFlow, sink_keys: dict[str, str] | None = None, log: Log = print
     ) -> SinkTablesReport:
         """Every storage sink's table checked on the real system; raise ``SinkTablesError`` on a problem."""
+        from loom_dagster.sinks.check_tables import check_sink_tables
+
         report = check_sink_tables(
             compiled,
             sink_keys=sink_keys,
@@ -197,6 +204,8 @@ class FlowDeployer:
 
     def check_topics(self, compiled: CompiledFlow, log: Log = print) -> TopicsReport:
         """Every source, output and dead-letter topic exists (or the broker creates it on first write)."""
+        from loom_dagster.topic_checks import check_topics
+
         report = check_topics(compiled, timeout_s=self.options.connect_timeout_s)
         if report.checked:
             log(f"Kafka topics ok: {', '.join(report.checked)}")
@@ -210,6 +219,8 @@ class FlowDeployer:
         """Where the new job starts on its topics; refuse an unaccepted reset of a changed group/topic."""
         previous = self.store.current(compiled.flow.name)
         previous_source = previous.extra.get("source") if previous is not None else None
+        from loom_dagster.offset_safety import plan_offsets
+
         plan = plan_offsets(compiled, previous_source, timeout_s=self.options.connect_timeout_s)
         if plan is None:
             return None
@@ -371,6 +382,8 @@ class FlowDeployer:
         compiled = compile_spec(spec, request.environment)
         self.check_tables(compiled, log=log)
         self.check_topics(compiled, log)
+        from loom_dagster.fence import check_fence
+
         check_fence(compiled, current, timeout_s=self.options.connect_timeout_s)
 
     def _running(self, flow_name: str) -> bool:
