@@ -34,14 +34,14 @@ def defs_yaml_skeleton(type_name: str, params: LoomFlowsScaffoldParams) -> str:
     import_path = params.import_path or PLACEHOLDER_IMPORT_PATH
     config = params.config or PLACEHOLDER_CONFIG
     environment = params.environment or "{{ env('LOOM_ENV', 'production') }}"
-    todo = "" if params.import_path else "   # TODO: your StreamFlow"
+    hint = "" if params.import_path else "   # replace with your StreamFlow's module:attribute"
     return f"""\
 type: {type_name}
 
 attributes:
   # key_prefix: [streaming]        # prefix of every loom asset key
   flows:
-    - import_path: {json.dumps(import_path)}{todo}
+    - import_path: {json.dumps(import_path)}{hint}
       config: {json.dumps(config)}          # relative to this defs.yaml
       environment: {json.dumps(environment)}
       # group_name: streaming

@@ -51,15 +51,22 @@ class Stamp(RecordStep[Tick, TickRow]):
         return TickRow(id=message.payload.id, seq=message.payload.seq, version=self._version)
 
 
-ticks_flow: StreamFlow[Tick, TickRow] = StreamFlow(
-    name="ticks",
-    source=FromTopic("ticks", payload=Tick),
-    process=Process(
-        Stamp,
-        Broadcast(
-            BroadcastRoute(process=Process(IntoTable(TickRow, name="ticks_delta", backend=Backend.DELTA))),
-            BroadcastRoute(process=Process(IntoTopic("ticks_out", payload=TickRow))),
+def ticks_flow_with(step: type[RecordStep[Tick, TickRow]]) -> StreamFlow[Tick, TickRow]:
+    """The ticks flow (Kafka -> Delta + output topic, DLQ) around *step*; other test flows vary the step."""
+    return StreamFlow(
+        name="ticks",
+        source=FromTopic("ticks", payload=Tick),
+        process=Process(
+            step,
+            Broadcast(
+                BroadcastRoute(
+                    process=Process(IntoTable(TickRow, name="ticks_delta", backend=Backend.DELTA))
+                ),
+                BroadcastRoute(process=Process(IntoTopic("ticks_out", payload=TickRow))),
+            ),
         ),
-    ),
-    errors=IntoTopic("ticks_dlq"),
-)
+        errors=IntoTopic("ticks_dlq"),
+    )
+
+
+ticks_flow = ticks_flow_with(Stamp)

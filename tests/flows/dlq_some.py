@@ -11,19 +11,11 @@ from __future__ import annotations
 import os
 
 from loom.streaming import (
-    Backend,
-    Broadcast,
-    BroadcastRoute,
-    FromTopic,
-    IntoTable,
-    IntoTopic,
     Message,
-    Process,
     RecordStep,
-    StreamFlow,
 )
 
-from tests.flows.delta_only import Tick, TickRow
+from tests.flows.delta_only import Tick, TickRow, ticks_flow_with
 
 BAD_PREFIX = "bad-"
 NATIVE_PREFIX = "native-"
@@ -42,15 +34,4 @@ class SometimesFails(RecordStep[Tick, TickRow]):
         return TickRow(id=tick.id, seq=tick.seq, version="dlq-some")
 
 
-ticks_flow: StreamFlow[Tick, TickRow] = StreamFlow(
-    name="ticks",
-    source=FromTopic("ticks", payload=Tick),
-    process=Process(
-        SometimesFails,
-        Broadcast(
-            BroadcastRoute(process=Process(IntoTable(TickRow, name="ticks_delta", backend=Backend.DELTA))),
-            BroadcastRoute(process=Process(IntoTopic("ticks_out", payload=TickRow))),
-        ),
-    ),
-    errors=IntoTopic("ticks_dlq"),
-)
+ticks_flow = ticks_flow_with(SometimesFails)

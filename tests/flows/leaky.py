@@ -12,19 +12,11 @@ from __future__ import annotations
 import os
 
 from loom.streaming import (
-    Backend,
-    Broadcast,
-    BroadcastRoute,
-    FromTopic,
-    IntoTable,
-    IntoTopic,
     Message,
-    Process,
     RecordStep,
-    StreamFlow,
 )
 
-from tests.flows.delta_only import Tick, TickRow
+from tests.flows.delta_only import Tick, TickRow, ticks_flow_with
 
 LEAK_ID = "leak"
 
@@ -48,15 +40,4 @@ class LeakyStamp(RecordStep[Tick, TickRow]):
         return TickRow(id=message.payload.id, seq=message.payload.seq, version="leaky")
 
 
-ticks_flow: StreamFlow[Tick, TickRow] = StreamFlow(
-    name="ticks",
-    source=FromTopic("ticks", payload=Tick),
-    process=Process(
-        LeakyStamp,
-        Broadcast(
-            BroadcastRoute(process=Process(IntoTable(TickRow, name="ticks_delta", backend=Backend.DELTA))),
-            BroadcastRoute(process=Process(IntoTopic("ticks_out", payload=TickRow))),
-        ),
-    ),
-    errors=IntoTopic("ticks_dlq"),
-)
+ticks_flow = ticks_flow_with(LeakyStamp)
