@@ -1,9 +1,15 @@
 """Kafka lag sensor bench: broker requests and wall time of one sensor tick for 1, 10, 50 and 200 flows
-(6 partitions each, one consumer group each) on a real broker; then ``check_lag`` (the tick's fetch +
-evaluation, without Dagster events) at 200 and 1,000 groups.
+(6 partitions each, one consumer group each) on a real broker, offset lag only; then the tick at full size
+offset-only vs offset+delay (the delay read: age of the oldest unconsumed message of every lagging
+partition, one assign-only consumer per cluster), side by side with the ratio; then ``check_lag`` (the
+tick's fetch + evaluation, without Dagster events, offset-only) at 200 and 1,000 groups.
 
-    .venv/bin/python bench/lag_sensor.py [--flows 200] [--partitions 6] [--groups 200,1000]
+    .venv/bin/python bench/lag_sensor.py [--flows 200] [--partitions 6] [--groups 200,1000] [--delay-ticks 10]
     .venv/bin/python bench/lag_sensor.py --smoke       # 2 flows x 2 partitions, 2/4 groups; no figures
+
+The offset-only vs offset+delay comparison alternates the two sensors tick after tick (each with its own
+cursor; the first tick of each is a warm-up, left out), so both see the same machine load; half the
+partitions lag (30 messages), so at 200 x 6 the delay read covers 600 partitions per tick.
 
 The flows are real: ``tests.flows.shapes`` with only its output topic (no table buffer, so no idle tail),
 one config per flow, compiled by loom and laid out by ``build_asset_graph`` like a code location's. Each
@@ -172,8 +178,9 @@ def graph_of(compiled: list[CompiledFlow]) -> LoomAssetGraph:
 
 def tick(
     sensor: dg.SensorDefinition, instance: dg.DagsterInstance, cursor: str | None, state_dir: Path
-) -> tuple[float, int, str, dict[str, int]]:
-    """One sensor evaluation: wall seconds, broker requests, the new cursor, flows per status.
+) -> tuple[float, int, str, dict[str, int], dict[str, Any]]:
+    """One sensor evaluation: wall seconds, broker requests, the new cursor, flows per status and the
+    metadata of the first flow's evaluation (plain values).
 
     The sensor reads each flow's deployment record through the ``loom`` resource (for ``STARTING``);
     here none of the flows is deployed, so every read finds no record."""
@@ -190,20 +197,21 @@ def tick(
     for event in events:
         status = str(event.metadata["status"].value)
         statuses[status] = statuses.get(status, 0) + 1
-    return elapsed, requests, data.cursor or "", statuses
+    first = {k: getattr(v, "value", v) for k, v in events[0].metadata.items()}
+    return elapsed, requests, data.cursor or "", statuses, first
 
 
 def measure(
     graph: LoomAssetGraph, instance: dg.DagsterInstance, ticks: int, state_dir: Path
 ) -> dict[str, Any]:
-    """*ticks* consecutive sensor ticks on *graph*, and one plain fetch of its targets."""
-    settings = KafkaLagSettings(window=10)
+    """*ticks* consecutive sensor ticks on *graph* (offset lag only), and one plain fetch of its targets."""
+    settings = KafkaLagSettings(window=10, read_delay=False)
     sensor = build_kafka_lag_sensor(graph, settings, default_status=dg.DefaultSensorStatus.STOPPED)
     cursor: str | None = None
     times, requests = [], set()
     statuses: dict[str, int] = {}
     for _ in range(ticks):
-        elapsed, count, cursor, statuses = tick(sensor, instance, cursor, state_dir)
+        elapsed, count, cursor, statuses, _ = tick(sensor, instance, cursor, state_dir)
         times.append(elapsed)
         requests.add(count)
     targets = [t for _, t in kafka_lag_targets(graph)]
@@ -233,7 +241,7 @@ def group_targets(bootstrap: str, prefix: str, groups: int) -> list[LagTarget]:
 def group_ticks(targets: list[LagTarget], ticks: int) -> dict[str, Any]:
     """*ticks* consecutive ``check_lag`` calls (fetch + evaluation, what a tick does before building
     Dagster events) on *targets*, after one warm-up fetch."""
-    settings = KafkaLagSettings(window=10, request_timeout_s=60.0)
+    settings = KafkaLagSettings(window=10, request_timeout_s=60.0, read_delay=False)
     fetch_offsets(targets, timeout_s=settings.request_timeout_s)  # coordinators and leaders known
     windows, times, fetches = LagWindows(), [], []
     for _ in range(ticks):
@@ -251,6 +259,82 @@ def group_ticks(targets: list[LagTarget], ticks: int) -> dict[str, Any]:
         "coordinators": sorted({f.by_api().get("FindCoordinator", 0) for f in fetches}),
         "total_lag": sum(flow.total_lag for flow in report.flows),
     }
+
+
+DELAY_PATHS = {
+    "offset-only": KafkaLagSettings(window=10, read_delay=False),
+    "offset+delay": KafkaLagSettings(window=10),
+}
+
+
+def compare_delay(
+    graph: LoomAssetGraph, instance: dg.DagsterInstance, ticks: int, state_dir: Path
+) -> dict[str, Any]:
+    """The sensor tick offset-only vs offset+delay: the two sensors alternate (who goes first alternates
+    too) for 1 warm-up + *ticks* ticks each; then the delay readers' broker requests, counted once."""
+    sensors = {
+        name: build_kafka_lag_sensor(graph, settings, default_status=dg.DefaultSensorStatus.STOPPED)
+        for name, settings in DELAY_PATHS.items()
+    }
+    cursors: dict[str, str | None] = dict.fromkeys(DELAY_PATHS)
+    times: dict[str, list[float]] = {name: [] for name in DELAY_PATHS}
+    requests: dict[str, set[int]] = {name: set() for name in DELAY_PATHS}
+    read_s: list[float] = []
+    read: set[str] = set()
+    statuses: dict[str, dict[str, int]] = {}
+    for i in range(ticks + 1):
+        order = list(DELAY_PATHS) if i % 2 == 0 else list(reversed(DELAY_PATHS))
+        for name in order:
+            elapsed, count, cursors[name], statuses[name], first = tick(
+                sensors[name], instance, cursors[name], state_dir
+            )
+            if i == 0:
+                continue
+            times[name].append(elapsed)
+            requests[name].add(count)
+            if "delay_read_seconds" in first:
+                read_s.append(float(first["delay_read_seconds"]))
+                read.add(f"{first['delay_partitions_read']}/{first['delay_partitions_asked']}")
+    targets = [t for _, t in kafka_lag_targets(graph)]
+    counted = check_lag(targets, DELAY_PATHS["offset+delay"], count_requests=True).delays
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "ticks": ticks,
+        "median": medians,
+        "min": {name: min(values) for name, values in times.items()},
+        "requests": {name: sorted(values) for name, values in requests.items()},
+        "statuses": statuses,
+        "read_s": statistics.median(read_s) if read_s else 0.0,
+        "read": sorted(read),
+        "delay_requests": counted.requests if counted is not None else 0,
+        "delay_by_api": counted.by_api() if counted is not None else {},
+        "ratio": medians["offset+delay"] / medians["offset-only"],
+    }
+
+
+def print_delay_table(row: dict[str, Any], flows: int, partitions: int) -> None:
+    """Offset-only vs offset+delay sensor ticks, side by side, and the ratio of the medians."""
+    print(
+        f"\nsensor tick, {flows} flows x {partitions} partitions: offset-only vs offset+delay, "
+        f"{row['ticks']} warm ticks each, alternating"
+    )
+    print(
+        f"{'path':>13} {'tick med s':>11} {'tick min s':>11} {'requests':>9} {'delay read s':>13} {'read':>9}"
+    )
+    for name in DELAY_PATHS:
+        delay = name == "offset+delay"
+        read_s = f"{row['read_s']:.3f}" if delay else "-"
+        read = ",".join(row["read"]) if delay else "-"
+        requests = "/".join(map(str, row["requests"][name]))
+        print(
+            f"{name:>13} {row['median'][name]:>11.3f} {row['min'][name]:>11.3f} {requests:>9} "
+            f"{read_s:>13} {read:>9}"
+        )
+    print(
+        f"ratio offset+delay / offset-only (medians): {row['ratio']:.2f}x; delay readers' broker requests "
+        f"{row['delay_requests']} {row['delay_by_api']} (counted once, on top of the offset fetch's); "
+        f"statuses {row['statuses']['offset+delay']}"
+    )
 
 
 def print_group_table(rows: list[dict[str, Any]], partitions: int, ticks: int) -> None:
@@ -279,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flows", type=int, default=200)
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--groups", default=",".join(map(str, GROUP_SIZES)), help="group counts to time")
+    parser.add_argument("--delay-ticks", type=int, default=10, help="warm ticks per path, offset vs delay")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the bench still runs")
     args = parser.parse_args(argv)
     group_sizes = sorted({int(n) for n in args.groups.split(",") if n.strip()})
@@ -286,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.flows, args.partitions = SMOKE_FLOWS, SMOKE_PARTITIONS
         group_sizes, ticks_per_size = list(SMOKE_GROUP_SIZES), 2
+        args.delay_ticks = 2
     sizes = sorted({n for n in SIZES if n < args.flows} | {args.flows})
     headline_ticks = 3 if args.smoke else 10
     prefix = f"lagbench{uuid.uuid4().hex[:6]}"
@@ -311,6 +397,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         rows = [measure(graph_of(compiled[:n]), instance, 3, state_dir) for n in sizes[:-1]]
         print_table([*rows, headline])
+        print_delay_table(
+            compare_delay(full, instance, args.delay_ticks, state_dir), args.flows, args.partitions
+        )
         if group_sizes:
             if max(group_sizes) > args.flows:
                 prepare(bootstrap, prefix, max(group_sizes), args.partitions, first=args.flows)

@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
+    "DeployObserver": "loom_dagster.deploy",
     "DeployOptions": "loom_dagster.deploy",
     "Deployment": "loom_dagster.deployments",
     "DeploymentError": "loom_dagster.errors",
@@ -45,6 +46,8 @@ _EXPORTS: dict[str, str] = {
     "LoomStorageSink": "loom_dagster.records",
     "LoomTopic": "loom_dagster.records",
     "LoomTranslator": "loom_dagster.translator",
+    "OpenLineageObserver": "loom_dagster.lineage_events",
+    "OpenLineageSettings": "loom_dagster.lineage_events",
     "SinkBackend": "loom_dagster.records",
     "SinkFreshness": "loom_dagster.settings",
     "SinkHealthSettings": "loom_dagster.settings",
@@ -78,7 +81,7 @@ if TYPE_CHECKING:
     from loom_dagster.decorator import deploy_loom_flows, loom_flow_assets
     from loom_dagster.definitions_builder import build_loom_defs
     from loom_dagster.defs_state import DefsState
-    from loom_dagster.deploy import DeployOptions, FlowDeployer
+    from loom_dagster.deploy import DeployObserver, DeployOptions, FlowDeployer
     from loom_dagster.deployments import Deployment, DeploymentStore
     from loom_dagster.errors import (
         DeploymentError,
@@ -90,6 +93,7 @@ if TYPE_CHECKING:
     )
     from loom_dagster.jobs import build_undeploy_job
     from loom_dagster.launchers import Launcher, LocalProcessLauncher
+    from loom_dagster.lineage_events import OpenLineageObserver, OpenLineageSettings
     from loom_dagster.records import (
         LoomColumn,
         LoomFlow,
@@ -131,6 +135,7 @@ __all__ = [
     "Deployment",
     "DeploymentError",
     "DeploymentStore",
+    "DeployObserver",
     "DeployOptions",
     "DuplicateAssetKeyError",
     "FlowCompileError",
@@ -156,6 +161,8 @@ __all__ = [
     "LoomStorageSink",
     "LoomTopic",
     "LoomTranslator",
+    "OpenLineageObserver",
+    "OpenLineageSettings",
     "SinkBackend",
     "SinkFreshness",
     "SinkHealthSettings",

@@ -1,9 +1,11 @@
-"""``loom-dagster``: the operator's view of the flows deployed on this host.
+"""``loom-dagster``: the operator's view of the deployed flows (on this host, or with ``--launcher
+kubernetes --launcher-config '{"namespace": ...}'`` in a cluster).
 
 loom-dagster status [--json] [--state-dir DIR]     every deployed flow: pid, uptime, health, plan, lag, writes
 loom-dagster logs FLOW [-f] [-n 50]                the job's log (follow with -f)
 loom-dagster stop FLOW | --all                     drain and stop; health sensors will not restart it
 loom-dagster refresh -m MODULE | -f FILE           write a code location's defs state (loads compile nothing)
+loom-dagster manifests FLOW -m MODULE | --rbac     the Kubernetes objects a deploy of FLOW applies; the Role
 
 ``status`` also lists orphan jobs (health ``orphan``): a job running without a record in this state dir,
 found in this host's process table and, for recorded Kafka flows, as a holder of the consumer group's
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -30,13 +33,16 @@ from loom_dagster.kafka.lag_check import check_lag
 from loom_dagster.kafka.lag_eval import DeploymentStart
 from loom_dagster.kafka.lag_status import LagStatus
 from loom_dagster.launchers.base import Launcher, LauncherRef
+from loom_dagster.manifests_cli import add_manifests_parser
 from loom_dagster.orphans import FenceTarget, Orphan, find_orphans, stop_orphans
 from loom_dagster.redact import redact_text
 from loom_dagster.refresh import add_refresh_parser
 from loom_dagster.runtime.status import SinkError
 from loom_dagster.settings import KafkaLagSettings
 
-STATUS_LAG = KafkaLagSettings(warn_lag=2**62, error_lag=2**62, request_timeout_s=5.0)
+LAUNCHER_VARIABLE = "LOOM_DAGSTER_LAUNCHER"
+LAUNCHER_CONFIG_VARIABLE = "LOOM_DAGSTER_LAUNCHER_CONFIG"
+STATUS_LAG = KafkaLagSettings(warn_lag=2**62, error_lag=2**62, request_timeout_s=5.0, read_delay=False)
 """Lag settings of ``status``: the sensor's thresholds are not known here, only the statuses speak."""
 
 
@@ -184,12 +190,32 @@ def _current(store: DeploymentStore, flow: str) -> Deployment:
     deployment = store.current(flow)
     if deployment is None:
         known = ", ".join(d.flow_name for d in store.all()) or "none"
-        raise CliError(f"no deployment of flow {flow!r} in {store.root}; deployed flows here: {known}")
+        raise CliError(f"no deployment of flow {flow!r} in {store.location()}; deployed flows there: {known}")
     return deployment
 
 
+def cli_launcher(args: argparse.Namespace) -> Launcher:
+    """The launcher ``--launcher`` / ``--launcher-config`` (or their environment variables) name:
+    where the deployment records live (files here for ``local``; the cluster for ``kubernetes``)."""
+    path = args.launcher or os.environ.get(LAUNCHER_VARIABLE) or "local"
+    raw = args.launcher_config or os.environ.get(LAUNCHER_CONFIG_VARIABLE) or "{}"
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:
+        raise CliError(f"--launcher-config is not JSON: {exc}") from exc
+    try:
+        return LauncherRef(path, config).build()
+    except LoomDagsterError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cli_store(args: argparse.Namespace) -> DeploymentStore:
+    """The deployment records the command reads (see :func:`cli_launcher`)."""
+    return cli_launcher(args).deployment_store(args.state_dir)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    store = DeploymentStore(args.state_dir)
+    store = cli_store(args)
     deployments = [d for d in store.all() if args.all or not d.stopped_on_purpose]
     built: dict[bytes, Launcher] = {}
     rows = [flow_status(d, launcher_of(d, built), with_lag=not args.no_lag) for d in deployments]
@@ -197,14 +223,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True, default=str))
     elif not rows:
-        print(f"no flows deployed in {store.root}")
+        print(f"no flows deployed in {store.location()}")
     else:
         print(render_table(rows))
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    deployment = _current(DeploymentStore(args.state_dir), args.flow)
+    deployment = _current(cli_store(args), args.flow)
     path = Path(deployment.job.log_path)
     launcher = launcher_of(deployment)
     if not launcher.owns(deployment.job):
@@ -224,7 +250,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     from loom_dagster.deploy import FlowDeployer
 
-    store = DeploymentStore(args.state_dir)
+    store = cli_store(args)
     local = LauncherRef().build()  # orphans are found in this host's process table
     names = [d.flow_name for d in store.all()] if args.all else [args.flow]
     if not args.all and args.flow is None:
@@ -239,8 +265,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
             print(f"{name}: already stopped (by {deployment.stopped_by})")
         else:
             stopped = deployer.undeploy(name, by=f"loom-dagster CLI on {socket.gethostname()}")
-            pids = ", ".join(str(p.pid) for p in stopped.job.processes) if stopped else "-"
-            print(f"{name}: stopped (pids {pids})")
+            print(f"{name}: stopped ({stopped.job.processes_text if stopped else 'nothing ran'})")
         for orphan in stop_orphans(orphans, deployer.options.drain_timeout_s, local):
             print(f"{name}: stopped orphan job pid {orphan.pid} (no deployment record in {store.root})")
     return 0
@@ -285,6 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loom-dagster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
+        "--launcher",
+        default=None,
+        help=f"where the flows run: local (default), kubernetes or package.module:Class "
+        f"(default: ${LAUNCHER_VARIABLE})",
+    )
+    parser.add_argument(
+        "--launcher-config",
+        default=None,
+        help=f'the launcher\'s settings as JSON, e.g. \'{{"namespace": "streaming"}}\' for kubernetes '
+        f"(default: ${LAUNCHER_CONFIG_VARIABLE})",
+    )
+    parser.add_argument(
         "--state-dir",
         default=None,
         help="deployment state dir (default: $LOOM_DAGSTER_STATE_DIR, "
@@ -306,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--all", action="store_true")
     stop.set_defaults(run=cmd_stop)
     add_refresh_parser(commands)
+    add_manifests_parser(commands)
     return parser
 
 

@@ -61,8 +61,8 @@ the directory of the defs.yaml):
         connect_timeout_s: 10      # each pre-launch check (broker, databases)
         log_max_bytes: 10485760    # job logs rotate at this size ...
         log_max_files: 5           # ... keeping this many files per launch
-        launcher: local            # or package.module:Class, a Launcher subclass
-        launcher_config: {}        # its keyword arguments (for local: python, heartbeat_timeout_s, ...)
+        launcher: local            # or kubernetes, or package.module:Class (a Launcher subclass)
+        launcher_config: {}        # its keyword arguments (kubernetes: {namespace: ..., pod: {image: ...}})
     post_processing:               # Dagster's own (any component): edit assets picked by a selection
       assets:
         - target: "kind:kafka"

@@ -12,6 +12,7 @@ from loom_dagster.defs_state import DefsState
 from loom_dagster.graph import LoomAssetGraph
 from loom_dagster.jobs import build_undeploy_job
 from loom_dagster.resources import LoomDeployResource
+from loom_dagster.rewind_job import build_reset_offsets_job
 from loom_dagster.schedules import build_redeploy_schedule
 from loom_dagster.sensors.settings import LoomSensorSettings
 from loom_dagster.spec import LoomFlowSpec
@@ -29,8 +30,9 @@ def build_loom_defs(
     redeploy_skip_unchanged: bool = True,
     state: DefsState | bool | None = True,
 ) -> dg.Definitions:
-    """Dagster definitions for loom flows: assets with lineage, the deploy resource, the undeploy job,
-    the health / lag / sink sensors with their declared checks, and (opt-in) a redeploy schedule.
+    """Dagster definitions for loom flows: assets with lineage, the deploy resource, the undeploy and
+    ``loom_reset_offsets`` jobs, the health / lag / sink sensors with their declared checks, and (opt-in) a
+    redeploy schedule.
 
     Loading compiles nothing when the defs *state* is fresh: the flows' secret-free records come from
     it (``loom_dagster.defs_state``; refreshed at load when missing or stale, or ahead of time with
@@ -55,7 +57,10 @@ def build_loom_defs(
     return dg.Definitions(
         assets=assets_from_graph(graph),
         asset_checks=check_defs,
-        jobs=[build_undeploy_job([node.compiled.flow.name for node in graph.flows])],
+        jobs=[
+            build_undeploy_job([node.compiled.flow.name for node in graph.flows]),
+            build_reset_offsets_job({node.compiled.flow.name: node.spec.key for node in graph.flows}),
+        ],
         sensors=sensor_defs,
         schedules=schedules,
         resources={RESOURCE_KEY: resource or LoomDeployResource()},

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ import msgspec
 
 from loom_dagster.catalog import CompiledFlow, compile_spec
 from loom_dagster.deploy_checks import DeployChecksFailed, DeployChecksReport, run_flow_deploy_checks
-from loom_dagster.deployments import Deployment, DeploymentStore
+from loom_dagster.deployments import ConfigFile, Deployment, DeploymentStore, read_config_files
 from loom_dagster.errors import DeploymentError
 from loom_dagster.launchers.base import JobState, LaunchedJob, Launcher, LaunchRequest
 from loom_dagster.lineage import check_lineage
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     # The pre-launch checks pull in Kafka, SQLAlchemy and ClickHouse clients: imported when a deploy
     # runs them, not when a code location that only declares the deploy assets loads.
     from loom_dagster.offset_safety import OffsetPlan
+    from loom_dagster.progress import ProgressGate, ProgressVerdict
     from loom_dagster.sinks.table_report import SinkTablesReport
     from loom_dagster.topic_checks import TopicsReport
 
@@ -69,6 +71,10 @@ class DeployOptions:
     preflight_timeout_s: float = 120.0
     create_missing_tables: bool = False
     connect_timeout_s: float = 10.0
+    gate: str = "health"
+    """``health``: the new job must connect; ``progress``: it must also move data within
+    ``progress_window_s`` (``loom_dagster.progress``), else it is stopped and the previous one restarted."""
+    progress_window_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,32 @@ class DeployResult:
     checks: DeployChecksReport | None = None
     tables: SinkTablesReport | None = None
     offsets: OffsetPlan | None = None
+    progress: ProgressVerdict | None = None
+
+
+class DeployObserver:
+    """Told about each deployment's lifecycle (e.g. ``lineage_events.OpenLineageObserver``); does nothing.
+
+    The deployer calls ``deploying`` (a deploy that will launch passed its compile and lineage check),
+    ``deployed`` (the new job passed its health gate and was recorded) and ``undeployed``; whoever calls
+    ``deploy`` reports ``failed`` (it owns the error); the job health sensor ``running``. Methods must
+    never raise.
+    """
+
+    def deploying(self, compiled: CompiledFlow, run_id: str | None) -> None:
+        """A deploy of *compiled* starts (checks, launch and health gate follow)."""
+
+    def deployed(self, result: DeployResult) -> None:
+        """The deploy succeeded; ``result.previous`` (if any) was replaced."""
+
+    def failed(self, flow_name: str, error: BaseException) -> None:
+        """The deploy announced by ``deploying`` failed; what ran before keeps running (or rolled back)."""
+
+    def undeployed(self, deployment: Deployment) -> None:
+        """*deployment* was stopped on purpose."""
+
+    def running(self, deployment: Deployment) -> None:
+        """The job health sensor saw *deployment*'s job healthy."""
 
 
 class FlowDeployer:
@@ -94,10 +126,17 @@ class FlowDeployer:
         >>> deployer = FlowDeployer(LocalProcessLauncher(), DeploymentStore(tempfile.mkdtemp()))
     """
 
-    def __init__(self, launcher: Launcher, store: DeploymentStore, options: DeployOptions | None = None):
+    def __init__(
+        self,
+        launcher: Launcher,
+        store: DeploymentStore,
+        options: DeployOptions | None = None,
+        observer: DeployObserver | None = None,
+    ):
         self.launcher = launcher
         self.store = store
         self.options = options or DeployOptions()
+        self.observer = observer or DeployObserver()
 
     def validate(
         self,
@@ -129,6 +168,8 @@ class FlowDeployer:
         """
         compiled = self.validate(spec, declared, sink_keys, environment)
         log(f"compiled flow {declared.name!r} (plan {compiled.flow.plan_hash}); lineage check passed")
+        if self.options.launch:
+            self.observer.deploying(compiled, run_id)
         checks = self.run_deploy_checks(compiled, on_checks, log)
         if not self.options.launch:
             return DeployResult(compiled=compiled, checks=checks)
@@ -150,6 +191,7 @@ class FlowDeployer:
             log("preflight passed: the new version imports, compiles and prepares in a fresh process")
         with self.store.lock(declared.name, holder=f"run {run_id or '?'}"):
             result = self._replace_running(compiled, request, run_id, log, offsets)
+            self.observer.deployed(result)
         return replace(result, checks=checks, tables=tables, offsets=offsets)
 
     def snapshot(self, request: LaunchRequest, compiled: CompiledFlow) -> LaunchRequest:
@@ -158,16 +200,15 @@ class FlowDeployer:
         The copies are loaded again and must resolve to the config that was just compiled and checked:
         a file edited during the deploy fails it rather than launching something nobody checked.
         """
-        copies = self.store.snapshot_config(
-            compiled.flow.name, request.config_files, compiled.flow.config_hash[:12]
-        )
-        snapshot_hash = config_hash_of(copies, compiled.flow.environment)
+        files = read_config_files(request.config_files)
+        snapshot_hash = config_hash_of_contents(files, compiled.flow.environment)
         if snapshot_hash != compiled.flow.config_hash:
             raise DeploymentError(
                 f"the config of flow {compiled.flow.name!r} changed while it was being deployed (config hash "
                 f"{compiled.flow.config_hash} checked, {snapshot_hash} now); nothing was launched. "
                 "Materialize again."
             )
+        copies = self.store.snapshot_config(compiled.flow.name, files, compiled.flow.config_hash[:12])
         return msgspec.structs.replace(request, config_files=copies)
 
     def run_deploy_checks(
@@ -241,23 +282,69 @@ class FlowDeployer:
         name = compiled.flow.name
         previous = self.store.current(name)
         previous_running = previous is not None and self._alive(previous)
+        before = self._previous_progress(compiled, previous, previous_running, offsets)
+        progress_gate = self._progress_gate(compiled, offsets)
         drain_seconds = None
         if previous is not None and previous_running:
-            log(f"draining the running job (pids {_pids(previous.job)})")
+            log(f"draining the running job ({previous.job.processes_text})")
             drain_seconds = self._reachable(previous).stop(previous.job, self.options.drain_timeout_s)
             log(f"previous job stopped in {drain_seconds:.2f}s")
+        if progress_gate is not None:
+            progress_gate.measure_start()
         job = self.launcher.launch(request, str(self.store.flow_dir(name)))
-        log(f"launched job pids {_pids(job)}; waiting for it to become healthy")
+        log(f"launched job {job.processes_text}; waiting for it to become healthy")
+        verdict = None
         try:
             gate_seconds = self.wait_healthy(job)
+            if progress_gate is not None:
+                verdict = self._wait_progress(progress_gate, job, log)
         except DeploymentError as failure:
             self.launcher.stop(job, timeout_s=5.0)
             raise DeploymentError(
                 self._roll_back(name, previous if previous_running else None, failure, log)
             ) from failure
         deployment = self.record(compiled, job, run_id, previous, offsets)
+        extra = {**deployment.extra, **({"previous_progress": before} if before is not None else {})}
+        if verdict is not None:
+            extra["progress_gate"] = verdict.to_dict()
+        deployment = msgspec.structs.replace(deployment, extra=extra)
         self.store.save(deployment)
-        return DeployResult(compiled, deployment, previous, drain_seconds, gate_seconds)
+        return DeployResult(compiled, deployment, previous, drain_seconds, gate_seconds, progress=verdict)
+
+    def _progress_gate(self, compiled: CompiledFlow, offsets: OffsetPlan | None) -> ProgressGate | None:
+        """The progress gate of this deploy (``None`` unless ``gate`` is ``progress``)."""
+        if self.options.gate != "progress":
+            return None
+        from loom_dagster.progress import ProgressGate
+
+        return ProgressGate.for_flow(
+            compiled, offsets, self.options.progress_window_s, timeout_s=self.options.connect_timeout_s
+        )
+
+    def _wait_progress(self, gate: ProgressGate, job: LaunchedJob, log: Log) -> ProgressVerdict:
+        """Run the progress gate on the healthy new *job*; ``ProgressGateFailed`` when no data moved."""
+        from loom_dagster.progress import ProgressGateFailed
+
+        verdict = gate.wait(self.launcher, job, log)
+        if not verdict.passed:
+            tail = self._tail(job) if verdict.signal == "dead" else ""
+            raise ProgressGateFailed(verdict.message + tail, verdict)
+        log(f"progress gate passed: {verdict.message}")
+        return verdict
+
+    def _previous_progress(
+        self, compiled: CompiledFlow, previous: Deployment | None, running: bool, offsets: OffsetPlan | None
+    ) -> dict[str, object] | None:
+        """Whether the deployment being replaced moves data (``extra["previous_progress"]``, read by the
+        regression watch); ``None`` without a previous deployment."""
+        if previous is None or previous.stopped_on_purpose:
+            return None
+        from loom_dagster.progress import dead_letter_sinks, previous_progress
+
+        report = self.launcher_for(previous).report(previous.job) if running else None
+        committed = offsets.start_offsets if offsets is not None else None
+        group = offsets.group_id if offsets is not None else None
+        return previous_progress(previous, report, committed, group, dead_letter_sinks(compiled)).to_dict()
 
     def record(
         self,
@@ -281,12 +368,13 @@ class FlowDeployer:
         )
 
     def _roll_back(self, name: str, previous: Deployment | None, failure: DeploymentError, log: Log) -> str:
-        message = f"the new version of flow {name!r} failed its health gate and was stopped: {failure}"
+        gate = getattr(failure, "gate", "health")
+        message = f"the new version of flow {name!r} failed its {gate} gate and was stopped: {failure}"
         if previous is None:
             return message + "\nNo previous deployment was running; nothing is running now."
         log("restarting the previous deployment")
         try:
-            job = self.launcher.launch(previous.job.request, str(self.store.flow_dir(name)))
+            job = self.launcher.relaunch(previous.job, str(self.store.flow_dir(name)))
             self.wait_healthy(job)
         except DeploymentError as again:
             return message + f"\nRestarting the previous deployment failed too: {again}"
@@ -300,7 +388,7 @@ class FlowDeployer:
             )
         )
         return (
-            message + f"\nThe previous deployment (plan {previous.plan_hash}) runs again, pids {_pids(job)}."
+            message + f"\nThe previous deployment (plan {previous.plan_hash}) runs again, {job.processes_text}."
         )
 
     def wait_healthy(self, job: LaunchedJob, timeout_s: float | None = None) -> float:
@@ -331,7 +419,10 @@ class FlowDeployer:
                 return None
             if self._alive(current):
                 self._reachable(current).stop(current.job, self.options.drain_timeout_s)
-            return self.store.mark_stopped(current, by)
+            stopped = self.store.mark_stopped(current, by)
+            if not current.stopped_on_purpose:
+                self.observer.undeployed(stopped)
+            return stopped
 
     def restart(self, flow_name: str, by: str, log: Log = print) -> Deployment:
         """Start the recorded deployment again, as it was: its own config snapshot, not the live files
@@ -348,7 +439,7 @@ class FlowDeployer:
             self.check_restart(current, log)
             if self._alive(current):
                 self._reachable(current).stop(current.job, self.options.drain_timeout_s)
-            job = self.launcher.launch(current.job.request, str(self.store.flow_dir(flow_name)))
+            job = self.launcher.relaunch(current.job, str(self.store.flow_dir(flow_name)))
             try:
                 self.wait_healthy(job)
             except DeploymentError:
@@ -363,8 +454,62 @@ class FlowDeployer:
                 launcher=self.launcher.ref(),
             )
             self.store.save(restarted)
-            log(f"restarted flow {flow_name!r}: pids {_pids(job)}")
+            log(f"restarted flow {flow_name!r}: {job.processes_text}")
             return restarted
+
+    def roll_back_to_previous(
+        self, flow_name: str, reason: str, by: str = "regression watch", log: Log = print
+    ) -> Deployment:
+        """Stop the current deployment's job and start the deployment it replaced again, as it was
+        recorded (its own config snapshot), under the flow lock; the restored record carries
+        ``extra["rolled_back_from"]`` (the bad plan and *reason*), so it is never rolled back again
+        until a new deploy. If the previous version does not become healthy, the current one is
+        started again and ``DeploymentError`` says so.
+
+        Example:
+            >>> deployer.roll_back_to_previous("orders", "Kafka lag STALL: ...")  # doctest: +SKIP
+        """
+        from loom_dagster.progress import previous_deployment, rolled_back_extra
+
+        with self.store.lock(flow_name, holder=by):
+            current = self.store.current(flow_name)
+            if current is None:
+                raise DeploymentError(f"flow {flow_name!r} has never been deployed here")
+            if current.stopped_on_purpose or current.extra.get("rolled_back_from"):
+                raise DeploymentError(
+                    f"flow {flow_name!r} was stopped on purpose or already rolled back; not rolling back"
+                )
+            previous = previous_deployment(self.store.history(flow_name), current)
+            if previous is None:
+                raise DeploymentError(f"flow {flow_name!r} has no previous deployment to roll back to")
+            if self._alive(current):
+                self._reachable(current).stop(current.job, self.options.drain_timeout_s)
+            job = self.launcher.relaunch(previous.job, str(self.store.flow_dir(flow_name)))
+            try:
+                self.wait_healthy(job)
+            except DeploymentError as failure:
+                self.launcher.stop(job, timeout_s=5.0)
+                again = self.launcher.relaunch(current.job, str(self.store.flow_dir(flow_name)))
+                self.store.save(msgspec.structs.replace(current, job=again, restarts=current.restarts + 1))
+                raise DeploymentError(
+                    f"rolling flow {flow_name!r} back to plan {previous.plan_hash} failed ({failure}); "
+                    f"plan {current.plan_hash} was started again, {again.processes_text}"
+                ) from failure
+            restored = msgspec.structs.replace(
+                previous,
+                job=job,
+                restarts=previous.restarts + 1,
+                stopped_at=None,
+                stopped_by=None,
+                extra=rolled_back_extra(previous, current, reason),
+                launcher=self.launcher.ref(),
+            )
+            self.store.save(restored)
+            log(
+                f"rolled flow {flow_name!r} back from plan {current.plan_hash} to plan {previous.plan_hash} "
+                f"({job.processes_text}): {reason}"
+            )
+            return restored
 
     def check_restart(self, current: Deployment, log: Log = print) -> None:
         """What a restart can check before it launches: the snapshot still compiles, its tables, topics
@@ -372,14 +517,15 @@ class FlowDeployer:
         request = current.job.request
         for directory in request.sys_path:
             ensure_on_path(directory)
-        spec = LoomFlowSpec(
-            request.import_path,
-            config=request.config_files,
-            environment=request.environment,
-            processes=request.processes,
-            workers_per_process=request.workers_per_process,
-        )
-        compiled = compile_spec(spec, request.environment)
+        with self.store.readable_config(current.flow_name, request.config_files) as config_files:
+            spec = LoomFlowSpec(
+                request.import_path,
+                config=config_files,
+                environment=request.environment,
+                processes=request.processes,
+                workers_per_process=request.workers_per_process,
+            )
+            compiled = compile_spec(spec, request.environment)
         self.check_tables(compiled, log=log)
         self.check_topics(compiled, log)
         from loom_dagster.fence import check_fence
@@ -445,6 +591,17 @@ def config_hash_of(files: tuple[str, ...], environment: str) -> str:
     return config_hash(load_config(files, environment))
 
 
+def config_hash_of_contents(files: Sequence[ConfigFile], environment: str) -> str:
+    """The config hash of snapshot entries, loaded from a private scratch copy."""
+    with tempfile.TemporaryDirectory(prefix="loom-snapshot-") as scratch:
+        paths = []
+        for name, data in files:
+            path = Path(scratch) / name
+            path.write_bytes(data)
+            paths.append(str(path))
+        return config_hash_of(tuple(paths), environment)
+
+
 def deployment_extra(compiled: CompiledFlow, offsets: OffsetPlan | None) -> dict[str, object]:
     """What a deployment records beyond its job: the source, and where the job started reading."""
     extra: dict[str, object] = {"source": source_summary(compiled)}
@@ -483,6 +640,3 @@ def import_root(import_path: str) -> str:
         path = path.parent
     return str(path)
 
-
-def _pids(job: LaunchedJob) -> str:
-    return ", ".join(str(p.pid) for p in job.processes)

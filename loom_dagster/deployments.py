@@ -14,7 +14,7 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,13 @@ class Deployment(msgspec.Struct, frozen=True):
         """Host the job runs on; liveness can only be read there."""
         return self.job.host
 
+    def runs_process(self, host: str, pid: int | None) -> bool:
+        """Whether this deployment's job is the process *pid* on *host* (a process recorded with pid 0
+        and a host of its own, a Kubernetes pod, is known by that host alone)."""
+        if pid is None:
+            return False
+        return any((p.host or self.host) == host and p.pid in (pid, 0) for p in self.job.processes)
+
     def encode(self, indent: int = 0) -> bytes:
         """The record as JSON (keys sorted; *indent* > 0 pretty-prints)."""
         data = msgspec.json.encode(self, order="sorted")
@@ -84,6 +91,15 @@ class Deployment(msgspec.Struct, frozen=True):
     def decode(cls, data: bytes | str) -> Deployment:
         """A record from its JSON (also the layout written before the records were structs)."""
         return msgspec.json.decode(data, type=cls)
+
+
+ConfigFile = tuple[str, bytes]
+"""One config file of a snapshot: its name in merge order (``00-base.yaml``) and its content."""
+
+
+def read_config_files(files: Sequence[str]) -> list[ConfigFile]:
+    """The config *files* (in merge order) as snapshot entries, read once."""
+    return [(f"{index:02d}-{Path(source).name}", Path(source).read_bytes()) for index, source in enumerate(files)]
 
 
 def flow_dir_name(flow_name: str) -> str:
@@ -163,8 +179,9 @@ class DeploymentStore:
             return []
         return [Deployment.decode(line) for line in path.read_bytes().splitlines() if line]
 
-    def snapshot_config(self, flow_name: str, files: tuple[str, ...], label: str) -> tuple[str, ...]:
-        """Copy a deployment's config files, in merge order, into a snapshot of its own; return the copies.
+    def snapshot_config(self, flow_name: str, files: Sequence[ConfigFile], label: str) -> tuple[str, ...]:
+        """Keep a deployment's config files (name and content, in merge order) as a snapshot of its own;
+        return where the job reads them.
 
         Every launch of the deployment (first start, restart by the health sensor, rollback) reads the
         snapshot, never the live files: editing a config in place changes nothing until the next deploy.
@@ -174,13 +191,22 @@ class DeploymentStore:
         directory = snapshots / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}-{label}"
         directory.mkdir(parents=True, mode=0o700)
         copies = []
-        for index, source in enumerate(files):
-            target = directory / f"{index:02d}-{Path(source).name}"
+        for name, data in files:
+            target = directory / name
             target.touch(mode=0o600)
-            target.write_bytes(Path(source).read_bytes())
+            target.write_bytes(data)
             copies.append(str(target))
         self._prune_snapshots(snapshots, keep=_KEPT_SNAPSHOTS, referenced=directory)
         return tuple(copies)
+
+    @contextmanager
+    def readable_config(self, flow_name: str, files: Sequence[str]) -> Iterator[tuple[str, ...]]:
+        """A deployment's config snapshot as files readable here (they are, for this store)."""
+        yield tuple(files)
+
+    def location(self) -> str:
+        """Where the records live, for messages."""
+        return f"state directory {self.root}"
 
     def _prune_snapshots(self, snapshots: Path, keep: int, referenced: Path) -> None:
         """Drop the oldest snapshots beyond *keep*, never one a recorded deployment still points at."""
@@ -205,6 +231,21 @@ class DeploymentStore:
                 except ValueError:
                     continue
         return records
+
+    def lock_held(self, flow_name: str) -> bool:
+        """True while a deploy, restart or stop of the flow holds its lock (from any process)."""
+        path = self.root / "flows" / flow_dir_name(flow_name) / "lock"
+        try:
+            handle = open(path)  # noqa: SIM115 - closed below; never creates the file
+        except OSError:
+            return False
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            handle.close()
+        return False
 
     @contextmanager
     def lock(self, flow_name: str, holder: str) -> Iterator[None]:

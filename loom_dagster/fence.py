@@ -287,9 +287,7 @@ def check_fence(compiled: CompiledFlow, current: Deployment | None, *, timeout_s
 def _is_current(member: FenceMember, current: Deployment | None) -> bool:
     """True if the member is a process of the current deployment's job."""
     identity = member.identity
-    if current is None or identity is None or identity.host != current.host:
-        return False
-    return any(p.pid == identity.pid for p in current.job.processes)
+    return current is not None and identity is not None and current.runs_process(identity.host, identity.pid)
 
 
 def _held_message(flow: str, consumer_group: str, others: Iterable[FenceMember]) -> str:

@@ -34,7 +34,7 @@ def build_undeploy_job(known_flows: Sequence[str]) -> dg.JobDefinition:
                 context.log.info(f"flow {name!r} was never deployed here; nothing to stop")
                 continue
             context.log.info(
-                f"flow {name!r} stopped (pids {', '.join(str(p.pid) for p in stopped.job.processes)})"
+                f"flow {name!r} stopped ({stopped.job.processes_text})"
             )
 
     @dg.job(

@@ -9,6 +9,7 @@ evaluations.
 from __future__ import annotations
 
 from loom_dagster.kafka.cluster import KafkaCluster, LagTarget, cluster_for, lag_target, record_target
+from loom_dagster.kafka.delay import DelayFetch, DelayReading, fetch_delays
 from loom_dagster.kafka.lag_check import LagReport, check_lag
 from loom_dagster.kafka.lag_eval import (
     MIN_SAMPLES,
@@ -38,6 +39,8 @@ __all__ = [
     "MIN_SAMPLES",
     "STARTING_MARGIN_S",
     "ClusterFetch",
+    "DelayFetch",
+    "DelayReading",
     "DeploymentStart",
     "FlowLag",
     "KafkaCluster",
@@ -59,6 +62,7 @@ __all__ = [
     "cluster_for",
     "evaluate_flow",
     "evaluate_window",
+    "fetch_delays",
     "fetch_offsets",
     "lag_target",
     "record_target",

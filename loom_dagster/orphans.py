@@ -24,13 +24,12 @@ progress) is skipped: its new job runs before it is recorded. Dagster-free.
 
 from __future__ import annotations
 
-import fcntl
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loom_dagster.deployments import Deployment, DeploymentStore, flow_dir_name
+from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.errors import DeploymentError
 from loom_dagster.fence import FenceMember, fence_group, members_by_group
 from loom_dagster.kafka.cluster import KafkaCluster
@@ -116,24 +115,11 @@ class OrphanReport:
 
 def deploy_in_progress(store: DeploymentStore, flow_name: str) -> bool:
     """True while a deploy, restart or stop of the flow holds its lock (its new job is not recorded yet)."""
-    path = store.root / "flows" / flow_dir_name(flow_name) / "lock"
-    try:
-        handle = open(path)  # noqa: SIM115 - closed below; never creates the file
-    except OSError:
-        return False
-    try:
-        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        handle.close()
-    return False
+    return store.lock_held(flow_name)
 
 
 def _recorded(record: Deployment | None, host: str, pid: int | None) -> bool:
-    if record is None or pid is None or record.host != host:
-        return False
-    return any(p.pid == pid for p in record.job.processes)
+    return record is not None and record.runs_process(host, pid)
 
 
 def find_orphans(

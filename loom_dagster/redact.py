@@ -70,6 +70,28 @@ def redact_url(url: str) -> str:
     return redact_text(url)
 
 
+def strip_userinfo(url: str) -> str:
+    """A URL without its ``user:password@`` (or ``user@``) part: for names that must carry no account.
+
+    Example:
+        >>> strip_userinfo("http://default:s3cret@ch:8123/db"), strip_userinfo("SASL_SSL://u:p@b1:9093")
+        ('http://ch:8123/db', 'SASL_SSL://b1:9093')
+        >>> strip_userinfo("app:pw@broker:9092"), strip_userinfo("/data/lake/events")
+        ('broker:9092', '/data/lake/events')
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    authority_end = len(rest)
+    for mark in "/?#":
+        found = rest.find(mark)
+        if found != -1:
+            authority_end = min(authority_end, found)
+    authority, tail = rest[:authority_end], rest[authority_end:]
+    host = authority.rpartition("@")[2]
+    return f"{scheme}{sep}{host}{tail}"
+
+
 def redact_text(text: str) -> str:
     """Mask every URL password, secret-named value and bearer token found in free text.
 

@@ -7,9 +7,15 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field
 
-from loom_dagster.deploy import DeployOptions, FlowDeployer
+from loom_dagster.deploy import DeployObserver, DeployOptions, FlowDeployer
 from loom_dagster.deployments import DeploymentStore
-from loom_dagster.launchers.base import LOCAL_LAUNCHER, Launcher, canonical_path, load_launcher
+from loom_dagster.launchers.base import (
+    KUBERNETES_LAUNCHER,
+    LOCAL_LAUNCHER,
+    Launcher,
+    canonical_path,
+    load_launcher,
+)
 from loom_dagster.launchers.local import DEFAULT_LOG_MAX_BYTES, DEFAULT_LOG_MAX_FILES, LocalProcessLauncher
 
 
@@ -64,17 +70,48 @@ class LoomDeployResource(dg.ConfigurableResource):
     connect_timeout_s: float = Field(
         default=10.0, description="Seconds each pre-launch check may take to reach a broker or database."
     )
+    gate: Literal["health", "progress"] = Field(
+        default="health",
+        description="What a new version must pass before it replaces the running one. 'health': its job "
+        "connects within health_timeout_s. 'progress': also moves data within progress_window_s (its "
+        "consumer group commits past the offsets it started from, or its sinks write rows; passes at once "
+        "when no input waits); otherwise it is stopped and the previous deployment restarted.",
+    )
+    progress_window_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds the progress gate gives a new version to move data (gate: progress).",
+    )
 
     launcher: str = Field(
         default=LOCAL_LAUNCHER,
-        description="Where jobs run: 'local' (detached processes on this host), or 'package.module:Class', "
-        "a loom_dagster.launchers.Launcher subclass built with launcher_config as keyword arguments.",
+        description="Where jobs run: 'local' (detached processes on this host), 'kubernetes' (a StatefulSet "
+        "per flow, state in the cluster), or 'package.module:Class', a loom_dagster.launchers.Launcher "
+        "subclass built with launcher_config as keyword arguments.",
     )
     launcher_config: dict[str, Any] = Field(
         default_factory=dict,
         description="Keyword arguments of the launcher (JSON-safe: they are recorded with each deployment). "
         "For 'local' they override python_executable (as python), heartbeat_timeout_s, log_max_bytes and "
-        "log_max_files.",
+        "log_max_files; for 'kubernetes' see loom_dagster.launchers.kubernetes.KubernetesSettings "
+        "(namespace, kubeconfig, pod: {image, env_from_secrets, resources, ...}, flows: {<flow>: ...}).",
+    )
+
+    openlineage: dict[str, Any] | None = Field(
+        default=None,
+        description="OpenLineage client config, as in openlineage.yml (e.g. {'transport': {'type': 'http', "
+        "'url': 'http://marquez:5000'}}): deploys, redeploys, undeploys and failures emit run events of a "
+        "STREAMING job. {} lets the client find its config (OPENLINEAGE_URL, OPENLINEAGE_CONFIG, "
+        "openlineage.yml). None: no events. Needs the 'openlineage' extra.",
+    )
+    openlineage_namespace: str | None = Field(
+        default=None,
+        description="Namespace of the flows' jobs (default $OPENLINEAGE_NAMESPACE, else 'loom').",
+    )
+    openlineage_running_period_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="The job health sensor emits a RUNNING event per healthy deployment at most this often.",
     )
 
     def build_launcher(self) -> Launcher:
@@ -88,6 +125,13 @@ class LoomDeployResource(dg.ConfigurableResource):
                 log_max_files=self.log_max_files,
             )
             config = {**local.config(), **config}
+        elif canonical_path(self.launcher) == canonical_path(KUBERNETES_LAUNCHER):
+            # the pods' grace period and liveness follow the resource's timeouts unless set for the launcher
+            config = {
+                "drain_timeout_s": self.drain_timeout_s,
+                "heartbeat_timeout_s": self.heartbeat_timeout_s,
+                **config,
+            }
         return load_launcher(self.launcher, config)
 
     def deployer(self) -> FlowDeployer:
@@ -100,5 +144,21 @@ class LoomDeployResource(dg.ConfigurableResource):
             preflight=self.preflight,
             create_missing_tables=self.create_missing_tables,
             connect_timeout_s=self.connect_timeout_s,
+            gate=self.gate,
+            progress_window_s=self.progress_window_s,
         )
-        return FlowDeployer(launcher, DeploymentStore(self.state_dir), options)
+        store = launcher.deployment_store(self.state_dir)
+        return FlowDeployer(launcher, store, options, observer=self.deploy_observer(store))
+
+    def deploy_observer(self, store: DeploymentStore) -> DeployObserver:
+        """The OpenLineage observer when ``openlineage`` is set, else one that does nothing."""
+        if self.openlineage is None:
+            return DeployObserver()
+        from loom_dagster.lineage_events import OpenLineageObserver, OpenLineageSettings
+
+        settings = OpenLineageSettings(
+            config=dict(self.openlineage),
+            namespace=self.openlineage_namespace,
+            running_period_s=self.openlineage_running_period_s,
+        )
+        return OpenLineageObserver(store, settings)

@@ -23,6 +23,12 @@ class JobHealthSettings:
     """A restarted job must stay healthy this long before the backoff starts again from
     ``backoff_initial_s`` (as Kubernetes resets CrashLoopBackOff after ten minutes of running): a job
     that dies a few seconds after each start keeps backing off."""
+    regression_watch_ticks: int = 0
+    """After a deploy, compare the new version's progress with the previous version's for this many
+    ticks (0: off): when the new one stalls (Kafka lag STALL/STOP, no commit, or no sink row while the
+    lag grows) where the previous one was moving data, roll back once to the previous deployment and
+    report it as a materialization of the flow (``loom/rolled_back_from``). At least 3 ticks are needed
+    to see a stall."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,9 @@ class KafkaLagSettings:
     """Kafka lag sensor: Burrow-style evaluation over a window of samples per partition.
 
     ``warn_lag`` / ``error_lag`` are total messages behind per flow; ``window`` is how many samples a
-    partition keeps in the sensor cursor.
+    partition keeps in the sensor cursor. ``warn_delay_s`` / ``error_delay_s`` are the age of a
+    partition's oldest unconsumed message (its delay in seconds, read each tick by
+    ``loom_dagster.kafka.delay``).
     """
 
     enabled: bool = True
@@ -39,6 +47,20 @@ class KafkaLagSettings:
     warn_lag: int = 1_000
     error_lag: int = 100_000
     request_timeout_s: float = 10.0
+    warn_delay_s: float | None = None
+    """WARN when a partition's oldest unconsumed message is at least this many seconds old (its delay:
+    now - the timestamp of the message at the committed offset); ``None``: off."""
+    error_delay_s: float | None = None
+    """ERR when a partition's oldest unconsumed message is at least this many seconds old; ``None``: off."""
+    read_delay: bool = True
+    """Read each lagging partition's delay every tick (one consumer per cluster that only assigns
+    partitions: it never joins nor commits for the flows' groups). Off: no ``max_delay_s`` in the
+    check, no delay thresholds, and the sink freshness check falls back to the offset lag."""
+    delay_timeout_s: float = 5.0
+    """Deadline of the delay read per tick; partitions not read by then are reported unknown, not 0."""
+    delay_max_partitions: int = 2_000
+    """Most lagging partitions whose delay is read per tick (round-robin over the flows, each flow's
+    most lagging partition first); the others are reported unknown, not 0."""
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,9 @@ class LoomMetadataSet(NamespacedMetadataSet):
     gate_s: float | None = None
     error: str | None = None
     report: dg.JsonMetadataValue | None = None
+    progress: str | None = None
+    rolled_back_from: str | None = None
+    rollback_reason: str | None = None
 
     @classmethod
     def namespace(cls) -> str:

@@ -168,3 +168,6 @@ def _no_leaked_defs_state_storage() -> Iterator[None]:
 
     with set_defs_state_storage(None):
         yield
+
+
+from tests.support.k8s.fixtures import kube_cluster, kubelet_standin  # noqa: E402, F401

@@ -60,7 +60,7 @@ def test_status_logs_stop(bench: DeployBench) -> None:
 def test_errors_are_clear(bench: DeployBench) -> None:
     unknown = cli(bench, "logs", "nope")
     assert unknown.returncode == 2
-    assert f"no deployment of flow 'nope' in {bench.state_dir}" in unknown.stderr
+    assert f"no deployment of flow 'nope' in state directory {bench.state_dir}" in unknown.stderr
     with dg.instance_for_test() as instance:
         assert bench.materialize(instance).success
     (pid,) = bench.alive_pids()

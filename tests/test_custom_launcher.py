@@ -170,9 +170,10 @@ def test_records_written_by_the_old_code_still_load(tmp_path: Path) -> None:
     assert record.job.request.config_files == ("/state/flows/ticks/snapshots/x/00-base.yaml",)
     assert record.launcher == LauncherRef() and isinstance(record.launcher.build(), LocalProcessLauncher)
 
-    store.save(record)  # the new layout is the old one plus the launcher
+    store.save(record)  # the new layout is the old one plus the launcher (and a process's own host)
     written = json.loads((directory / "deployment.json").read_text())
     assert written.pop("launcher") == {"config": {}, "path": "local", "sys_path": []}
+    assert [p.pop("host") for p in written["job"]["processes"]] == [""]
     assert written == {**OLD_RECORD, "job": {**OLD_RECORD["job"], "started_at": 1760000000.0}}
     assert store.history("ticks") == [record, record]
 
@@ -182,7 +183,7 @@ def test_unreadable_record_and_bad_launcher_paths_fail_clearly(tmp_path: Path) -
     (store.flow_dir("ticks") / "deployment.json").write_text('{"flow_name": "ticks"}')
     with pytest.raises(DeploymentError, match="deployment record .* is unreadable"):
         store.current("ticks")
-    with pytest.raises(DeploymentError, match="expected 'local' or 'package.module:Class'"):
+    with pytest.raises(DeploymentError, match="expected 'local', 'kubernetes' or 'package.module:Class'"):
         load_launcher("nope")
     with pytest.raises(DeploymentError, match="does not import"):
         load_launcher("no_such_module_here:Launcher")

@@ -479,6 +479,52 @@ def test_sink_silent_while_its_source_lags_fails(
     assert h.stored_check(DELTA_KEY).passed
 
 
+def test_silent_sink_is_judged_by_the_source_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instance: dg.DagsterInstance
+) -> None:
+    """With the lag check's delay (``max_delay_s``: age of the oldest unconsumed message), a silent sink
+    fails when that delay exceeds the warn window, even with an offset lag of 1; a source whose delay is
+    known on every partition and recent is no such failure, whatever its offset lag; an unknown delay
+    (null, or partitions not read) falls back to the offset lag."""
+    uri = tmp_path / "lake" / "events"
+    append_delta(uri, 1)
+    t0 = commit_time(uri, 0)
+    graph = make_graph(tmp_path, monkeypatch, "delta", delta_uri=str(uri))
+    h = harness(graph, instance, clock=Clock(t0 + WINDOWS.warn_after_s + 30))
+
+    def freshness() -> tuple[str, dg.AssetCheckSeverity, dict[str, Any], str]:
+        evaluation = h.stored_check(DELTA_KEY)
+        metadata = {k: getattr(v, "value", v) for k, v in evaluation.metadata.items()}
+        return str(metadata["loom/freshness"]), evaluation.severity, metadata, evaluation.description or ""
+
+    _report_lag(instance, {"total_lag": 1, "max_delay_s": 900.0, "delay_unknown_partitions": 0})
+    h.tick()
+    status, severity, metadata, text = freshness()
+    assert (status, severity) == ("silent_while_lagging", dg.AssetCheckSeverity.ERROR)
+    assert metadata["loom/source_delay_s"] == 900.0 and metadata["loom/source_lag"] == 1
+    assert "oldest unconsumed message is 15m old (delay 900 s > warn_after_s 300" in text
+
+    _report_lag(instance, {"total_lag": 5000, "max_delay_s": 20.0, "delay_unknown_partitions": 0})
+    h.tick()
+    status, severity, metadata, _ = freshness()
+    assert (status, severity) == ("late", dg.AssetCheckSeverity.WARN)  # consuming: data arrived 20 s ago
+    assert metadata["loom/source_lag"] == 5000 and metadata["loom/source_delay_s"] == 20.0
+
+    _report_lag(instance, {"total_lag": 5000, "max_delay_s": 20.0, "delay_unknown_partitions": 2})
+    h.tick()
+    status, _, _, text = freshness()
+    assert status == "silent_while_lagging" and "is 5000 message(s) behind" in text
+
+    _report_lag(instance, {"total_lag": 0, "max_delay_s": 0.0, "delay_unknown_partitions": 0}, passed=True)
+    h.tick()
+    assert freshness()[0] == "late"
+    _report_lag(
+        instance, {"total_lag": 3, "max_delay_s": dg.MetadataValue.null(), "delay_unknown_partitions": 1}
+    )
+    h.tick()
+    assert freshness()[0] == "silent_while_lagging"
+
+
 def test_freshness_checks_are_declared_and_runnable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instance: dg.DagsterInstance
 ) -> None:

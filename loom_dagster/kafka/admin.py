@@ -4,12 +4,14 @@ partitions or groups, and a meter of the requests librdkafka really sent. No Dag
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 _STATS_WAIT_S = 0.5
+_TS = re.compile(r'"ts":\s*(\d+)')
 
 
 Committed = dict[str, dict[tuple[str, int], int | str | None]]
@@ -89,14 +91,30 @@ def list_offsets(
 
 
 class StatsMeter:
-    """Counts the requests a librdkafka client really sent, from its statistics (``tx`` per broker)."""
+    """Counts the requests a librdkafka client really sent, from its statistics (``tx`` per broker).
+
+    Statistics arrive every few milliseconds and, for a consumer, hold every assigned partition: only the
+    latest text is kept, and it is parsed when asked for.
+    """
 
     def __init__(self) -> None:
-        self._latest: dict[str, Any] | None = None
+        self._raw: str | None = None
+        self._parsed: dict[str, Any] | None = None
 
     def on_stats(self, raw: str) -> None:
         """librdkafka ``stats_cb``."""
-        self._latest = json.loads(raw)
+        self._raw, self._parsed = raw, None
+
+    @property
+    def _latest(self) -> dict[str, Any] | None:
+        if self._parsed is None and self._raw is not None:
+            self._parsed = json.loads(self._raw)
+        return self._parsed
+
+    def _taken_at(self) -> float:
+        """The latest statistics' ``ts`` in seconds (a top-level key near the start of the text)."""
+        found = _TS.search(self._raw or "", 0, 400)
+        return int(found.group(1)) / 1e6 if found else 0.0
 
     def settle(self, client: Any) -> None:
         """Wait for statistics taken after now (librdkafka's ``ts`` is CLOCK_MONOTONIC, like ``time.monotonic``)."""
@@ -104,7 +122,7 @@ class StatsMeter:
         deadline = done + _STATS_WAIT_S
         while time.monotonic() < deadline:
             client.poll(0.005)
-            if self._latest is not None and self._latest.get("ts", 0) / 1e6 >= done:
+            if self._raw is not None and self._taken_at() >= done:
                 return
 
     def total(self) -> int:

@@ -2,11 +2,15 @@
 (``evaluate_flow``: worst partition, then the total-lag thresholds), with loom's ``STARTING`` window
 after a deployment (``DeploymentStart``). See ``LagStatus`` for the statuses.
 
-**Time lag**: the producer timestamp of the message at the committed offset would need a ``Fetch`` per
-partition (record batches, possibly compressed): not cheap. The time lag is instead *estimated* from the
-window: ``lag / consumption rate`` (committed-offset progress per second over the window). It is ``None``
-when the consumer made no progress in the window (then ``stalled_for_s`` says for how long it has not moved).
-No Dagster here.
+**Delay** (``delay_s`` per partition, ``max_delay_s`` per flow): how old the oldest unconsumed message
+is, now - the timestamp of the message at the committed offset, read each tick for the lagging partitions
+by ``loom_dagster.kafka.delay`` (one consumer per cluster, bounded in time and partitions; a partition it
+did not read is unknown, ``None``, never 0). A partition without lag has delay 0. ``warn_delay_s`` /
+``error_delay_s`` turn a delay at least that old into WARN / ERR, naming the partition.
+
+**Time lag estimate** (``time_lag_s``): ``lag / consumption rate`` (committed-offset progress per second
+over the window), from the window alone. It is ``None`` when the consumer made no progress in the window
+(then ``stalled_for_s`` says for how long it has not moved). No Dagster here.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any
 
+from loom_dagster.kafka.delay import DelayReading
 from loom_dagster.kafka.lag_status import LagSeverity, LagStatus, worst
 from loom_dagster.kafka.lag_window import LagSample, PartitionWindow
 from loom_dagster.kafka.offsets import PartitionOffsets, TargetOffsets
@@ -92,6 +97,10 @@ class PartitionLag:
     produce_rate: float | None = None
     time_lag_s: float | None = None
     stalled_for_s: float | None = None
+    delay_s: float | None = None
+    """Age in seconds of the oldest unconsumed message (0 without lag; ``None``: unknown or not read)."""
+    delay_note: str | None = None
+    """Why ``delay_s`` is unknown (not read within the deadline, over the partition cap, an error)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,12 @@ class FlowLag:
     produce_rate: float | None = None
     time_lag_s: float | None = None
     stalled_for_s: float | None = None
+    max_delay_s: float | None = None
+    """The largest known partition delay (``None``: none known, or the delay was not read)."""
+    delay_unknown: int = 0
+    """Partitions whose delay is unknown (lagging but not read: deadline, cap, error)."""
+    delay_read: bool = False
+    """Whether the delay was read for this evaluation (``KafkaLagSettings.read_delay``)."""
 
     @property
     def severity(self) -> LagSeverity:
@@ -283,21 +298,40 @@ def evaluate_flow(
     now: float | None = None,
     min_samples: int = MIN_SAMPLES,
     start: DeploymentStart | None = None,
+    delays: Mapping[tuple[str, int], DelayReading] | None = None,
 ) -> FlowLag:
-    """A flow's status: UNREACHABLE / MISSING_TOPIC first, else the worst partition, then the thresholds.
+    """A flow's status: UNREACHABLE / MISSING_TOPIC first, else the worst partition, then the thresholds
+    (total lag, then the delay of every partition not forgiven as an idle tail).
 
     *start*: the flow's current deployment (``STARTING`` instead of ``NO_COMMITS`` within its window).
+    *delays*: the delay reading of each lagging partition (``fetch_delays``); ``None``: not read (no
+    delay in the result, no delay thresholds). A lagging partition missing from it is unknown.
     """
     target = offsets.target
     if offsets.unreachable is not None:
-        return FlowLag(target.name, target.group, LagStatus.UNREACHABLE, offsets.unreachable, 0)
+        return FlowLag(
+            target.name,
+            target.group,
+            LagStatus.UNREACHABLE,
+            offsets.unreachable,
+            0,
+            delay_read=delays is not None,
+        )
     parts = tuple(_partition_lag(p, windows, now, min_samples, start) for p in offsets.partitions)
+    if delays is not None:
+        parts = tuple(_with_delay(p, delays.get((p.topic, p.partition))) for p in parts)
     total = sum(p.lag or 0 for p in parts)
-    parts = _forgive_idle_tail(parts, total, target.idle_tail)
-    status, reason = _flow_status(parts, offsets.missing_topics, total, settings)
+    judged = _forgive_idle_tail(parts, total, target.idle_tail)
+    forgiven = {
+        (p.topic, p.partition) for p, q in zip(parts, judged, strict=True) if p.status is not q.status
+    }
+    parts = judged
+    delayed = [p for p in parts if (p.topic, p.partition) not in forgiven]
+    status, reason = _flow_status(parts, offsets.missing_topics, total, settings, delayed)
     lagging = [p for p in parts if p.lag]
     times = [p.time_lag_s for p in lagging if p.time_lag_s is not None]
     stalled = [p.stalled_for_s for p in lagging if p.stalled_for_s is not None]
+    known = [p.delay_s for p in parts if p.delay_s is not None]
     return FlowLag(
         name=target.name,
         group=target.group,
@@ -310,7 +344,20 @@ def evaluate_flow(
         produce_rate=_sum_known(p.produce_rate for p in parts),
         time_lag_s=max(times) if times else (0.0 if not lagging else None),
         stalled_for_s=max(stalled) if stalled else None,
+        max_delay_s=max(known) if known else None,
+        delay_unknown=sum(p.delay_s is None for p in parts) if delays is not None else 0,
+        delay_read=delays is not None,
     )
+
+
+def _with_delay(part: PartitionLag, reading: DelayReading | None) -> PartitionLag:
+    """*part* with its delay: 0 when nothing is left to consume, else the reading's (unknown without one)."""
+    if part.lag == 0 or (part.lag is None and part.end == 0 and part.status is not LagStatus.UNAVAILABLE):
+        return replace(part, delay_s=0.0)
+    if reading is None:
+        why = "no offset to read from" if part.lag is None else "not read"
+        return replace(part, delay_note=why)
+    return replace(part, delay_s=reading.delay_s, delay_note=reading.error)
 
 
 def _forgive_idle_tail(
@@ -353,9 +400,14 @@ def _partition_lag(
 
 
 def _flow_status(
-    parts: Sequence[PartitionLag], missing: Sequence[str], total: int, settings: KafkaLagSettings
+    parts: Sequence[PartitionLag],
+    missing: Sequence[str],
+    total: int,
+    settings: KafkaLagSettings,
+    delayed: Sequence[PartitionLag] = (),
 ) -> tuple[LagStatus, str]:
-    """Worst of: missing topics, partition statuses, total-lag thresholds; with a one-line reason."""
+    """Worst of: missing topics, partition statuses, total-lag thresholds, delay thresholds (over
+    *delayed*); with a one-line reason."""
     found: list[tuple[LagStatus, str]] = []
     if missing:
         found.append((LagStatus.MISSING_TOPIC, f"source topic(s) missing: {', '.join(missing)}"))
@@ -377,11 +429,38 @@ def _flow_status(
         found.append((LagStatus.ERR, f"total lag {total} >= error_lag {settings.error_lag}"))
     elif total >= settings.warn_lag:
         found.append((LagStatus.WARN, f"total lag {total} >= warn_lag {settings.warn_lag}"))
+    found.extend(_delay_thresholds(delayed, settings))
     if not found:
         return LagStatus.OK, f"total lag {total} over {len(parts)} partition(s)"
     status = worst(s for s, _ in found)
     reasons = [r for s, r in sorted(found, key=lambda f: -f[0].rank)]
     return status, "; ".join(reasons)
+
+
+def _delay_thresholds(
+    parts: Sequence[PartitionLag], settings: KafkaLagSettings
+) -> list[tuple[LagStatus, str]]:
+    """ERR / WARN when some partition's delay is at least ``error_delay_s`` / ``warn_delay_s``, naming the
+    oldest one."""
+    if settings.warn_delay_s is None and settings.error_delay_s is None:
+        return []
+    known = sorted((p for p in parts if p.delay_s is not None), key=lambda p: -(p.delay_s or 0.0))
+    for status, name, limit in (
+        (LagStatus.ERR, "error_delay_s", settings.error_delay_s),
+        (LagStatus.WARN, "warn_delay_s", settings.warn_delay_s),
+    ):
+        over = [p for p in known if limit is not None and (p.delay_s or 0.0) >= limit]
+        if over and limit is not None:
+            first = over[0]
+            more = f" ({len(over)} partition(s) at least that old)" if len(over) > 1 else ""
+            return [
+                (
+                    status,
+                    f"partition {first.topic}[{first.partition}] delay {first.delay_s:.0f} s (oldest "
+                    f"unconsumed message) >= {name} {limit:g}{more}",
+                )
+            ]
+    return []
 
 
 def _sum_known(values: Iterable[float | None]) -> float | None:

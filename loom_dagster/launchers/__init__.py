@@ -1,5 +1,6 @@
-"""Launchers run a flow's Bytewax job somewhere and report on it: local processes by default; the
-``Launcher`` interface leaves room for Kubernetes or any other place a long-running job can live.
+"""Launchers run a flow's Bytewax job somewhere and report on it: local processes by default, or a
+StatefulSet per flow on Kubernetes; the ``Launcher`` interface leaves room for any other place a
+long-running job can live.
 
 ``LocalProcessLauncher`` is imported on first use (``loom_dagster.launchers.local`` imports this
 package back), so importing the interface never loads the local launcher.
@@ -21,6 +22,7 @@ from loom_dagster.launchers.base import (
 )
 
 if TYPE_CHECKING:
+    from loom_dagster.launchers.kubernetes.launcher import KubernetesLauncher
     from loom_dagster.launchers.local import LocalProcessLauncher
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "JobProcess",
     "JobReport",
     "JobState",
+    "KubernetesLauncher",
     "LaunchRequest",
     "LaunchedJob",
     "Launcher",
@@ -43,4 +46,8 @@ def __getattr__(name: str) -> Any:
         from loom_dagster.launchers.local import LocalProcessLauncher
 
         return LocalProcessLauncher
+    if name == "KubernetesLauncher":
+        from loom_dagster.launchers.kubernetes.launcher import KubernetesLauncher
+
+        return KubernetesLauncher
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

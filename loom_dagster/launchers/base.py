@@ -13,15 +13,22 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from loom_dagster.errors import DeploymentError
 
+if TYPE_CHECKING:
+    from loom_dagster.deployments import DeploymentStore
+
 LOCAL_LAUNCHER = "local"
 """Alias of :data:`LOCAL_LAUNCHER_PATH` in a resource's ``launcher`` field and in records."""
 LOCAL_LAUNCHER_PATH = "loom_dagster.launchers.local:LocalProcessLauncher"
+KUBERNETES_LAUNCHER = "kubernetes"
+"""Alias of :data:`KUBERNETES_LAUNCHER_PATH`."""
+KUBERNETES_LAUNCHER_PATH = "loom_dagster.launchers.kubernetes.launcher:KubernetesLauncher"
+_ALIASES = {LOCAL_LAUNCHER: LOCAL_LAUNCHER_PATH, KUBERNETES_LAUNCHER: KUBERNETES_LAUNCHER_PATH}
 
 
 class LaunchRequest(msgspec.Struct, frozen=True):
@@ -42,13 +49,17 @@ class LaunchRequest(msgspec.Struct, frozen=True):
 
 
 class JobProcess(msgspec.Struct, frozen=True):
-    """One process of a job: PID plus start time (so a reused PID is never mistaken for it)."""
+    """One process of a job: PID plus start time (so a reused PID is never mistaken for it).
+
+    ``host`` is set where a process has a host of its own (a Kubernetes pod: its name, with ``pid`` 0,
+    unknown from outside); empty means the job's host."""
 
     pid: int
     start_ticks: int
     process_id: int = 0
     status_path: str = ""
     argv: tuple[str, ...] = ()
+    host: str = ""
 
 
 class LaunchedJob(msgspec.Struct, frozen=True):
@@ -62,6 +73,13 @@ class LaunchedJob(msgspec.Struct, frozen=True):
     started_at: float
     request: LaunchRequest
     extra: dict[str, Any] = {}
+
+    @property
+    def processes_text(self) -> str:
+        """``pids 12, 13``, or ``pods orders-0, orders-1`` where processes are known by host."""
+        if self.processes and all(p.host and not p.pid for p in self.processes):
+            return "pods " + ", ".join(p.host for p in self.processes)
+        return "pids " + ", ".join(str(p.pid) for p in self.processes)
 
 
 class JobState(StrEnum):
@@ -82,6 +100,9 @@ class JobReport:
     reason: str
     alive_processes: int
     statuses: tuple[dict[str, Any], ...] = ()
+    self_healing: bool = False
+    """The platform restarts the job's crashed processes itself (Kubernetes): the health sensor reports
+    a failure but relaunches nothing."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +170,11 @@ class Launcher(abc.ABC):
         """Check, without touching a running job, that the new version imports and compiles where it
         will run. Raises ``DeploymentError`` with the reason."""
 
+    def relaunch(self, job: LaunchedJob, log_dir: str) -> LaunchedJob:
+        """Start a recorded job again as it was (restart, rollback). Default: ``launch`` its request; a
+        launcher whose job depends on more than the request (a pod template) starts that again too."""
+        return self.launch(job.request, log_dir)
+
     def config(self) -> dict[str, Any]:
         """The JSON-safe keyword arguments that build this launcher again (default: none)."""
         return {}
@@ -157,6 +183,12 @@ class Launcher(abc.ABC):
         """How a deployment record names this launcher."""
         cls = type(self)
         return LauncherRef(class_path(cls), self.config(), _module_root(cls.__module__))
+
+    def deployment_store(self, state_dir: str | None = None) -> DeploymentStore:
+        """Where deployments run by this launcher are recorded (default: files under *state_dir*)."""
+        from loom_dagster.deployments import DeploymentStore
+
+        return DeploymentStore(state_dir)
 
     def owns(self, job: LaunchedJob) -> bool:
         """Whether this launcher, from where it runs, can inspect and stop *job* (default: yes)."""
@@ -190,8 +222,8 @@ def class_path(cls: type) -> str:
 
 
 def canonical_path(path: str) -> str:
-    """*path* with the ``local`` alias expanded."""
-    return LOCAL_LAUNCHER_PATH if path == LOCAL_LAUNCHER else path
+    """*path* with the ``local`` / ``kubernetes`` alias expanded."""
+    return _ALIASES.get(path, path)
 
 
 def load_launcher(
@@ -206,7 +238,9 @@ def load_launcher(
     """
     module_name, _, attribute = canonical_path(path).partition(":")
     if not module_name or not attribute:
-        raise DeploymentError(f"launcher {path!r}: expected 'local' or 'package.module:Class'")
+        raise DeploymentError(
+            f"launcher {path!r}: expected 'local', 'kubernetes' or 'package.module:Class'"
+        )
     cls = getattr(_import(module_name, sys_path, path), attribute, None)
     if not isinstance(cls, type) or not issubclass(cls, Launcher):
         raise DeploymentError(f"launcher {path!r} is not a Launcher subclass")

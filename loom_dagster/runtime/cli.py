@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +26,10 @@ from loom_dagster.runtime.status import (
 
 PROG = "python -m loom_dagster.runtime"
 LOG_PREFIX = "loom-dagster runtime: "
+HTTP_PORT_ENV = "LOOM_DAGSTER_HTTP_PORT"
+DEFAULT_HTTP_HOST = "0.0.0.0"  # all interfaces: a kubelet probes the pod IP
+AUTO_PROCESS_ID = "auto"
+_ORDINAL = re.compile(r"^.+-(?P<ordinal>[0-9]+)$")
 
 
 class _RedactingFormatter(logging.Formatter):
@@ -105,12 +112,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not take the fence: nothing stops a second job of the same group (duplicates)",
     )
     cluster = parser.add_argument_group("cluster (overrides streaming.runtime)")
-    cluster.add_argument("--process-id", type=int, default=None, help="this process's index in --addresses")
+    cluster.add_argument(
+        "--process-id",
+        default=None,
+        help="this process's index in --addresses, or 'auto': the ordinal ending the host name "
+        "($HOSTNAME, else the system's), e.g. 2 in a StatefulSet pod 'orders-2'",
+    )
     cluster.add_argument(
         "--addresses", default=None, help="host:port of every process, comma-separated, same order everywhere"
     )
     cluster.add_argument(
         "--workers-per-process", type=int, default=None, help="worker threads in this process"
+    )
+    probes = parser.add_argument_group("HTTP probes and metrics (see loom_dagster.runtime.http_server)")
+    probes.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help=f"serve /readyz /livez /status /metrics on this port; 0 = any free port "
+        f"(default: ${HTTP_PORT_ENV}, else no server)",
+    )
+    probes.add_argument(
+        "--http-host", default=DEFAULT_HTTP_HOST, help=f"address to bind (default {DEFAULT_HTTP_HOST})"
+    )
+    probes.add_argument(
+        "--live-timeout",
+        type=float,
+        default=None,
+        help="seconds without a heartbeat, or without a poll once connected, before /livez answers 503 "
+        "(default 3 x --heartbeat)",
     )
     return parser
 
@@ -120,13 +150,17 @@ def parse_options(argv: Sequence[str] | None = None) -> JobOptions:
     parser = build_parser()
     args = parser.parse_args(argv)
     addresses = _addresses(parser, args.addresses)
-    _check_cluster(parser, args.process_id, addresses, args.workers_per_process)
+    process_id = _process_id(parser, args.process_id)
+    _check_cluster(parser, process_id, addresses, args.workers_per_process)
+    http_port = _http_port(parser, args.http_port)
     if args.heartbeat <= 0:
         parser.error("--heartbeat must be above 0")
     if args.drain_timeout < 0:
         parser.error("--drain-timeout must be 0 (no limit) or above")
     if args.fence_timeout <= 0:
         parser.error("--fence-timeout must be above 0")
+    if args.live_timeout is not None and args.live_timeout <= 0:
+        parser.error("--live-timeout must be above 0")
     return JobOptions(
         import_path=args.import_path,
         configs=tuple(args.configs),
@@ -134,7 +168,7 @@ def parse_options(argv: Sequence[str] | None = None) -> JobOptions:
         environment=args.environment,
         flow_name=args.flow_name,
         sys_paths=tuple(args.sys_paths),
-        process_id=args.process_id,
+        process_id=process_id,
         addresses=addresses,
         workers_per_process=args.workers_per_process,
         heartbeat_s=args.heartbeat,
@@ -143,6 +177,9 @@ def parse_options(argv: Sequence[str] | None = None) -> JobOptions:
         run_id=args.run_id,
         fence=args.fence,
         fence_timeout_s=args.fence_timeout,
+        http_port=http_port,
+        http_host=args.http_host,
+        live_timeout_s=args.live_timeout,
     )
 
 
@@ -157,6 +194,56 @@ def _addresses(parser: argparse.ArgumentParser, raw: str | None) -> tuple[str, .
     if not items:
         parser.error("--addresses is empty")
     return items
+
+
+def pod_ordinal(host_name: str) -> int | None:
+    """The ordinal ending a StatefulSet pod's host name (first DNS label), or ``None``.
+
+    Example:
+        >>> pod_ordinal("orders-2"), pod_ordinal("orders-10.orders.ns.svc.cluster.local"), pod_ordinal("orders")
+        (2, 10, None)
+    """
+    match = _ORDINAL.match(host_name.strip().split(".", 1)[0])
+    return int(match["ordinal"]) if match else None
+
+
+def host_name() -> str:
+    """This pod's name: ``$HOSTNAME`` (set by Kubernetes), else the system host name."""
+    return os.environ.get("HOSTNAME", "").strip() or socket.gethostname()
+
+
+def _process_id(parser: argparse.ArgumentParser, raw: str | None) -> int | None:
+    """``--process-id``: an integer, or ``auto`` (the host name's ordinal)."""
+    if raw is None:
+        return None
+    if raw.strip().lower() == AUTO_PROCESS_ID:
+        name = host_name()
+        ordinal = pod_ordinal(name)
+        if ordinal is None:
+            parser.error(
+                f"--process-id auto: host name {name!r} does not end in an ordinal "
+                "(a StatefulSet pod is named like 'orders-2')"
+            )
+        return ordinal
+    try:
+        return int(raw)
+    except ValueError:
+        parser.error(f"--process-id must be an integer or 'auto', not {raw!r}")
+
+
+def _http_port(parser: argparse.ArgumentParser, flag: int | None) -> int | None:
+    """``--http-port``, else ``$LOOM_DAGSTER_HTTP_PORT`` (unset or empty: no server)."""
+    port: int | None = flag
+    if port is None:
+        raw = os.environ.get(HTTP_PORT_ENV, "").strip()
+        if not raw:
+            return None
+        if not (raw.isascii() and raw.isdigit()):
+            parser.error(f"{HTTP_PORT_ENV}={raw!r} is not a port number")
+        port = int(raw)
+    if not 0 <= port <= 65535:
+        parser.error(f"--http-port {port} is not a port number (0 = any free port)")
+    return port
 
 
 def _check_cluster(

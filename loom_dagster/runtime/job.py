@@ -55,6 +55,7 @@ from loom_dagster.runtime.status import (
 
 if TYPE_CHECKING:
     from loom_dagster.fence import JobFence
+    from loom_dagster.runtime.http_server import ProbeServer
 
 log = logging.getLogger("loom_dagster.runtime")
 DEFAULT_FENCE_TIMEOUT_S = 30.0
@@ -81,6 +82,9 @@ class JobOptions:
     run_id: str | None = None
     fence: bool = True
     fence_timeout_s: float = DEFAULT_FENCE_TIMEOUT_S
+    http_port: int | None = None
+    http_host: str = "0.0.0.0"
+    live_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -119,14 +123,41 @@ def run_job(options: JobOptions) -> int:
     signals = StopSignals(reporter.request_stop)
     signals.install()
     reporter.start()
+    probes: ProbeServer | None = None
     try:
+        probes = _serve_probes(options, reporter)
         outcome = _execute(options, reporter, signals)
+    except _Refused as exc:
+        outcome = Outcome(EXIT_BAD_INPUT, str(exc))
     except KeyboardInterrupt:
         outcome = Outcome(EXIT_STOPPED)
     finally:
         signals.disarm()
     _finish(reporter, outcome)
+    if probes is not None:
+        probes.stop()
     return outcome.code
+
+
+def _serve_probes(options: JobOptions, reporter: StatusReporter) -> ProbeServer | None:
+    """Serve ``/readyz /livez /status /metrics`` (``--http-port``) before the slow import and compile."""
+    if options.http_port is None:
+        return None
+    from loom_dagster.runtime.http_server import LIVE_TIMEOUT_HEARTBEATS, ProbeServer, reporter_source
+
+    live_timeout_s = options.live_timeout_s or LIVE_TIMEOUT_HEARTBEATS * options.heartbeat_s
+    server = ProbeServer(
+        reporter_source(reporter),
+        host=options.http_host,
+        port=options.http_port,
+        live_timeout_s=live_timeout_s,
+    )
+    try:
+        server.start()
+    except OSError as exc:
+        raise _Refused(f"cannot serve HTTP on {options.http_host}:{options.http_port}: {exc}") from exc
+    log.info("serving /readyz /livez /status /metrics on %s (live timeout %gs)", server.url, live_timeout_s)
+    return server
 
 
 def _new_reporter(options: JobOptions) -> StatusReporter:

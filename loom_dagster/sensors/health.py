@@ -35,6 +35,7 @@ from loom_dagster.orphans import FenceTarget, Orphan, OrphanReport, find_orphans
 from loom_dagster.redact import redact_text
 from loom_dagster.resources import LoomDeployResource
 from loom_dagster.runtime.status import EXIT_BAD_INPUT, EXIT_FLOW_FAILED, SinkError, describe_exit_code
+from loom_dagster.sensors.regression import RegressionWatch, Watched
 from loom_dagster.sensors.settings import JobHealthSettings
 
 FLOW_TAG = "loom/flow"
@@ -65,6 +66,8 @@ class RestartState:
     same_error_deaths: int = 0
     halted: str | None = None
     halted_deployment: str | None = None
+    watch: dict[str, Any] = field(default_factory=dict)
+    """The regression watch of the current deployment (``progress.WatchState``; empty when off)."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,9 @@ def assess(
         reason = f"bad input: restarting won't help: {death.error}"
         return FlowHealth(name, asset_key, False, dg.AssetCheckSeverity.ERROR, reason, metadata, death=death)
     reason = f"{report.state.value}: {_headline(report)}"
+    if report.self_healing:  # the platform restarts it (Kubernetes): report, relaunch nothing
+        reason += "; the platform restarts it, not this sensor"
+        return FlowHealth(name, asset_key, False, dg.AssetCheckSeverity.ERROR, reason, metadata, death=death)
     return FlowHealth(
         name,
         asset_key,
@@ -377,6 +383,7 @@ def build_job_health_sensor(
     """
     flow_keys = {node.compiled.flow.name: node.spec.key for node in graph.flows}
     fences = Lazy(lambda: fence_targets(graph))  # compiles the plans (credentials) on the first tick
+    watch = RegressionWatch(graph, settings) if settings.regression_watch_ticks > 0 else None
 
     @dg.sensor(
         name=name,
@@ -392,6 +399,7 @@ def build_job_health_sensor(
         now = time.time()
         events: list[Any] = []
         requests: list[dg.RunRequest] = []
+        watched: list[Watched] = []
         orphans = tick_orphans(deployer.store, list(flow_keys), fences(), context.log, deployer.launcher)
         for flow_name, key in flow_keys.items():
             if orphans.of(flow_name):  # another job consumes the group: report it, restart nothing
@@ -402,10 +410,14 @@ def build_job_health_sensor(
             if deployment is None or launcher is None or not launcher.owns(deployment.job):
                 continue
             report = launcher.report(deployment.job)
+            if report.state is JobState.HEALTHY and not deployment.stopped_on_purpose:
+                deployer.observer.running(deployment)  # OpenLineage RUNNING, once per period
             health = assess(
                 deployment, report, key, loom.health_timeout_s, _uptime(launcher, deployment, report)
             )
             state = states.setdefault(flow_name, RestartState())
+            if watch is not None:
+                watched.append(Watched(flow_name, key, deployment, report))
             description = health.description
             if health.passed and report.state is JobState.HEALTHY:
                 reset_backoff_when_stable(state, settings, now, deployment.job.started_at)
@@ -449,6 +461,8 @@ def build_job_health_sensor(
                     metadata=_check_metadata(report, health, state, description),
                 )
             )
+        if watch is not None:  # after a deploy: roll back once a new version that stalls
+            events.extend(watch.tick(deployer, watched, states, context.log))
         return dg.SensorResult(run_requests=requests, asset_events=events, cursor=dump_cursor(states))
 
     return _sensor

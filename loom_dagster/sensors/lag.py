@@ -21,6 +21,7 @@ from loom_dagster.defs_state import Lazy
 from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.graph import FlowNode, LoomAssetGraph
 from loom_dagster.kafka.cluster import LagTarget, lag_target
+from loom_dagster.kafka.delay import DelayFetch
 from loom_dagster.kafka.lag_check import check_lag
 from loom_dagster.kafka.lag_eval import DeploymentStart, FlowLag, starting_window_s
 from loom_dagster.kafka.lag_status import LagSeverity
@@ -32,10 +33,11 @@ from loom_dagster.sensors.settings import KafkaLagSettings
 CHECKS_NAME = "loom_kafka_lag_checks"
 MAX_TABLE_ROWS = 500
 _DESCRIPTION = (
-    "Consumer lag of the flow's group on its source topics, Burrow-style over a window of samples: "
+    "Consumer lag of the flow's group on its source topics, Burrow-style over a window of samples, "
+    "and its delay (age of the oldest unconsumed message, max_delay_s): "
     "OK / STARTING (fresh deployment, no commit yet: passes) / WARN (falling behind, or total lag >= "
-    "warn_lag) / ERR (total lag >= error_lag) / STALL / STOP / REWIND / NO_COMMITS / MISSING_TOPIC / "
-    "UNAVAILABLE / UNREACHABLE."
+    "warn_lag, or a delay >= warn_delay_s) / ERR (total lag >= error_lag, or a delay >= error_delay_s) / "
+    "STALL / STOP / REWIND / NO_COMMITS / MISSING_TOPIC / UNAVAILABLE / UNREACHABLE."
 )
 
 
@@ -169,7 +171,7 @@ def build_kafka_lag_checks(
         names = [t.name for _, t in chosen]
         starts = deployment_starts(store, windows, names) if store is not None else None
         report = check_lag([t for _, t in chosen], settings, starts=starts)
-        common = fetch_metadata(report.fetch)
+        common = fetch_metadata(report.fetch, report.delays)
         for (key, _), flow in zip(chosen, report.flows, strict=True):
             yield dg.AssetCheckResult(
                 asset_key=key,
@@ -234,13 +236,20 @@ def build_kafka_lag_sensor(
         names = [t.name for t in targets]
         starts = deployment_starts(store, windows, names) if store is not None else None
         report = check_lag(targets, settings, LagWindows.from_cursor(context.cursor), starts=starts)
+        common = fetch_metadata(report.fetch, report.delays)
         events = [
-            lag_evaluation(key, flow, report.fetch, start=(starts or {}).get(flow.name))
+            lag_evaluation(key, flow, report.fetch, common, start=(starts or {}).get(flow.name))
             for (key, _), flow in zip(pairs, report.flows, strict=True)
         ]
+        delays = report.delays
+        read = (
+            f"; delay of {delays.read}/{delays.asked} lagging partition(s) read in {delays.seconds:.2f} s"
+            if delays is not None
+            else ""
+        )
         context.log.info(
             f"kafka lag: {len(events)} flow(s), {report.fetch.requests} broker request(s), "
-            f"{report.fetch.seconds:.2f} s"
+            f"{report.fetch.seconds:.2f} s{read}"
         )
         return dg.SensorResult(asset_events=events, cursor=report.windows.to_cursor())
 
@@ -283,13 +292,21 @@ def lag_evaluation(
     )
 
 
-def fetch_metadata(fetch: LagFetch) -> dict[str, Any]:
-    """Metadata shared by every flow of one fetch: its broker requests (the whole batch) and duration."""
-    return {
+def fetch_metadata(fetch: LagFetch, delays: DelayFetch | None = None) -> dict[str, Any]:
+    """Metadata shared by every flow of one fetch: its broker requests (the whole batch) and duration,
+    and the delay read's (partitions asked and read, seconds)."""
+    common: dict[str, Any] = {
         "broker_requests": fetch.requests,
         "broker_requests_by_api": dg.MetadataValue.json(fetch.by_api()),
         "fetch_seconds": round(fetch.seconds, 3),
     }
+    if delays is not None:
+        common["delay_read_seconds"] = round(delays.seconds, 3)
+        common["delay_partitions_asked"] = delays.asked
+        common["delay_partitions_read"] = delays.read
+        if delays.requests:
+            common["delay_broker_requests"] = delays.requests
+    return common
 
 
 def lag_metadata(
@@ -298,8 +315,10 @@ def lag_metadata(
     common: dict[str, Any] | None = None,
     start: DeploymentStart | None = None,
 ) -> dict[str, Any]:
-    """Check metadata: status, reason, totals, time-lag estimate, the request cost, a partition table and
-    (with *start*) the deployment's start time and starting window."""
+    """Check metadata: status, reason, totals, the delay (``max_delay_s``: the oldest unconsumed message's
+    age over the flow's partitions; null when no lagging partition could be read), time-lag estimate,
+    the request cost, a partition table (with each partition's ``delay_s``) and (with *start*) the
+    deployment's start time and starting window."""
     metadata: dict[str, Any] = {
         "status": flow.status.value,
         "reason": dg.MetadataValue.text(flow.reason),
@@ -317,6 +336,14 @@ def lag_metadata(
         "produce_rate_msg_s": flow.produce_rate,
     }
     metadata.update({k: round(v, 2) for k, v in optional.items() if v is not None})
+    if flow.delay_read:
+        metadata["max_delay_s"] = (
+            round(flow.max_delay_s, 2) if flow.max_delay_s is not None else dg.MetadataValue.null()
+        )
+        metadata["delay_unknown_partitions"] = flow.delay_unknown
+        notes = [p.delay_note for p in flow.partitions if p.delay_s is None and p.delay_note]
+        if notes:
+            metadata["delay_unknown_reason"] = dg.MetadataValue.text(notes[0])
     if start is not None:
         metadata["deployment_started_at"] = dg.MetadataValue.timestamp(start.started_at)
         metadata["starting_window_s"] = round(start.window_s, 1)
@@ -340,6 +367,7 @@ def _partition_table(flow: FlowLag) -> dg.MetadataValue:
                 "lag": _or_minus_one(p.lag),
                 "status": p.status.value,
                 "time_lag_s": -1.0 if p.time_lag_s is None else round(p.time_lag_s, 2),
+                "delay_s": -1.0 if p.delay_s is None else round(p.delay_s, 2),
                 "reason": p.reason,
             }
         )
@@ -359,6 +387,11 @@ _TABLE_SCHEMA = dg.TableSchema(
         ),
         dg.TableColumn("status", "string"),
         dg.TableColumn("time_lag_s", "float", description="estimate: lag / consumption rate (-1: none)"),
+        dg.TableColumn(
+            "delay_s",
+            "float",
+            description="age of the oldest unconsumed message, 0 without lag (-1: unknown or not read)",
+        ),
         dg.TableColumn("reason", "string"),
     ]
 )

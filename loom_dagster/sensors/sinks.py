@@ -31,6 +31,10 @@ from loom_dagster.sinks.targets import SinkTarget, declared_sink_targets, sink_t
 Clock = Callable[[], float]
 LAG_METADATA_KEYS = ("total_lag", "loom/total_lag")
 """Metadata keys of the ``kafka_lag`` check evaluation holding a flow's total lag (first found wins)."""
+DELAY_METADATA_KEY = "max_delay_s"
+"""Metadata key of the ``kafka_lag`` check evaluation holding a flow's delay in seconds (null: unknown)."""
+DELAY_UNKNOWN_METADATA_KEY = "delay_unknown_partitions"
+"""Metadata key of the ``kafka_lag`` check evaluation counting partitions whose delay is unknown."""
 CURSOR_VERSION = 1
 
 
@@ -143,7 +147,8 @@ class LagLookup:
 
 
 def latest_source_lag(instance: dg.DagsterInstance, flow_key: str) -> SourceLag | None:
-    """Total lag from the newest ``kafka_lag`` check evaluation on the flow asset (runless or in a run).
+    """Total lag and delay from the newest ``kafka_lag`` check evaluation on the flow asset (runless or in
+    a run); the delay is ``None`` when that evaluation did not carry one.
 
     Runless evaluations update one row in place, so the newest is chosen by event time, not row id.
     """
@@ -158,7 +163,11 @@ def latest_source_lag(instance: dg.DagsterInstance, flow_key: str) -> SourceLag 
     evaluated_at, evaluation = max(found, key=lambda pair: pair[0])
     values = (_metadata_value(evaluation.metadata, key) for key in LAG_METADATA_KEYS)
     total = next((v for v in map(as_int, values) if v is not None), None)
-    return SourceLag(flow_key, total, evaluated_at) if total is not None else None
+    if total is None:
+        return None
+    delay = _as_float(_metadata_value(evaluation.metadata, DELAY_METADATA_KEY))
+    unknown = as_int(_metadata_value(evaluation.metadata, DELAY_UNKNOWN_METADATA_KEY)) or 0
+    return SourceLag(flow_key, total, evaluated_at, delay, unknown)
 
 
 def build_sink_health_sensor(
@@ -354,6 +363,8 @@ def freshness_metadata(verdict: FreshnessVerdict, reading: SinkReading) -> dict[
     if verdict.source_lag is not None:
         metadata["loom/source_lag"] = verdict.source_lag.total_lag
         metadata["loom/source_flow"] = verdict.source_lag.flow_key
+        if verdict.source_lag.max_delay_s is not None:
+            metadata["loom/source_delay_s"] = round(verdict.source_lag.max_delay_s, 1)
     if reading.error:
         metadata["loom/error"] = reading.error
     return metadata
@@ -479,7 +490,8 @@ def freshness_check_spec(target: SinkTarget, settings: SinkHealthSettings) -> dg
         SINK_FRESHNESS,
         asset=dg.AssetKey.from_user_string(target.asset_key),
         description=f"New data within {windows.warn_after_s:g}s (warn) / {windows.fail_after_s:g}s (fail); "
-        f"fails at once when silent past the warn window while {', '.join(target.flow_names)} lags.",
+        f"fails at once when silent past the warn window while {', '.join(target.flow_names)} lags (its "
+        "oldest unconsumed message older than the warn window, or offset lag where that delay is unknown).",
     )
 
 

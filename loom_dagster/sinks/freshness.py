@@ -35,11 +35,20 @@ class Severity(StrEnum):
 
 @dataclass(frozen=True)
 class SourceLag:
-    """The latest Kafka lag known for a flow writing a sink."""
+    """The latest Kafka lag known for a flow writing a sink: its total offset lag and, when the lag check
+    read it, its delay (``max_delay_s``: the age of its oldest unconsumed message; ``delay_unknown``:
+    lagging partitions whose delay was not read, so ``max_delay_s`` is only a lower bound)."""
 
     flow_key: str
     total_lag: int
     evaluated_at: float
+    max_delay_s: float | None = None
+    delay_unknown: int = 0
+
+    @property
+    def delay_known(self) -> bool:
+        """Whether ``max_delay_s`` covers every partition of the flow."""
+        return self.max_delay_s is not None and self.delay_unknown == 0
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,11 @@ def evaluate_freshness(
 
     fresh: new data within ``warn_after_s`` (passed). late: none for longer (WARN). stale: none for
     longer than ``fail_after_s`` (ERROR). silent_while_lagging: none for longer than ``warn_after_s``
-    while a writing flow's source has lag > 0 (ERROR). no_data: the table exists but holds no data (WARN).
+    while a writing flow's source delay (age of its oldest unconsumed message) is also longer than
+    ``warn_after_s``, however small its offset lag (ERROR); where the delay is unknown (not read, or not
+    for every partition), while the source has offset lag > 0. A source whose whole delay is known and
+    within the window is no reason (data did arrive, recently). no_data: the table exists but holds no
+    data (WARN).
     unknown: it holds data but nothing says when it landed (WARN).
     missing: the table does not exist (WARN). unreachable / read_error: cannot read it (ERROR).
     """
@@ -80,7 +93,8 @@ def evaluate_freshness(
             reading.asset_key, status, severity is None, severity, message, age, last_data_at, freshness, lag
         )
 
-    lag = max(lags, key=lambda x: x.total_lag, default=None)
+    silent_cause = _silent_cause(lags, freshness.warn_after_s)
+    lag = silent_cause or max(lags, key=lambda x: x.total_lag, default=None)
     lag = lag if lag is not None and lag.total_lag > 0 else None
     if reading.status is not ReadStatus.OK:
         return _unreadable(reading, verdict)
@@ -97,12 +111,23 @@ def evaluate_freshness(
     since = f"no new data for {_duration(age)}"
     if age <= freshness.warn_after_s:
         return verdict(FreshnessStatus.FRESH, None, f"new data {_duration(age)} ago")
-    if lag is not None:
+    if silent_cause is not None:
+        cause = silent_cause
+        measured = _duration(max(0.0, now - cause.evaluated_at))
+        if cause.max_delay_s is not None and cause.max_delay_s > freshness.warn_after_s:
+            why = (
+                f"flow {cause.flow_key}'s oldest unconsumed message is {_duration(cause.max_delay_s)} old "
+                f"(delay {cause.max_delay_s:.0f} s > warn_after_s {freshness.warn_after_s:g}; "
+                f"{cause.total_lag} message(s) behind; measured {measured} ago)"
+            )
+        else:
+            why = (
+                f"flow {cause.flow_key} is {cause.total_lag} message(s) behind (lag measured {measured} ago)"
+            )
         return verdict(
             FreshnessStatus.SILENT_WHILE_LAGGING,
             Severity.ERROR,
-            f"sink silent while its source lags: {since} while flow {lag.flow_key} is {lag.total_lag} "
-            f"message(s) behind (lag measured {_duration(max(0.0, now - lag.evaluated_at))} ago)",
+            f"sink silent while its source lags: {since} while {why}",
         )
     if age > freshness.fail_after_s:
         return verdict(
@@ -111,6 +136,17 @@ def evaluate_freshness(
     return verdict(
         FreshnessStatus.LATE, Severity.WARN, f"{since} (warn after {_duration(freshness.warn_after_s)})"
     )
+
+
+def _silent_cause(lags: Sequence[SourceLag], window_s: float) -> SourceLag | None:
+    """The writing flow that makes a silent sink a failure: the one with the oldest unconsumed message
+    beyond *window_s*; else, among flows whose delay is not fully known, the most lagging one with
+    offset lag > 0; else none (every lagging flow's delay is known and within the window)."""
+    delayed = [x for x in lags if x.max_delay_s is not None and x.max_delay_s > window_s]
+    if delayed:
+        return max(delayed, key=lambda x: x.max_delay_s or 0.0)
+    unknown = [x for x in lags if x.total_lag > 0 and not x.delay_known]
+    return max(unknown, key=lambda x: x.total_lag, default=None)
 
 
 def _unreadable(

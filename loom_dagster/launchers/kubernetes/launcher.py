@@ -1,0 +1,371 @@
+"""``KubernetesLauncher``: runs a flow's job as a StatefulSet, its state kept in the cluster.
+
+Lifecycle (the deployer's, the same as for the local launcher): stop = scale to zero and wait until
+every pod is gone (SIGTERM -> the runtime drains within the grace period); launch = apply the new
+template with ``replicas`` = processes; the health gate waits for ready pods of the new revision; a
+failed gate stops the new pods and applies the previous deployment's template again.
+
+Health comes from the API: pod phase, readiness (the runtime's ``/readyz``: connected), restart counts,
+waiting reasons (``CrashLoopBackOff``, ``ImagePullBackOff``) and the last termination (exit code,
+``OOMKilled``). Kubernetes restarts crashed containers itself (``JobReport.self_healing``); only a job
+Kubernetes cannot recover (its StatefulSet deleted out of band) is relaunched by the health sensor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+
+from loom_dagster.deployments import DeploymentStore
+from loom_dagster.errors import DeploymentError
+from loom_dagster.launchers.base import (
+    JobProcess,
+    JobReport,
+    JobState,
+    LaunchedJob,
+    Launcher,
+    LaunchRequest,
+)
+from loom_dagster.launchers.kubernetes.client import KubeApi, api_error, is_not_found
+from loom_dagster.launchers.kubernetes.manifests import (
+    CONTAINER,
+    flow_manifests,
+    selector_labels,
+    workload_name,
+)
+from loom_dagster.launchers.kubernetes.settings import KubernetesSettings, PodSettings
+from loom_dagster.redact import redact_text
+from loom_dagster.runtime.status import EXIT_BAD_INPUT, describe_exit_code
+
+BROKEN_WAITING_REASONS = frozenset(
+    {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName"}
+)
+"""Waiting reasons that mean the container will not run without a change (or keeps crashing)."""
+
+
+class KubernetesLauncher(Launcher):
+    """Runs each flow as a StatefulSet in one namespace; records, snapshots and locks in the cluster.
+
+    Built from JSON-safe keyword arguments (:class:`KubernetesSettings`), e.g. a resource's
+    ``launcher: kubernetes`` with ``launcher_config: {namespace: streaming, pod: {image: ...}}``.
+
+    Example:
+        >>> launcher = KubernetesLauncher(namespace="streaming", pod={"image": "flows:1"})
+        >>> launcher.settings.pod_for("orders").image
+        'flows:1'
+    """
+
+    name = "kubernetes"
+
+    def __init__(self, **config: Any) -> None:
+        try:
+            self.settings = KubernetesSettings.from_config(config)
+        except Exception as exc:  # msgspec.ValidationError: names the field
+            raise DeploymentError(f"kubernetes launcher config: {exc}") from exc
+        self._api: KubeApi | None = None
+
+    @property
+    def api(self) -> KubeApi:
+        """The API client, connected on first use (building the launcher needs no cluster)."""
+        if self._api is None:
+            self._api = KubeApi.connect(self.settings)
+        return self._api
+
+    def config(self) -> dict[str, Any]:
+        """The keyword arguments that build this launcher again (recorded with each deployment)."""
+        return self.settings.to_config()
+
+    def deployment_store(self, state_dir: str | None = None) -> DeploymentStore:
+        """Records, config snapshots and the deploy lock in the launcher's namespace."""
+        from loom_dagster.launchers.kubernetes.store import KubernetesDeploymentStore
+
+        return KubernetesDeploymentStore(self.settings, self.api, state_dir)
+
+    def owns(self, job: LaunchedJob) -> bool:
+        """True for a job of this launcher's namespace (the API reaches it from anywhere)."""
+        return job.launcher == self.name and job.extra.get("namespace") == self.settings.namespace
+
+    def location(self) -> str:
+        """``namespace '<ns>'``."""
+        return f"namespace {self.settings.namespace!r}"
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def manifests(self, request: LaunchRequest, pod: PodSettings | None = None) -> list[dict[str, Any]]:
+        """The objects ``launch`` applies for *request* (the config ConfigMap exists already); *pod*
+        replaces the flow's pod settings (a recorded job started again as it was)."""
+        settings = self.settings
+        if pod is not None:
+            settings = msgspec.structs.replace(settings, flows={**settings.flows, request.flow_name: pod})
+        return flow_manifests(settings, request)
+
+    def launch(self, request: LaunchRequest, log_dir: str) -> LaunchedJob:
+        """Apply the Service (multi-process jobs) and the StatefulSet with the new template."""
+        return self._apply(request, self.settings.pod_for(request.flow_name))
+
+    def relaunch(self, job: LaunchedJob, log_dir: str) -> LaunchedJob:
+        """Apply the recorded job's own template again (its pod settings as recorded, not today's)."""
+        recorded = job.extra.get("pod")
+        pod = msgspec.convert(recorded, PodSettings) if recorded else self.settings.pod_for(job.flow_name)
+        return self._apply(job.request, pod)
+
+    def _apply(self, request: LaunchRequest, pod: PodSettings) -> LaunchedJob:
+        self._check_env(request)
+        name = workload_name(self.settings, request.flow_name)
+        generation = 0
+        for manifest in self.manifests(request, pod):
+            if manifest["kind"] == "Service":
+                self._apply_service(manifest)
+            elif manifest["kind"] == "StatefulSet":
+                generation = self._apply_statefulset(manifest)
+        return LaunchedJob(
+            flow_name=request.flow_name,
+            launcher=self.name,
+            host=f"{self.settings.namespace}/{name}",
+            processes=tuple(
+                JobProcess(pid=0, start_ticks=0, process_id=i, host=f"{name}-{i}")
+                for i in range(request.processes)
+            ),
+            log_path=f"kubernetes:{self.settings.namespace}/statefulset/{name}",
+            started_at=time.time(),
+            request=request,
+            extra={
+                "namespace": self.settings.namespace,
+                "statefulset": name,
+                "generation": generation,
+                "pod": msgspec.to_builtins(pod),
+            },
+        )
+
+    def _check_env(self, request: LaunchRequest) -> None:
+        """Refuse a literal secret in the flow's env (it would land in the pod template)."""
+        leaks = [key for key, value in request.env if redact_text(f"{key}={value}") != f"{key}={value}"]
+        if leaks:
+            raise DeploymentError(
+                f"flow {request.flow_name!r} sets {', '.join(sorted(leaks))} in its env: on Kubernetes a "
+                "secret goes in a Secret listed in the launcher's pod.env_from_secrets, never in the pod "
+                "template. Nothing was deployed."
+            )
+
+    def _apply_service(self, manifest: dict[str, Any]) -> None:
+        name = manifest["metadata"]["name"]
+        try:
+            self.api.core.create_namespaced_service(self.settings.namespace, manifest)
+        except Exception as exc:
+            if getattr(exc, "status", None) != 409:
+                raise api_error(exc, f"create Service {name!r}") from exc
+
+    def _apply_statefulset(self, manifest: dict[str, Any]) -> int:
+        """Create or replace the StatefulSet; return the generation the gate must see observed."""
+        name = manifest["metadata"]["name"]
+        namespace = self.settings.namespace
+        try:
+            current = self.api.apps.read_namespaced_stateful_set(name, namespace)
+        except Exception as exc:
+            if not is_not_found(exc):
+                raise api_error(exc, f"read StatefulSet {name!r}") from exc
+            current = None
+        try:
+            if current is None:
+                created = self.api.apps.create_namespaced_stateful_set(namespace, manifest)
+            else:
+                manifest["metadata"]["resourceVersion"] = current.metadata.resource_version
+                created = self.api.apps.replace_namespaced_stateful_set(name, namespace, manifest)
+        except Exception as exc:
+            raise api_error(exc, f"apply StatefulSet {name!r}") from exc
+        return int(created.metadata.generation or 0)
+
+    def stop(self, job: LaunchedJob, timeout_s: float) -> float:
+        """Scale to zero (the pods get SIGTERM and drain), wait for every pod to go; past *timeout_s*
+        (plus the pods' own grace), delete what is left without grace."""
+        started = time.monotonic()
+        name = _workload(job)
+        try:
+            self.api.apps.patch_namespaced_stateful_set_scale(
+                name, self.settings.namespace, {"spec": {"replicas": 0}}
+            )
+        except Exception as exc:
+            if not is_not_found(exc):
+                raise api_error(exc, f"scale StatefulSet {name!r} to zero") from exc
+        deadline = started + timeout_s + 15
+        while time.monotonic() < deadline:
+            if not self._pods(job.flow_name):
+                return time.monotonic() - started
+            time.sleep(0.2)
+        for pod in self._pods(job.flow_name):
+            try:
+                self.api.core.delete_namespaced_pod(
+                    pod.metadata.name, self.settings.namespace, grace_period_seconds=0
+                )
+            except Exception as exc:
+                if not is_not_found(exc):
+                    raise api_error(exc, f"delete pod {pod.metadata.name!r}") from exc
+        while self._pods(job.flow_name):
+            if time.monotonic() > deadline + 30:
+                raise DeploymentError(f"pods of flow {job.flow_name!r} survived a delete without grace")
+            time.sleep(0.2)
+        return time.monotonic() - started
+
+    def preflight(self, request: LaunchRequest, timeout_s: float) -> None:
+        """Nothing to check before launch here: the image runs the new version only in its pods, and a
+        pod that fails its start is caught by the health gate, which restores the previous template."""
+
+    # -- observation --------------------------------------------------------------------------------
+
+    def _pods(self, flow_name: str) -> list[Any]:
+        selector = ",".join(f"{k}={v}" for k, v in selector_labels(self.settings, flow_name).items())
+        try:
+            return list(
+                self.api.core.list_namespaced_pod(self.settings.namespace, label_selector=selector).items
+            )
+        except Exception as exc:
+            raise api_error(exc, f"list the pods of flow {flow_name!r}") from exc
+
+    def report(self, job: LaunchedJob) -> JobReport:
+        """The job's state from its StatefulSet and pods (see the module docstring)."""
+        name = _workload(job)
+        try:
+            workload = self.api.apps.read_namespaced_stateful_set(name, self.settings.namespace)
+        except Exception as exc:
+            if is_not_found(exc):
+                return JobReport(
+                    JobState.DEAD,
+                    f"StatefulSet {self.settings.namespace}/{name} is gone (deleted out of band)",
+                    0,
+                )
+            raise api_error(exc, f"read StatefulSet {name!r}") from exc
+        wanted = int(workload.spec.replicas or 0)
+        pods = self._pods(job.flow_name)
+        running = sum(1 for pod in pods if pod.status.phase == "Running")
+        if wanted == 0:
+            return JobReport(JobState.DEAD, f"StatefulSet {name} is scaled to zero", running)
+        revision = workload.status.update_revision
+        observed = (workload.status.observed_generation or 0) >= int(job.extra.get("generation") or 0)
+        problems, statuses, ready = [], [], 0
+        for pod in sorted(pods, key=lambda p: p.metadata.name):
+            pod_ready, problem, status = _pod_health(pod)
+            current = pod.metadata.labels.get("controller-revision-hash") == revision
+            ready += pod_ready and current
+            if problem:
+                problems.append(problem)
+            if status:
+                statuses.append(status)
+        if problems and any(s.get("broken") for s in statuses):
+            return JobReport(JobState.DEAD, "; ".join(problems), running, tuple(statuses), self_healing=True)
+        if observed and ready == wanted:
+            return JobReport(JobState.HEALTHY, f"{ready}/{wanted} pod(s) ready", running, tuple(statuses))
+        if problems:
+            return JobReport(JobState.HUNG, "; ".join(problems), running, tuple(statuses), self_healing=True)
+        return JobReport(
+            JobState.STARTING, f"{ready}/{wanted} pod(s) ready, {len(pods)} created", running, tuple(statuses)
+        )
+
+    def uptime(self, job: LaunchedJob) -> float | None:
+        """Seconds since the youngest running container of the job started."""
+        starts = []
+        for pod in self._pods(job.flow_name):
+            for container in pod.status.container_statuses or ():
+                running = container.state.running if container.state else None
+                if running is not None and running.started_at is not None:
+                    starts.append(running.started_at.timestamp())
+        return time.time() - max(starts) if starts else None
+
+    def logs(self, job: LaunchedJob, lines: int = 40) -> str:
+        """The last *lines* of each pod's log (and of its previous container after a crash), redacted."""
+        parts = []
+        for pod in sorted(self._pods(job.flow_name), key=lambda p: p.metadata.name):
+            restarted = any((c.restart_count or 0) > 0 for c in pod.status.container_statuses or ())
+            for previous in (True, False) if restarted else (False,):
+                text = self._pod_log(pod.metadata.name, lines, previous)
+                if text:
+                    label = f"{pod.metadata.name}{' (previous container)' if previous else ''}"
+                    parts.append(f"--- {label}\n{text}")
+        return "\n".join(parts)
+
+    def _pod_log(self, pod: str, lines: int, previous: bool = False) -> str:
+        try:
+            text = self.api.core.read_namespaced_pod_log(
+                pod, self.settings.namespace, container=CONTAINER, tail_lines=lines, previous=previous
+            )
+        except Exception:
+            return ""  # no log yet, or no kubelet serves it: the termination message still says why
+        if not text:
+            return ""
+        return "\n".join(redact_text(line) for line in str(text).splitlines()[-lines:])
+
+    def follow_logs(self, job: LaunchedJob) -> Iterator[str]:
+        """Lines pod 0 writes from now on, redacted, until interrupted."""
+        name = f"{_workload(job)}-0"
+        try:
+            response = self.api.core.read_namespaced_pod_log(
+                name,
+                self.settings.namespace,
+                container=CONTAINER,
+                follow=True,
+                since_seconds=1,
+                _preload_content=False,
+            )
+        except Exception as exc:
+            raise api_error(exc, f"follow the log of pod {name!r}") from exc
+        for raw in response.stream():
+            for line in raw.decode(errors="replace").splitlines():
+                yield redact_text(line)
+
+
+def _workload(job: LaunchedJob) -> str:
+    return str(job.extra.get("statefulset") or job.host.rpartition("/")[2])
+
+
+def _pod_health(pod: Any) -> tuple[bool, str | None, dict[str, Any] | None]:
+    """(ready, problem, status record) of one pod; the record says how its container last ended."""
+    name = pod.metadata.name
+    ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or ())
+    containers = pod.status.container_statuses or ()
+    if pod.status.phase in ("Pending", None) and not containers:
+        unscheduled = [
+            c.message for c in pod.status.conditions or () if c.type == "PodScheduled" and c.status == "False"
+        ]
+        problem = f"pod {name} is not scheduled: {unscheduled[0]}" if unscheduled else None
+        return False, problem, None
+    for container in containers:
+        waiting = container.state.waiting if container.state else None
+        terminated = container.state.terminated if container.state else None
+        last = container.last_state.terminated if container.last_state else None
+        ended = terminated or last
+        restarts = int(container.restart_count or 0)
+        status: dict[str, Any] | None = None
+        parts = []
+        if ended is not None:
+            code = int(ended.exit_code) if ended.exit_code is not None else None
+            why = ended.reason or "Error"
+            meaning = describe_exit_code(code) if code is not None else "no exit code"
+            message = redact_text((ended.message or "").strip())
+            parts.append(
+                f"last exit code {code} ({why}: {meaning})"
+                + (f": {message.splitlines()[-1]}" if message else "")
+            )
+            status = {
+                "pod": name,
+                "state": "failed",
+                "exit_code": code,
+                "error": message or f"exit code {code} ({why})",
+                "reason": why,
+                "restarts": restarts,
+            }
+        if waiting is not None and waiting.reason in BROKEN_WAITING_REASONS:
+            parts.insert(
+                0, f"{waiting.reason}" + (f" ({redact_text(waiting.message)})" if waiting.message else "")
+            )
+            status = {
+                **(status or {"pod": name, "state": "waiting"}),
+                "broken": True,
+                "waiting": waiting.reason,
+            }
+        if status is not None and status.get("exit_code") == EXIT_BAD_INPUT:
+            status["broken"] = True
+        if parts or restarts:
+            return ready, f"pod {name} restarted {restarts} time(s); " + "; ".join(parts), status
+    return ready, None, None

@@ -1,0 +1,251 @@
+"""The Kubernetes objects of one flow's job, as plain dicts (what ``kubectl apply`` would take).
+
+Per flow: a StatefulSet (one pod per Bytewax process), a headless Service when the job has more than one
+process (the pods' stable DNS names are the cluster's addresses), and a ConfigMap per config snapshot
+(the loom config files the deployment runs, mounted read-only). No client here: the same functions
+serve the launcher and ``loom-dagster manifests``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from loom_dagster.launchers.base import LaunchRequest
+from loom_dagster.launchers.kubernetes.settings import (
+    DEFAULT_CONFIG_ROOT,
+    DEFAULT_STATUS_DIR,
+    KubernetesSettings,
+)
+
+MANAGED_BY = "loom-dagster"
+FLOW_LABEL = "loom-dagster.io/flow"
+FLOW_ANNOTATION = "loom-dagster.io/flow-name"
+PLAN_HASH_ANNOTATION = "loom-dagster.io/plan-hash"
+CONFIG_HASH_ANNOTATION = "loom-dagster.io/config-hash"
+RUN_ID_ANNOTATION = "loom-dagster.io/run-id"
+CONTAINER = "job"
+_MAX_NAME = 40  # StatefulSet names longer than 52 break the controller-revision-hash label
+
+
+def dns_name(text: str, limit: int = _MAX_NAME) -> str:
+    """*text* as a DNS-1123 label: lowercase, ``-`` for anything else, a short hash when changed.
+
+    Example:
+        >>> dns_name("orders-enrich")
+        'orders-enrich'
+        >>> dns_name("Orders_Enrich")
+        'orders-enrich-36c8b1d9'
+    """
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-") or "flow"
+    if cleaned == text and len(cleaned) <= limit:
+        return cleaned
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{cleaned[: limit - 9].rstrip('-')}-{digest}"
+
+
+def workload_name(settings: KubernetesSettings, flow_name: str) -> str:
+    """The StatefulSet (and Service) name of a flow."""
+    return dns_name(settings.name_prefix + flow_name)
+
+
+def selector_labels(settings: KubernetesSettings, flow_name: str) -> dict[str, str]:
+    """The labels that select a flow's pods (stable across deployments)."""
+    return {
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/name": "loom-flow",
+        "app.kubernetes.io/instance": workload_name(settings, flow_name),
+    }
+
+
+def flow_labels(settings: KubernetesSettings, flow_name: str) -> dict[str, str]:
+    """Every object's labels: the selector labels plus the flow's name as a label value."""
+    return {**selector_labels(settings, flow_name), FLOW_LABEL: dns_name(flow_name, 63)}
+
+
+def config_map_name(settings: KubernetesSettings, flow_name: str, label: str) -> str:
+    """The ConfigMap holding one config snapshot (*label*: the config hash prefix)."""
+    return f"{workload_name(settings, flow_name)}-config-{dns_name(label, 16)}"
+
+
+def config_mount(config_map: str) -> str:
+    """Where a config snapshot's ConfigMap is mounted in the pod."""
+    return f"{DEFAULT_CONFIG_ROOT}/{config_map}"
+
+
+def config_map_of(config_files: Sequence[str]) -> str | None:
+    """The ConfigMap a request's config files live in (their mount directory's name), if any."""
+    parents = {path.rsplit("/", 2)[-2] for path in config_files if path.startswith(DEFAULT_CONFIG_ROOT + "/")}
+    return parents.pop() if len(parents) == 1 else None
+
+
+def config_map_manifest(
+    settings: KubernetesSettings, flow_name: str, name: str, files: dict[str, str], config_hash: str
+) -> dict[str, Any]:
+    """A config snapshot: file name -> text (checked free of secrets by the caller). Immutable."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": flow_labels(settings, flow_name),
+            "annotations": {FLOW_ANNOTATION: flow_name, CONFIG_HASH_ANNOTATION: config_hash},
+        },
+        "immutable": True,
+        "data": dict(files),
+    }
+
+
+def service_manifest(settings: KubernetesSettings, flow_name: str) -> dict[str, Any]:
+    """The headless Service that gives each pod of a multi-process job a stable DNS name."""
+    name = workload_name(settings, flow_name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": flow_labels(settings, flow_name),
+            "annotations": {FLOW_ANNOTATION: flow_name},
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # peers must find each other before they are ready
+            "selector": selector_labels(settings, flow_name),
+            "ports": [{"name": "bytewax", "port": settings.cluster_port}],
+        },
+    }
+
+
+def cluster_addresses(settings: KubernetesSettings, flow_name: str, processes: int) -> tuple[str, ...]:
+    """The Bytewax cluster's addresses: every pod's DNS name under the headless Service."""
+    if processes <= 1:
+        return ()
+    name = workload_name(settings, flow_name)
+    domain = f"{name}.{settings.namespace}.svc.{settings.cluster_domain}"
+    return tuple(f"{name}-{ordinal}.{domain}:{settings.cluster_port}" for ordinal in range(processes))
+
+
+def job_args(settings: KubernetesSettings, request: LaunchRequest) -> list[str]:
+    """The runtime's arguments: import path, mounted config files, environment; never a secret."""
+    args = ["-m", "loom_dagster.runtime", "--import-path", request.import_path]
+    for config in request.config_files:
+        args += ["--config", config]
+    args += ["--environment", request.environment, "--status-file", f"{DEFAULT_STATUS_DIR}/status.json"]
+    args += ["--flow-name", request.flow_name, "--http-port", str(settings.http_port)]
+    args += ["--drain-timeout", f"{settings.drain_timeout_s:g}"]
+    args += ["--live-timeout", f"{settings.heartbeat_timeout_s:g}"]  # /livez: heartbeats and polls
+    if request.run_id:
+        args += ["--run-id", request.run_id]
+    if request.processes > 1 or request.workers_per_process > 1:
+        args += ["--workers-per-process", str(request.workers_per_process)]
+    addresses = cluster_addresses(settings, request.flow_name, request.processes)
+    if addresses:
+        args += ["--process-id", "auto", "--addresses", ",".join(addresses)]
+    return args
+
+
+def statefulset_manifest(settings: KubernetesSettings, request: LaunchRequest) -> dict[str, Any]:
+    """The flow's StatefulSet: ``replicas`` = the job's processes, started together (``Parallel``).
+
+    Annotations carry the plan hash, config hash and run id; the pod's grace period covers the drain.
+    """
+    flow = request.flow_name
+    pod = settings.pod_for(flow)
+    name = workload_name(settings, flow)
+    config_map = config_map_of(request.config_files)
+    annotations = {
+        FLOW_ANNOTATION: flow,
+        PLAN_HASH_ANNOTATION: request.plan_hash,
+        CONFIG_HASH_ANNOTATION: request.config_hash,
+        **({RUN_ID_ANNOTATION: request.run_id} if request.run_id else {}),
+    }
+    env = {**dict(request.env), **(pod.env or {}), "PYTHONPATH": settings.python_path}
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": pod.image,
+        "command": [settings.python],
+        "args": job_args(settings, request),
+        "workingDir": settings.working_dir,
+        "env": [{"name": key, "value": value} for key, value in sorted(env.items())],
+        "ports": [{"name": "http", "containerPort": settings.http_port}]
+        + ([{"name": "bytewax", "containerPort": settings.cluster_port}] if request.processes > 1 else []),
+        "readinessProbe": _probe("/readyz", settings.http_port, period=2, failures=3),
+        "livenessProbe": _probe("/livez", settings.http_port, period=10, failures=3),
+        "volumeMounts": [{"name": "status", "mountPath": DEFAULT_STATUS_DIR}],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if pod.image_pull_policy:
+        container["imagePullPolicy"] = pod.image_pull_policy
+    if pod.env_from_secrets:
+        container["envFrom"] = [{"secretRef": {"name": secret}} for secret in pod.env_from_secrets]
+    if pod.resources:
+        container["resources"] = pod.resources
+    volumes: list[dict[str, Any]] = [{"name": "status", "emptyDir": {}}]
+    if config_map:
+        container["volumeMounts"].append(
+            {"name": "config", "mountPath": config_mount(config_map), "readOnly": True}
+        )
+        volumes.append({"name": "config", "configMap": {"name": config_map}})
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        # SIGTERM -> the runtime drains and commits within drain_timeout_s; then the kubelet kills
+        "terminationGracePeriodSeconds": int(settings.drain_timeout_s) + 10,
+        "restartPolicy": "Always",
+    }
+    if pod.service_account:
+        pod_spec["serviceAccountName"] = pod.service_account
+    if pod.node_selector:
+        pod_spec["nodeSelector"] = pod.node_selector
+    if pod.tolerations:
+        pod_spec["tolerations"] = list(pod.tolerations)
+    labels = {**(pod.labels or {}), **flow_labels(settings, flow)}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": labels,
+            "annotations": annotations,
+        },
+        "spec": {
+            "serviceName": name,
+            "replicas": request.processes,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector_labels(settings, flow)},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {**(pod.annotations or {}), **annotations}},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 2,
+    }
+
+
+def flow_manifests(
+    settings: KubernetesSettings, request: LaunchRequest, config_files: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Every object a deploy of *request* applies, in apply order (``loom-dagster manifests``)."""
+    objects: list[dict[str, Any]] = []
+    config_map = config_map_of(request.config_files)
+    if config_files is not None and config_map:
+        objects.append(
+            config_map_manifest(settings, request.flow_name, config_map, config_files, request.config_hash)
+        )
+    if request.processes > 1:
+        objects.append(service_manifest(settings, request.flow_name))
+    objects.append(statefulset_manifest(settings, request))
+    return objects

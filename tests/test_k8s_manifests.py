@@ -1,0 +1,200 @@
+"""The Kubernetes objects of a flow, as the launcher applies them and ``loom-dagster manifests`` prints
+them: pod spec as specified, and no secret in any ConfigMap, annotation or argv (no cluster needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loom_dagster.errors import DeploymentError
+from loom_dagster.launchers.base import LaunchRequest
+from loom_dagster.launchers.kubernetes.launcher import KubernetesLauncher
+from loom_dagster.launchers.kubernetes.manifests import (
+    cluster_addresses,
+    dns_name,
+    flow_manifests,
+    statefulset_manifest,
+    workload_name,
+)
+from loom_dagster.launchers.kubernetes.settings import KubernetesSettings
+from loom_dagster.launchers.kubernetes.store import checked_texts
+from loom_dagster.redact import redact_text
+from tests.conftest import ticks_config
+from tests.support.helpers import run_cli
+
+SETTINGS = KubernetesSettings.from_config(
+    dict(
+        namespace="streaming",
+        pod={
+            "image": "registry.example/flows:1.2",
+            "service_account": "loom-job",
+            "env_from_secrets": ["kafka-credentials"],
+            "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+            "node_selector": {"pool": "streaming"},
+            "tolerations": [
+                {"key": "dedicated", "operator": "Equal", "value": "streaming", "effect": "NoSchedule"}
+            ],
+            "labels": {"team": "data"},
+        },
+        flows={"orders_enrichment": {"image": "registry.example/orders:7"}},
+        drain_timeout_s=45,
+    )
+)
+
+
+def request(flow: str = "orders_enrichment", processes: int = 1) -> LaunchRequest:
+    return LaunchRequest(
+        flow_name=flow,
+        import_path="flows.orders:flow",
+        config_files=("/etc/loom/config/loom-orders-enrichment-config-abc/00-base.yaml",),
+        environment="production",
+        plan_hash="p" * 16,
+        config_hash="c" * 16,
+        processes=processes,
+        run_id="run-1",
+        env=(("LOG_LEVEL", "INFO"),),
+    )
+
+
+def test_statefulset_pod_spec_as_specified() -> None:
+    sts = statefulset_manifest(SETTINGS, request())
+    pod = sts["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert sts["metadata"]["namespace"] == "streaming"
+    assert sts["spec"]["replicas"] == 1 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert container["image"] == "registry.example/orders:7"  # the per-flow override
+    assert container["command"] == ["python"] and container["args"][:2] == ["-m", "loom_dagster.runtime"]
+    assert container["envFrom"] == [{"secretRef": {"name": "kafka-credentials"}}]
+    assert container["resources"]["limits"] == {"memory": "1Gi"}
+    assert pod["serviceAccountName"] == "loom-job"
+    assert pod["nodeSelector"] == {"pool": "streaming"}
+    assert pod["tolerations"][0]["key"] == "dedicated"
+    assert pod["terminationGracePeriodSeconds"] >= 45
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": SETTINGS.http_port}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": SETTINGS.http_port}
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/managed-by"] == "loom-dagster" and labels["team"] == "data"
+    assert labels["loom-dagster.io/flow"] == dns_name("orders_enrichment", 63)
+    annotations = sts["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["loom-dagster.io/plan-hash"] == "p" * 16
+    assert annotations["loom-dagster.io/config-hash"] == "c" * 16
+    assert annotations["loom-dagster.io/run-id"] == "run-1"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/etc/loom/config/loom-orders-enrichment-config-abc" in mounts
+    assert {"name": "config", "configMap": {"name": "loom-orders-enrichment-config-abc"}} in pod["volumes"]
+    args = container["args"]
+    assert args[args.index("--config") + 1] == request().config_files[0]
+    assert args[args.index("--drain-timeout") + 1] == "45"
+    assert "--process-id" not in args  # one process: no cluster
+
+
+def test_multi_process_job_gets_a_headless_service_and_pod_addresses() -> None:
+    objects = flow_manifests(SETTINGS, request(processes=3))
+    kinds = [o["kind"] for o in objects]
+    assert kinds == ["Service", "StatefulSet"]
+    service, sts = objects
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+    args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+    name = workload_name(SETTINGS, "orders_enrichment")
+    addresses = args[args.index("--addresses") + 1].split(",")
+    assert addresses == list(cluster_addresses(SETTINGS, "orders_enrichment", 3))
+    assert addresses[2].startswith(f"{name}-2.{name}.streaming.svc.")
+    assert args[args.index("--process-id") + 1] == "auto"
+
+
+def test_names_are_dns_labels_and_stable() -> None:
+    for flow in ("orders_enrichment", "Orders.Enrichment", "x" * 90, "a--b"):
+        name = workload_name(SETTINGS, flow)
+        assert len(name) <= 40 and name == name.lower() and not name.endswith("-")
+        assert name == workload_name(SETTINGS, flow)
+    assert workload_name(SETTINGS, "a_b") != workload_name(SETTINGS, "a-b")
+
+
+def test_config_with_a_literal_secret_is_refused_naming_the_line_not_the_value() -> None:
+    ok = checked_texts("f", [("00-base.yaml", b"url: http://default:${oc.env:CH_PASSWORD}@ch:8123\n")])
+    assert "CH_PASSWORD" in ok["00-base.yaml"]
+    with pytest.raises(DeploymentError) as refused:
+        checked_texts("f", [("00-base.yaml", b"brokers: b:9092\nsasl_password: hunter2\n")])
+    assert "line 2" in str(refused.value) and "hunter2" not in str(refused.value)
+    assert "env_from_secrets" in str(refused.value) and "${oc.env:VARIABLE}" in str(refused.value)
+
+
+def test_literal_secret_in_the_flow_env_is_refused() -> None:
+    launcher = KubernetesLauncher(namespace="streaming")
+    leaky = LaunchRequest(**{**_fields(request()), "env": (("KAFKA_SASL_PASSWORD", "hunter2"),)})
+    with pytest.raises(DeploymentError, match="KAFKA_SASL_PASSWORD") as refused:
+        launcher.launch(leaky, "/tmp")
+    assert "hunter2" not in str(refused.value)
+
+
+def test_bad_launcher_config_names_the_field() -> None:
+    with pytest.raises(DeploymentError, match="namespace"):
+        KubernetesLauncher(namespace=3)
+    with pytest.raises(DeploymentError, match="imag"):
+        KubernetesLauncher(pod={"imag": "x"})
+
+
+def test_manifests_cli_prints_the_objects_without_secrets(tmp_path: Path) -> None:
+    config = ticks_config(
+        tmp_path / "config", brokers="127.0.0.1:9", prefix="m", delta_uri=str(tmp_path / "d")
+    )
+    location = tmp_path / "location.py"
+    location.write_text(
+        "from loom_dagster import LoomDeployResource, LoomFlowSpec, build_loom_defs\n"
+        f"defs = build_loom_defs([LoomFlowSpec('tests.flows.delta_only:ticks_flow', config={str(config)!r}, "
+        "environment='test')], resource=LoomDeployResource(launcher='kubernetes', "
+        "launcher_config={'namespace': 'streaming', 'pod': {'image': 'flows:9', "
+        "'env_from_secrets': ['kafka-credentials']}}))\n"
+    )
+    done = run_cli(tmp_path / "state", "manifests", "ticks", "-f", str(location))
+    assert done.returncode == 0, done.stderr
+    objects = list(yaml.safe_load_all(done.stdout))
+    assert [o["kind"] for o in objects] == ["ConfigMap", "StatefulSet"]
+    config_map, sts = objects
+    assert config_map["immutable"] is True and config_map["data"]
+    assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == "flows:9"
+    mounted = sts["spec"]["template"]["spec"]["volumes"][1]["configMap"]["name"]
+    assert mounted == config_map["metadata"]["name"]
+    assert redact_text(done.stdout) == done.stdout  # nothing a redactor would mask
+    rbac = run_cli(tmp_path / "state", "manifests", "--rbac")
+    role = yaml.safe_load(rbac.stdout)
+    assert role["kind"] == "Role" and any("statefulsets" in r["resources"] for r in role["rules"])
+
+
+def test_manifests_cli_unknown_flow_lists_the_known_ones(tmp_path: Path) -> None:
+    config = ticks_config(
+        tmp_path / "config", brokers="127.0.0.1:9", prefix="m", delta_uri=str(tmp_path / "d")
+    )
+    location = tmp_path / "location.py"
+    location.write_text(
+        "from loom_dagster import LoomFlowSpec, build_loom_defs\n"
+        f"defs = build_loom_defs([LoomFlowSpec('tests.flows.delta_only:ticks_flow', config={str(config)!r}, "
+        "environment='test')])\n"
+    )
+    done = run_cli(
+        tmp_path / "state",
+        "manifests",
+        "nope",
+        "-f",
+        str(location),
+        "--launcher-config",
+        json.dumps({"namespace": "x"}),
+    )
+    assert done.returncode == 2 and "flow 'nope' is not in code location" in done.stderr
+    assert "ticks" in done.stderr
+
+
+def _fields(struct: object) -> dict[str, object]:
+    return {name: getattr(struct, name) for name in struct.__struct_fields__}  # type: ignore[attr-defined]
+
+
+def test_importing_the_launcher_package_does_not_import_the_client() -> None:
+    probe = "import loom_dagster.launchers, loom_dagster.resources, sys; print('kubernetes' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
