@@ -19,7 +19,7 @@ from loom_dagster.graph import FlowNode, LoomAssetGraph, build_asset_graph
 from loom_dagster.records import LoomFlow
 from loom_dagster.resources import LoomDeployResource
 from loom_dagster.spec import LoomFlowSpec
-from loom_dagster.translator import LoomMetadataSet, LoomTranslator, metadata_json
+from loom_dagster.translator import LoomDeployMetadataSet, LoomTranslator, metadata_json
 
 RESOURCE_KEY = "loom"
 
@@ -218,7 +218,7 @@ def restart_metadata(deployment: Deployment) -> dict[str, Any]:
     """Metadata of a restart: the same deployment (plan, config snapshot), a new job."""
     job = deployment.job
     return dict(
-        LoomMetadataSet(
+        LoomDeployMetadataSet(
             deployed=True,
             restarted=True,
             restarts=deployment.restarts,
@@ -238,7 +238,7 @@ def failure_metadata(exc: Exception) -> dict[str, Any]:
     """Metadata of a failed deploy: the error class, and the measured numbers where there are some."""
     report, plan = getattr(exc, "report", None), getattr(exc, "plan", None)
     return dict(
-        LoomMetadataSet(
+        LoomDeployMetadataSet(
             error=type(exc).__name__,
             report=metadata_json(report.metadata()) if report is not None else None,
             offsets=metadata_json(plan.metadata()) if plan is not None else None,
@@ -252,7 +252,7 @@ def deploy_metadata(declared: LoomFlow, result: DeployResult) -> dict[str, Any]:
     deployment, previous = result.deployment, result.previous
     job = deployment.job if deployment is not None else None
     return dict(
-        LoomMetadataSet(
+        LoomDeployMetadataSet(
             plan_hash=flow.plan_hash,
             config_hash=flow.config_hash,
             environment=flow.environment,

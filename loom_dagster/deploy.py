@@ -15,7 +15,8 @@ import importlib
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -115,6 +116,11 @@ class DeployObserver:
 
     def running(self, deployment: Deployment) -> None:
         """The job health sensor saw *deployment*'s job healthy."""
+
+    def record_extra(self, flow_name: str) -> dict[str, object]:
+        """What the deployment record of the deploy announced by ``deploying`` should keep for this
+        observer (JSON-safe; kept wherever the store keeps records, e.g. in the cluster)."""
+        return {}
 
 
 class FlowDeployer:
@@ -363,7 +369,7 @@ class FlowDeployer:
             deployed_at=time.time(),
             run_id=run_id,
             previous_plan_hash=previous.plan_hash if previous else None,
-            extra=deployment_extra(compiled, offsets),
+            extra={**deployment_extra(compiled, offsets), **self.observer.record_extra(compiled.flow.name)},
             launcher=self.launcher.ref(),
         )
 
@@ -388,7 +394,8 @@ class FlowDeployer:
             )
         )
         return (
-            message + f"\nThe previous deployment (plan {previous.plan_hash}) runs again, {job.processes_text}."
+            message
+            + f"\nThe previous deployment (plan {previous.plan_hash}) runs again, {job.processes_text}."
         )
 
     def wait_healthy(self, job: LaunchedJob, timeout_s: float | None = None) -> float:
@@ -514,18 +521,8 @@ class FlowDeployer:
     def check_restart(self, current: Deployment, log: Log = print) -> None:
         """What a restart can check before it launches: the snapshot still compiles, its tables, topics
         and fence are as a deploy requires. (Config edits are not picked up: the snapshot is what ran.)"""
-        request = current.job.request
-        for directory in request.sys_path:
-            ensure_on_path(directory)
-        with self.store.readable_config(current.flow_name, request.config_files) as config_files:
-            spec = LoomFlowSpec(
-                request.import_path,
-                config=config_files,
-                environment=request.environment,
-                processes=request.processes,
-                workers_per_process=request.workers_per_process,
-            )
-            compiled = compile_spec(spec, request.environment)
+        with recorded_spec(self.store, current) as spec:
+            compiled = compile_spec(spec, current.job.request.environment)
         self.check_tables(compiled, log=log)
         self.check_topics(compiled, log)
         from loom_dagster.fence import check_fence
@@ -563,6 +560,23 @@ class FlowDeployer:
                 "state directory between hosts."
             )
         return launcher
+
+
+@contextmanager
+def recorded_spec(store: DeploymentStore, deployment: Deployment) -> Iterator[LoomFlowSpec]:
+    """The spec of a recorded deployment over its own config snapshot (what its job runs), readable
+    here while the block runs (a cluster-backed store copies it to a scratch directory)."""
+    request = deployment.job.request
+    for directory in request.sys_path:
+        ensure_on_path(directory)
+    with store.readable_config(deployment.flow_name, request.config_files) as config_files:
+        yield LoomFlowSpec(
+            request.import_path,
+            config=config_files,
+            environment=request.environment,
+            processes=request.processes,
+            workers_per_process=request.workers_per_process,
+        )
 
 
 def launch_request(spec: LoomFlowSpec, compiled: CompiledFlow, run_id: str | None) -> LaunchRequest:
@@ -639,4 +653,3 @@ def import_root(import_path: str) -> str:
     for _ in range(depth):
         path = path.parent
     return str(path)
-

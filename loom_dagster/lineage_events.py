@@ -68,6 +68,8 @@ PROCESSING_TYPE = "STREAMING"
 DEFAULT_NAMESPACE = "loom"
 NAMESPACE_VARIABLE = "OPENLINEAGE_NAMESPACE"
 STATE_FILE = "openlineage.json"
+RUN_ID_KEY = "openlineage_run_id"
+RUN_STARTED_KEY = "openlineage_started_at"
 HEARTBEAT_FILE = "openlineage-running.json"
 MAX_ERROR_CHARS = 4000
 
@@ -569,6 +571,14 @@ class OpenLineageObserver(DeployObserver):
         self._emit(name, events)
         self._beat(run)
 
+    def record_extra(self, flow_name: str) -> dict[str, object]:
+        """The run id and start of the deploy's run, kept in its record: the run is found again from
+        any process that reads the record (the daemon's sensor, a run pod), not only from this host."""
+        pending = self._pending.get(flow_name)
+        if pending is None:
+            return {}
+        return {RUN_ID_KEY: pending.run_id, RUN_STARTED_KEY: pending.started_at}
+
     def failed(self, flow_name: str, error: BaseException) -> None:
         """``FAIL`` (with an ``errorMessage`` facet) for the run this deploy started, if it started one."""
         run = self._pending.pop(flow_name, None)
@@ -606,6 +616,16 @@ class OpenLineageObserver(DeployObserver):
         kept = self._load(deployment.flow_name)
         if kept is not None and kept.deployed_at == deployment.deployed_at:
             return kept
+        recorded = deployment.extra.get(RUN_ID_KEY)
+        if isinstance(recorded, str):
+            started = deployment.extra.get(RUN_STARTED_KEY)
+            return LineageRun(
+                run_id=recorded,
+                lineage=source_lineage(deployment),
+                plan_hash=deployment.plan_hash,
+                started_at=float(started) if isinstance(started, int | float) else deployment.deployed_at,
+                deployed_at=deployment.deployed_at,
+            )
         return LineageRun(
             run_id=new_run_id(
                 deployment.flow_name, deployment.deployed_at, deployment.run_id, deployment.plan_hash

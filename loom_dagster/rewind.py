@@ -294,22 +294,11 @@ def compile_deployment(store: DeploymentStore, deployment: Deployment) -> tuple[
     """The deployment compiled from its own config snapshot (what its job runs, credentials included),
     and its Bytewax recovery directory (``None``: no recovery), read while the snapshot is readable."""
     from loom_dagster.catalog import compile_spec
-    from loom_dagster.loading import ensure_on_path
-    from loom_dagster.spec import LoomFlowSpec
+    from loom_dagster.deploy import recorded_spec
 
-    request = deployment.job.request
-    for directory in request.sys_path:
-        ensure_on_path(directory)
     try:
-        with store.readable_config(deployment.flow_name, request.config_files) as config_files:
-            spec = LoomFlowSpec(
-                request.import_path,
-                config=config_files,
-                environment=request.environment,
-                processes=request.processes,
-                workers_per_process=request.workers_per_process,
-            )
-            compiled = compile_spec(spec, request.environment)
+        with recorded_spec(store, deployment) as spec:
+            compiled = compile_spec(spec, deployment.job.request.environment)
             return compiled, _recovery_dir(spec, compiled.flow.environment)
     except (LoomDagsterError, OSError) as exc:
         raise RewindError(

@@ -170,4 +170,4 @@ def _no_leaked_defs_state_storage() -> Iterator[None]:
         yield
 
 
-from tests.support.k8s.fixtures import kube_cluster, kubelet_standin  # noqa: E402, F401
+from tests.support.k8s.fixtures import k8s_namespace, kube_cluster, kubelet_standin  # noqa: E402, F401

@@ -414,6 +414,20 @@ def test_deploy_settings_reach_the_resource() -> None:
             assert (resource.mode, resource.drain_timeout_s, resource.preflight) == ("validate", 3.0, True)
 
 
+def test_deploy_yaml_selects_and_configures_the_kubernetes_launcher() -> None:
+    deploy = (
+        "deploy:\n  launcher: kubernetes\n  drain_timeout_s: 12\n  launcher_config:\n    namespace: streaming\n"
+        "    pod: {image: 'registry.example/flows:2', env_from_secrets: [kafka-credentials]}\n"
+    )
+    with yaml_component(EXAMPLE_FLOWS_YAML + deploy) as (_, sandbox):
+        with sandbox.build_all_defs() as defs:
+            launcher = defs.resources["loom"].build_launcher()
+    assert launcher.name == "kubernetes"
+    settings = launcher.settings  # type: ignore[attr-defined]
+    assert (settings.namespace, settings.drain_timeout_s) == ("streaming", 12.0)
+    assert settings.pod_for("orders").env_from_secrets == ("kafka-credentials",)
+
+
 @pytest.mark.skipif(
     "sensors" not in inspect.signature(build_loom_defs).parameters,
     reason="build_loom_defs does not take sensors / redeploy settings yet",

@@ -112,12 +112,18 @@ def test_cluster_serves_version_and_rbac(kube_cluster: KubeCluster, tmp_path: Pa
     wait_for(allowed, 10, "RBAC grant")
 
 
-def test_statefulset_ready_on_kwok_node(kube_cluster: KubeCluster) -> None:
+def test_statefulset_ready_on_kwok_node(kube_cluster: KubeCluster, k8s_namespace: str) -> None:
+    ns, node = k8s_namespace, unique("kwok")
+    kube_cluster.add_fake_node(node)
+    try:
+        statefulset_on_kwok_node(kube_cluster, ns, node)
+    finally:
+        kube_cluster.delete_node(node)
+
+
+def statefulset_on_kwok_node(kube_cluster: KubeCluster, ns: str, node: str) -> None:
     from kubernetes import client
 
-    ns = kube_cluster.create_namespace(unique("kwok"))
-    node = unique("kwok")
-    kube_cluster.add_fake_node(node)
     api = kube_cluster.api_client()
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     core.create_namespaced_service(ns, {"metadata": {"name": "web"}, "spec": {
@@ -160,11 +166,11 @@ POD_SCRIPT = textwrap.dedent("""
 
 
 def test_standin_runs_pod_with_mounts_probes_restart_and_sigterm(
-    kube_cluster: KubeCluster, kubelet_standin: KubeletStandIn
+    kube_cluster: KubeCluster, k8s_namespace: str, kubelet_standin: KubeletStandIn
 ) -> None:
     from kubernetes import client
 
-    ns = kube_cluster.create_namespace(unique("standin"))
+    ns = k8s_namespace
     api = kube_cluster.api_client()
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     core.create_namespaced_config_map(ns, {"metadata": {"name": "cfg"}, "data": {"greeting": "hello"}})
@@ -217,10 +223,12 @@ def test_standin_runs_pod_with_mounts_probes_restart_and_sigterm(
              30, "app-0 recreated and Ready", kubelet_standin)
 
 
-def test_standin_reports_failed_and_completed_pods(kube_cluster: KubeCluster, kubelet_standin: KubeletStandIn) -> None:
+def test_standin_reports_failed_and_completed_pods(
+    kube_cluster: KubeCluster, k8s_namespace: str, kubelet_standin: KubeletStandIn
+) -> None:
     from kubernetes import client
 
-    ns = kube_cluster.create_namespace(unique("phases"))
+    ns = k8s_namespace
     core = client.CoreV1Api(kube_cluster.api_client())
 
     def pod(name: str, code: int) -> dict[str, Any]:
@@ -261,11 +269,11 @@ LIVENESS_SCRIPT = textwrap.dedent("""
 
 
 def test_standin_liveness_restart_envfrom_token_and_logs(
-    kube_cluster: KubeCluster, kubelet_standin: KubeletStandIn
+    kube_cluster: KubeCluster, k8s_namespace: str, kubelet_standin: KubeletStandIn
 ) -> None:
     from kubernetes import client
 
-    ns = kube_cluster.create_namespace(unique("live"))
+    ns = k8s_namespace
     core = client.CoreV1Api(kube_cluster.api_client())
     core.create_namespaced_config_map(ns, {"metadata": {"name": "cfg"}, "data": {"greeting": "hi"}})
     port = free_port()

@@ -19,6 +19,7 @@ import pytest
 from loom_dagster import build_loom_asset_graph, build_loom_defs
 from loom_dagster.checks import RESTART_TAG
 from loom_dagster.dev.kafka import KafkaBroker
+from loom_dagster.errors import DeploymentError
 from loom_dagster.launchers.kubernetes.manifests import selector_labels, workload_name
 from loom_dagster.launchers.kubernetes.settings import KubernetesSettings
 from loom_dagster.redact import redact_text
@@ -286,3 +287,17 @@ def _as_kubelet(env: KubeEnv, pod: str, exit_code: int, reason: str, message: st
         }
     }
     core.patch_namespaced_pod_status(pod, env.namespace, status)
+
+
+def test_deploy_lock_is_a_lease_that_names_its_holder(kube_env: KubeEnv) -> None:
+    env_stores = [kube_env.launcher().deployment_store() for _ in range(2)]
+    first, second = env_stores
+    assert not first.lock_held("ticks")
+    with first.lock("ticks", holder="run A"):
+        assert all(store.lock_held("ticks") for store in env_stores)
+        with pytest.raises(DeploymentError, match="being deployed or stopped by run A"):
+            with second.lock("ticks", holder="run B"):
+                pass
+    assert not second.lock_held("ticks")
+    with second.lock("ticks", holder="run B"):  # released: free to take
+        pass

@@ -140,7 +140,8 @@ def test_bad_launcher_config_names_the_field() -> None:
         KubernetesLauncher(pod={"imag": "x"})
 
 
-def test_manifests_cli_prints_the_objects_without_secrets(tmp_path: Path) -> None:
+def ticks_location(tmp_path: Path, resource: str = "LoomDeployResource()") -> Path:
+    """A code location file deploying the ticks flow with *resource* (Python source)."""
     config = ticks_config(
         tmp_path / "config", brokers="127.0.0.1:9", prefix="m", delta_uri=str(tmp_path / "d")
     )
@@ -148,9 +149,16 @@ def test_manifests_cli_prints_the_objects_without_secrets(tmp_path: Path) -> Non
     location.write_text(
         "from loom_dagster import LoomDeployResource, LoomFlowSpec, build_loom_defs\n"
         f"defs = build_loom_defs([LoomFlowSpec('tests.flows.delta_only:ticks_flow', config={str(config)!r}, "
-        "environment='test')], resource=LoomDeployResource(launcher='kubernetes', "
-        "launcher_config={'namespace': 'streaming', 'pod': {'image': 'flows:9', "
-        "'env_from_secrets': ['kafka-credentials']}}))\n"
+        f"environment='test')], resource={resource})\n"
+    )
+    return location
+
+
+def test_manifests_cli_prints_the_objects_without_secrets(tmp_path: Path) -> None:
+    location = ticks_location(
+        tmp_path,
+        "LoomDeployResource(launcher='kubernetes', launcher_config={'namespace': 'streaming', "
+        "'pod': {'image': 'flows:9', 'env_from_secrets': ['kafka-credentials']}})",
     )
     done = run_cli(tmp_path / "state", "manifests", "ticks", "-f", str(location))
     assert done.returncode == 0, done.stderr
@@ -168,15 +176,7 @@ def test_manifests_cli_prints_the_objects_without_secrets(tmp_path: Path) -> Non
 
 
 def test_manifests_cli_unknown_flow_lists_the_known_ones(tmp_path: Path) -> None:
-    config = ticks_config(
-        tmp_path / "config", brokers="127.0.0.1:9", prefix="m", delta_uri=str(tmp_path / "d")
-    )
-    location = tmp_path / "location.py"
-    location.write_text(
-        "from loom_dagster import LoomFlowSpec, build_loom_defs\n"
-        f"defs = build_loom_defs([LoomFlowSpec('tests.flows.delta_only:ticks_flow', config={str(config)!r}, "
-        "environment='test')])\n"
-    )
+    location = ticks_location(tmp_path)
     done = run_cli(
         tmp_path / "state",
         "manifests",

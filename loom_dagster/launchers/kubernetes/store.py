@@ -235,10 +235,19 @@ class KubernetesDeploymentStore(DeploymentStore):
         finally:
             stop.set()
             renewer.join(timeout=5)
-            try:
-                self.api.coordination.delete_namespaced_lease(name, self.namespace)
-            except Exception:  # gone already, or unreachable: it expires on its own
-                pass
+            self._release(name, identity)
+
+    def _release(self, name: str, identity: str) -> None:
+        """Delete the Lease if this holder still holds it (one taken over after expiry is not ours)."""
+        try:
+            held = self.api.coordination.read_namespaced_lease(name, self.namespace)
+            if held.spec.holder_identity != identity:
+                return
+            self.api.coordination.delete_namespaced_lease(
+                name, self.namespace, body={"preconditions": {"resourceVersion": held.metadata.resource_version}}
+            )
+        except Exception:  # gone already, or unreachable: it expires on its own
+            pass
 
     def _acquire(self, flow_name: str, name: str, identity: str) -> dict[str, Any]:
         now = _now()

@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -196,6 +197,75 @@ def write_kubeconfig(path: Path, server: str, ca_path: Path, token: str, namespa
 
 # --- processes -------------------------------------------------------------------------------------------
 
+# The reaper: if the test process dies without cleaning up (SIGKILL, `timeout`), end the registered PIDs.
+# A PID counts only while its /proc start time still matches, so a reused PID is never signalled.
+REAPER_CODE = r"""
+import os, signal, sys, time
+
+def start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+parent, pidfile = int(sys.argv[1]), sys.argv[2]
+parent_start = start_time(parent)
+while parent_start is not None and start_time(parent) == parent_start:
+    time.sleep(0.5)
+try:
+    with open(pidfile) as f:
+        entries = [line.split() for line in f if line.strip()]
+except OSError:
+    entries = []
+alive = lambda: [int(p) for p, st in entries if start_time(int(p)) == st]
+for pid in alive():
+    os.kill(pid, signal.SIGTERM)
+deadline = time.monotonic() + 5
+while alive() and time.monotonic() < deadline:
+    time.sleep(0.1)
+for pid in alive():
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+def proc_start_time(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks), or None if the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class Reaper:
+    """A watchdog process that ends the registered PIDs when this process dies without cleaning up."""
+
+    def __init__(self, pidfile: Path) -> None:
+        self.pidfile = pidfile
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        pidfile.touch()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", REAPER_CODE, str(os.getpid()), str(pidfile)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+
+    def register(self, pid: int) -> None:
+        """Have the reaper end ``pid`` if this process dies first."""
+        started = proc_start_time(pid)
+        if started is not None:
+            with self.pidfile.open("a") as f:
+                f.write(f"{pid} {started}\n")
+
+    def close(self) -> None:
+        """Normal cleanup happened: end the reaper itself by its PID."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+
 
 class Component:
     """One local server process, in its own session, logging to a file; ended by its PID."""
@@ -265,6 +335,7 @@ class KubeCluster:
         self.pki: Pki | None = None
         self.start_seconds: float | None = None
         self.timings: dict[str, float] = {}
+        self.reaper: Reaper | None = None
 
     # -- public properties
 
@@ -326,6 +397,9 @@ class KubeCluster:
         stop_components([c for c in reversed(self.components) if c.name != "etcd"])
         stop_components([c for c in self.components if c.name == "etcd"])
         self.components = []
+        if self.reaper is not None:
+            self.reaper.close()
+            self.reaper = None
         if self._own_workdir and not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -434,7 +508,11 @@ class KubeCluster:
         ]
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        self.components.append(Component(name, argv, self.log_path(name), self.workdir))
+        if self.reaper is None:
+            self.reaper = Reaper(self.workdir / "pids")
+        component = Component(name, argv, self.log_path(name), self.workdir)
+        self.reaper.register(component.proc.pid)
+        self.components.append(component)
 
     # -- readiness
 
@@ -506,6 +584,26 @@ class KubeCluster:
                     f"ServiceAccount {name}/default")
         return name
 
+    def delete_namespace(self, name: str) -> None:
+        """Delete a namespace (and so everything in it) without waiting; missing is fine."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core().delete_namespace(name, propagation_policy="Background")
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def delete_node(self, name: str) -> None:
+        """Delete a Node; the controller-manager's pod GC then removes the pods bound to it."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core().delete_node(name)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
     def add_fake_node(
         self,
         name: str,
@@ -539,7 +637,11 @@ class KubeCluster:
             },
         }
         core.create_node(body)
-        _wait_until(lambda: node_ready(core, name), timeout, f"fake node {name} Ready")
+        try:
+            _wait_until(lambda: node_ready(core, name), timeout, f"fake node {name} Ready")
+        except TimeoutError as e:
+            kwok = next(c for c in self.components if c.name == "kwok")
+            raise kwok.failure(f"did not make node {name} Ready in {timeout:.0f} s") from e
 
     def token_for(self, namespace: str, service_account: str, expiration_seconds: int = 3600) -> str:
         """Create ServiceAccount ``namespace/service_account`` if missing; return a TokenRequest token for it."""

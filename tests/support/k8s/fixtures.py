@@ -2,7 +2,10 @@
 
 Import them into ``tests/conftest.py``::
 
-    from tests.support.k8s.fixtures import kube_cluster, kubelet_standin  # noqa: F401
+    from tests.support.k8s.fixtures import k8s_namespace, kube_cluster, kubelet_standin  # noqa: E402, F401
+
+The cluster is shared by the session: pin pods to your own node (nodeSelector ``kubernetes.io/hostname``) and
+use ``k8s_namespace`` so nothing a test leaves behind lands on a later test's node.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from tests.support.k8s.kubelet import KubeletStandIn
 def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
     """A real control plane (etcd, apiserver, controller-manager, scheduler, KWOK) for the session.
 
-    Builds the binaries first if they are not cached (``scripts/k8s-build``, ~8 min cold); a failed build fails
-    the test with the build log's tail, it never skips.
+    Builds the binaries first if they are not cached (``scripts/k8s-build``: 8 min cold on an idle 2-core
+    machine, 25 min on a busy one, which is more than pytest's 600 s timeout: run the script before pytest in
+    CI). A failed build fails the test with the build log's tail; it never skips.
     """
     try:
         bin_dir = build_binaries(tmp_path_factory.mktemp("k8s-build") / "k8s-build.log")
@@ -46,3 +50,11 @@ def kubelet_standin(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPath
     )
     with kubelet:
         yield kubelet
+
+
+@pytest.fixture()
+def k8s_namespace(kube_cluster: KubeCluster) -> Iterator[str]:
+    """A fresh namespace (``t-<hex>``), deleted (without waiting) after the test."""
+    name = kube_cluster.create_namespace(f"t-{uuid.uuid4().hex[:8]}")
+    yield name
+    kube_cluster.delete_namespace(name)

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.k8s.cluster import K8S_VERSION, free_port, write_self_signed
+from tests.support.k8s.cluster import K8S_VERSION, Reaper, free_port, write_self_signed
 
 ENV_ALLOWLIST = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL")
 PYTHON_NAMES = re.compile(r"python(3(\.\d+)?)?")
@@ -193,6 +193,7 @@ class KubeletStandIn:
         self._started_iso = now_iso()
         self.log_port = 0
         self.errors: list[str] = []
+        self._reaper: Reaper | None = None
 
     # -- lifecycle
 
@@ -205,6 +206,7 @@ class KubeletStandIn:
     def start(self) -> KubeletStandIn:
         """Serve logs, register the Node + Lease, start the watch and sync threads."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._reaper = Reaper(self.workdir / "pids")
         self._start_log_server()
         self._register_node()
         self._renew_lease()
@@ -230,6 +232,9 @@ class KubeletStandIn:
             runs = list(self._runs.values())
         procs = [c.proc for r in runs for c in r.containers.values() if c.proc is not None]
         kill_all(procs, grace=2.0)
+        if self._reaper is not None:
+            self._reaper.close()
+            self._reaper = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -560,6 +565,8 @@ class KubeletStandIn:
                 cr.waiting = ("RunContainerError", str(e))
                 cr.backoff_until = time.monotonic() + 1.0
                 return
+        if self._reaper is not None:
+            self._reaper.register(cr.proc.pid)
         if cr.attempts > 0:
             cr.restart_count += 1
         cr.attempts += 1
