@@ -16,6 +16,7 @@ import sys
 from importlib.resources import files
 from typing import Any
 
+import msgspec
 import yaml
 
 from loom_dagster.catalog import compile_spec
@@ -93,12 +94,8 @@ def render(
     texts = checked_texts(compiled.flow.name, contents)
     config_map = config_map_name(settings, compiled.flow.name, compiled.flow.config_hash[:12])
     pod_files = tuple(f"{config_mount(config_map)}/{name}" for name in texts)
-    request = type(request)(**{**_fields(request), "config_files": pod_files, "sys_path": (), "cwd": None})
+    request = msgspec.structs.replace(request, config_files=pod_files, sys_path=(), cwd=None)
     return flow_manifests(settings, request, texts)
-
-
-def _fields(struct: Any) -> dict[str, Any]:
-    return {name: getattr(struct, name) for name in struct.__struct_fields__}
 
 
 def _run_location(module: str | None, file: str | None) -> tuple[dict[str, Any], dict[str, LoomFlowSpec]]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 
@@ -127,7 +128,7 @@ def test_config_with_a_literal_secret_is_refused_naming_the_line_not_the_value()
 
 def test_literal_secret_in_the_flow_env_is_refused() -> None:
     launcher = KubernetesLauncher(namespace="streaming")
-    leaky = LaunchRequest(**{**_fields(request()), "env": (("KAFKA_SASL_PASSWORD", "hunter2"),)})
+    leaky = msgspec.structs.replace(request(), env=(("KAFKA_SASL_PASSWORD", "hunter2"),))
     with pytest.raises(DeploymentError, match="KAFKA_SASL_PASSWORD") as refused:
         launcher.launch(leaky, "/tmp")
     assert "hunter2" not in str(refused.value)
@@ -188,10 +189,6 @@ def test_manifests_cli_unknown_flow_lists_the_known_ones(tmp_path: Path) -> None
     )
     assert done.returncode == 2 and "flow 'nope' is not in code location" in done.stderr
     assert "ticks" in done.stderr
-
-
-def _fields(struct: object) -> dict[str, object]:
-    return {name: getattr(struct, name) for name in struct.__struct_fields__}  # type: ignore[attr-defined]
 
 
 def test_importing_the_launcher_package_does_not_import_the_client() -> None:
