@@ -20,6 +20,8 @@ from loom_dagster import LoomFlowSpec
 from loom_dagster.dev.kafka import KafkaBroker
 from loom_dagster.launchers import procfs
 from tests.support.deploy_env import TICKS, DeployBench, bench_fixture, runtime_pids_for
+from tests.support.helpers import materialization_metadata as _metadata
+from tests.support.helpers import step_failure_message as _failure_message
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,17 +31,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 @pytest.fixture()
 def bench(kafka: KafkaBroker, tmp_path: Path, topic_prefix: str) -> Iterator[DeployBench]:
     yield from bench_fixture(kafka, tmp_path, topic_prefix)
-
-
-def _failure_message(result: dg.ExecuteInProcessResult) -> str:
-    assert not result.success
-    event = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    return str(event.event_specific_data.error.message)  # type: ignore[union-attr]
-
-
-def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, object]:
-    (mat,) = result.asset_materializations_for_node("deploy_ticks")
-    return {k: v.value for k, v in mat.metadata.items()}
 
 
 def test_deploy_redeploy_kill_and_redeploy_lose_nothing(bench: DeployBench) -> None:

@@ -42,6 +42,7 @@ from loom_dagster.sensors.health import build_job_health_sensor
 from loom_dagster.sensors.settings import JobHealthSettings
 from tests.support.deploy_env import TICKS, DeployBench, bench_fixture, runtime_pids_for
 from tests.support.helpers import run_cli
+from tests.support.helpers import step_failure_message as failure_message
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,12 +58,6 @@ def bench(kafka: KafkaBroker, tmp_path: Path, topic_prefix: str) -> Iterator[Dep
 def cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the installed console script on *state_dir*."""
     return run_cli(state_dir, *args)
-
-
-def failure_message(result: dg.ExecuteInProcessResult) -> str:
-    assert not result.success
-    event = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    return str(event.event_specific_data.error.message)  # type: ignore[union-attr]
 
 
 def fence_members(bench: DeployBench) -> list[tuple[int | None, bool]]:

@@ -26,6 +26,7 @@ from loom_dagster.redact import redact_text
 from loom_dagster.sensors.health import build_job_health_sensor
 from loom_dagster.settings import JobHealthSettings
 from tests.support.helpers import run_cli, wait_for
+from tests.support.helpers import step_failure_message as _failure
 from tests.support.k8s.cluster import KubeCluster
 from tests.support.k8s.env import KubeEnv, kube_bench
 
@@ -234,12 +235,6 @@ def _version(apps: Any, env: KubeEnv) -> str | None:
     sts = apps.read_namespaced_stateful_set(names(env)[0], env.namespace)
     (container,) = sts.spec.template.spec.containers
     return next((e.value for e in container.env or [] if e.name == "LOOM_TEST_VERSION"), None)
-
-
-def _failure(result: dg.ExecuteInProcessResult) -> str:
-    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert failures
-    return str(failures[0].step_failure_data.error.message)
 
 
 def _tick(

@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import pytest
@@ -25,6 +24,8 @@ from loom_dagster.dev.kafka import KafkaBroker
 from loom_dagster.sensors.health import build_job_health_sensor, load_cursor
 from loom_dagster.sensors.settings import JobHealthSettings
 from tests.support.deploy_env import DeployBench, bench_fixture, runtime_pids_for
+from tests.support.helpers import materialization_metadata as _metadata
+from tests.support.helpers import step_failure_message as _failure_message
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -35,17 +36,6 @@ UNROUTED = "tests.flows.progress:unrouted_flow"
 @pytest.fixture()
 def bench(kafka: KafkaBroker, tmp_path: Path, topic_prefix: str) -> Iterator[DeployBench]:
     yield from bench_fixture(kafka, tmp_path, topic_prefix)
-
-
-def _failure_message(result: dg.ExecuteInProcessResult) -> str:
-    assert not result.success
-    event = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    return str(event.event_specific_data.error.message)  # type: ignore[union-attr]
-
-
-def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
-    (mat,) = result.asset_materializations_for_node("deploy_ticks")
-    return {k: v.value for k, v in mat.metadata.items()}
 
 
 def _spec(bench: DeployBench, import_path: str, **env: str) -> LoomFlowSpec:

@@ -27,6 +27,7 @@ from loom_dagster.launchers.base import LaunchedJob, LaunchRequest
 from loom_dagster.rewind_job import RESET_OFFSETS_JOB, RESET_OFFSETS_OP
 from tests.conftest import ticks_config, write_yaml
 from tests.support.deploy_env import DeployBench, bench_fixture
+from tests.support.helpers import step_failure_message as _failure
 
 TIMEOUT_S = 120.0
 TIMINGS: list[tuple[float, float]] = []
@@ -54,12 +55,6 @@ def _reset(bench: DeployBench, instance: dg.DagsterInstance, **config: Any) -> d
         instance=instance,
         raise_on_error=False,
     )
-
-
-def _failure(result: dg.ExecuteInProcessResult) -> str:
-    assert not result.success
-    event = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    return str(event.event_specific_data.error.message)  # type: ignore[union-attr]
 
 
 def _report(result: dg.ExecuteInProcessResult) -> dict[str, Any]:

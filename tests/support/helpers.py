@@ -65,3 +65,16 @@ def silent_listener() -> Iterator[int]:
         for conn in accepted:
             conn.close()
         server.close()
+
+
+def step_failure_message(result: Any) -> str:
+    """The error message of a failed materialization's (first) failed step."""
+    assert not result.success
+    event = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    return str(event.event_specific_data.error.message)
+
+
+def materialization_metadata(result: Any, node: str = "deploy_ticks") -> dict[str, Any]:
+    """The plain values of the one materialization *node* produced in *result*."""
+    (materialization,) = result.asset_materializations_for_node(node)
+    return {key: value.value for key, value in materialization.metadata.items()}
