@@ -258,6 +258,7 @@ else:
         backoff_max_s=non_negative,
         max_restarts=non_negative,
         backoff_reset_after_s=non_negative,
+        regression_watch_ticks=non_negative,
     )
     KafkaLagModel = _settings(
         KafkaLagSettings,
@@ -267,6 +268,8 @@ else:
         request_timeout_s=positive,
         warn_lag=non_negative,
         error_lag=non_negative,
+        delay_timeout_s=positive,
+        delay_max_partitions=positive,
     )
     SinkFreshnessModel = _settings(
         SinkFreshness, "SinkFreshnessModel", warn_after_s=positive, fail_after_s=positive

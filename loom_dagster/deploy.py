@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import importlib
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from loom_dagster.catalog import CompiledFlow, compile_spec
 from loom_dagster.deploy_checks import DeployChecksFailed, DeployChecksReport, run_flow_deploy_checks
-from loom_dagster.deployments import ConfigFile, Deployment, DeploymentStore, read_config_files
+from loom_dagster.deployments import (
+    ConfigFile,
+    Deployment,
+    DeploymentStore,
+    read_config_files,
+    scratch_copy,
+)
 from loom_dagster.errors import DeploymentError
-from loom_dagster.launchers.base import JobState, LaunchedJob, Launcher, LaunchRequest
+from loom_dagster.launchers.base import JobReport, JobState, LaunchedJob, Launcher, LaunchRequest
 from loom_dagster.lineage import check_lineage
 from loom_dagster.loading import ensure_on_path
 from loom_dagster.records import LoomFlow
@@ -287,13 +292,14 @@ class FlowDeployer:
     ) -> DeployResult:
         name = compiled.flow.name
         previous = self.store.current(name)
-        previous_running = previous is not None and self._alive(previous)
-        before = self._previous_progress(compiled, previous, previous_running, offsets)
+        report = self.live_report(previous) if previous is not None else None
+        previous_running = report is not None and report.alive_processes > 0
+        before = self._previous_progress(compiled, previous, report if previous_running else None, offsets)
         progress_gate = self._progress_gate(compiled, offsets)
         drain_seconds = None
         if previous is not None and previous_running:
             log(f"draining the running job ({previous.job.processes_text})")
-            drain_seconds = self._reachable(previous).stop(previous.job, self.options.drain_timeout_s)
+            drain_seconds = self.reachable(previous).stop(previous.job, self.options.drain_timeout_s)
             log(f"previous job stopped in {drain_seconds:.2f}s")
         if progress_gate is not None:
             progress_gate.measure_start()
@@ -339,7 +345,11 @@ class FlowDeployer:
         return verdict
 
     def _previous_progress(
-        self, compiled: CompiledFlow, previous: Deployment | None, running: bool, offsets: OffsetPlan | None
+        self,
+        compiled: CompiledFlow,
+        previous: Deployment | None,
+        report: JobReport | None,
+        offsets: OffsetPlan | None,
     ) -> dict[str, object] | None:
         """Whether the deployment being replaced moves data (``extra["previous_progress"]``, read by the
         regression watch); ``None`` without a previous deployment."""
@@ -347,7 +357,6 @@ class FlowDeployer:
             return None
         from loom_dagster.progress import dead_letter_sinks, previous_progress
 
-        report = self.launcher_for(previous).report(previous.job) if running else None
         committed = offsets.start_offsets if offsets is not None else None
         group = offsets.group_id if offsets is not None else None
         return previous_progress(previous, report, committed, group, dead_letter_sinks(compiled)).to_dict()
@@ -380,19 +389,10 @@ class FlowDeployer:
             return message + "\nNo previous deployment was running; nothing is running now."
         log("restarting the previous deployment")
         try:
-            job = self.launcher.relaunch(previous.job, str(self.store.flow_dir(name)))
-            self.wait_healthy(job)
+            job, _ = self.relaunch_healthy(previous)
         except DeploymentError as again:
             return message + f"\nRestarting the previous deployment failed too: {again}"
-        self.store.save(
-            msgspec.structs.replace(
-                previous,
-                job=job,
-                restarts=previous.restarts + 1,
-                stopped_at=None,
-                launcher=self.launcher.ref(),
-            )
-        )
+        self.store.save(self.relaunched(previous, job))
         return (
             message
             + f"\nThe previous deployment (plan {previous.plan_hash}) runs again, {job.processes_text}."
@@ -424,8 +424,7 @@ class FlowDeployer:
             current = self.store.current(flow_name)
             if current is None:
                 return None
-            if self._alive(current):
-                self._reachable(current).stop(current.job, self.options.drain_timeout_s)
+            self.drain(current)
             stopped = self.store.mark_stopped(current, by)
             if not current.stopped_on_purpose:
                 self.observer.undeployed(stopped)
@@ -444,22 +443,9 @@ class FlowDeployer:
                     "(materialize the flow to deploy it again)"
                 )
             self.check_restart(current, log)
-            if self._alive(current):
-                self._reachable(current).stop(current.job, self.options.drain_timeout_s)
-            job = self.launcher.relaunch(current.job, str(self.store.flow_dir(flow_name)))
-            try:
-                self.wait_healthy(job)
-            except DeploymentError:
-                self.launcher.stop(job, timeout_s=5.0)
-                raise
-            restarted = msgspec.structs.replace(
-                current,
-                job=job,
-                restarts=current.restarts + 1,
-                stopped_at=None,
-                stopped_by=None,
-                launcher=self.launcher.ref(),
-            )
+            self.drain(current)
+            job, _ = self.relaunch_healthy(current)
+            restarted = self.relaunched(current, job)
             self.store.save(restarted)
             log(f"restarted flow {flow_name!r}: {job.processes_text}")
             return restarted
@@ -489,28 +475,17 @@ class FlowDeployer:
             previous = previous_deployment(self.store.history(flow_name), current)
             if previous is None:
                 raise DeploymentError(f"flow {flow_name!r} has no previous deployment to roll back to")
-            if self._alive(current):
-                self._reachable(current).stop(current.job, self.options.drain_timeout_s)
-            job = self.launcher.relaunch(previous.job, str(self.store.flow_dir(flow_name)))
+            self.drain(current)
             try:
-                self.wait_healthy(job)
+                job, _ = self.relaunch_healthy(previous)
             except DeploymentError as failure:
-                self.launcher.stop(job, timeout_s=5.0)
                 again = self.launcher.relaunch(current.job, str(self.store.flow_dir(flow_name)))
-                self.store.save(msgspec.structs.replace(current, job=again, restarts=current.restarts + 1))
+                self.store.save(self.relaunched(current, again))
                 raise DeploymentError(
                     f"rolling flow {flow_name!r} back to plan {previous.plan_hash} failed ({failure}); "
                     f"plan {current.plan_hash} was started again, {again.processes_text}"
                 ) from failure
-            restored = msgspec.structs.replace(
-                previous,
-                job=job,
-                restarts=previous.restarts + 1,
-                stopped_at=None,
-                stopped_by=None,
-                extra=rolled_back_extra(previous, current, reason),
-                launcher=self.launcher.ref(),
-            )
+            restored = self.relaunched(previous, job, extra=rolled_back_extra(previous, current, reason))
             self.store.save(restored)
             log(
                 f"rolled flow {flow_name!r} back from plan {current.plan_hash} to plan {previous.plan_hash} "
@@ -544,12 +519,45 @@ class FlowDeployer:
         except DeploymentError:
             return self.launcher
 
+    def live_report(self, deployment: Deployment) -> JobReport | None:
+        """The recorded job's report from its launcher; ``None`` when that launcher cannot see it from here."""
+        launcher = self.launcher_for(deployment)
+        return launcher.report(deployment.job) if launcher.owns(deployment.job) else None
+
     def _alive(self, deployment: Deployment) -> bool:
         """Whether the recorded job runs; ``False`` when its launcher cannot see it from here."""
-        launcher = self.launcher_for(deployment)
-        return launcher.owns(deployment.job) and launcher.report(deployment.job).alive_processes > 0
+        report = self.live_report(deployment)
+        return report is not None and report.alive_processes > 0
 
-    def _reachable(self, deployment: Deployment) -> Launcher:
+    def drain(self, deployment: Deployment) -> float | None:
+        """Stop *deployment*'s job if it runs (SIGTERM -> drain); the seconds it took, ``None`` if none ran.
+        ``DeploymentError`` when it runs out of this launcher's reach."""
+        if not self._alive(deployment):
+            return None
+        return self.reachable(deployment).stop(deployment.job, self.options.drain_timeout_s)
+
+    def relaunch_healthy(self, deployment: Deployment) -> tuple[LaunchedJob, float]:
+        """Start *deployment*'s job again as recorded and wait for its health gate (the job and the gate's
+        seconds); a job that fails the gate is stopped and the ``DeploymentError`` raised."""
+        job = self.launcher.relaunch(deployment.job, str(self.store.flow_dir(deployment.flow_name)))
+        try:
+            return job, self.wait_healthy(job)
+        except DeploymentError:
+            self.launcher.stop(job, timeout_s=5.0)
+            raise
+
+    def relaunched(self, deployment: Deployment, job: LaunchedJob, **changes: Any) -> Deployment:
+        """*deployment*'s record running again as *job*: one more restart, no longer stopped, this launcher."""
+        fields: dict[str, Any] = {
+            "job": job,
+            "restarts": deployment.restarts + 1,
+            "stopped_at": None,
+            "stopped_by": None,
+            "launcher": self.launcher.ref(),
+        }
+        return msgspec.structs.replace(deployment, **{**fields, **changes})
+
+    def reachable(self, deployment: Deployment) -> Launcher:
         """The launcher that can stop *deployment*'s job from here, or ``DeploymentError`` saying where
         the job runs."""
         launcher = self.launcher_for(deployment)
@@ -607,13 +615,8 @@ def config_hash_of(files: tuple[str, ...], environment: str) -> str:
 
 def config_hash_of_contents(files: Sequence[ConfigFile], environment: str) -> str:
     """The config hash of snapshot entries, loaded from a private scratch copy."""
-    with tempfile.TemporaryDirectory(prefix="loom-snapshot-") as scratch:
-        paths = []
-        for name, data in files:
-            path = Path(scratch) / name
-            path.write_bytes(data)
-            paths.append(str(path))
-        return config_hash_of(tuple(paths), environment)
+    with scratch_copy(files) as paths:
+        return config_hash_of(paths, environment)
 
 
 def deployment_extra(compiled: CompiledFlow, offsets: OffsetPlan | None) -> dict[str, object]:

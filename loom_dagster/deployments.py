@@ -13,8 +13,9 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,21 @@ ConfigFile = tuple[str, bytes]
 
 def read_config_files(files: Sequence[str]) -> list[ConfigFile]:
     """The config *files* (in merge order) as snapshot entries, read once."""
-    return [(f"{index:02d}-{Path(source).name}", Path(source).read_bytes()) for index, source in enumerate(files)]
+    return [
+        (f"{index:02d}-{Path(source).name}", Path(source).read_bytes()) for index, source in enumerate(files)
+    ]
+
+
+@contextmanager
+def scratch_copy(files: Sequence[ConfigFile]) -> Iterator[tuple[str, ...]]:
+    """Snapshot entries written to a private scratch directory for the block; their paths, in order."""
+    with tempfile.TemporaryDirectory(prefix="loom-snapshot-") as scratch:
+        paths = []
+        for name, data in files:
+            path = Path(scratch) / name
+            path.write_bytes(data)
+            paths.append(str(path))
+        yield tuple(paths)
 
 
 def flow_dir_name(flow_name: str) -> str:
@@ -135,6 +150,11 @@ class DeploymentStore:
             return None
         except ValueError as exc:  # msgspec.DecodeError / ValidationError
             raise DeploymentError(f"deployment record {path} is unreadable: {exc}") from exc
+
+    def current_many(self, flow_names: Iterable[str]) -> dict[str, Deployment | None]:
+        """The current record of each of *flow_names* (one read each here; a store that can read them
+        all in one request, the cluster's, does)."""
+        return {name: self.current(name) for name in flow_names}
 
     def all(self) -> list[Deployment]:
         """Every flow's current deployment in this state directory."""

@@ -140,7 +140,10 @@ def find_orphans(
     launcher = launcher or load_launcher("local")
     scanned = list(launcher.runtime_processes() if processes is None else processes)
     known = _known_flows(store, flows, targets, scanned)
-    records = {name: _current(store, name) for name in known}
+    try:
+        records = store.current_many(known)
+    except DeploymentError:  # an unreadable record: read them one by one, it names no pid
+        records = {name: _current(store, name) for name in known}
     busy = {name for name in known if deploy_in_progress(store, name)}
     groups = {t.flow_name: t.consumer_group for t in targets}
     members, errors = _fence_members(targets, timeout_s)

@@ -570,11 +570,10 @@ def _apply(
     check_fence(source.compiled, current, timeout_s=timeout)
     relaunch = not current.stopped_on_purpose
     if relaunch:
-        deployer._reachable(current)  # a job this launcher cannot see could not be drained: refuse now
-    drain_seconds = None
-    if deployer._alive(current):
-        log(f"draining the running job ({current.job.processes_text})")
-        drain_seconds = deployer._reachable(current).stop(current.job, deployer.options.drain_timeout_s)
+        deployer.reachable(current)  # a job this launcher cannot see could not be drained: refuse now
+    log(f"draining the job ({current.job.processes_text}) if it runs")
+    drain_seconds = deployer.drain(current)
+    if drain_seconds is not None:
         log(f"job stopped in {drain_seconds:.2f}s")
     try:
         # no job may consume the group any more (its commits would undo the reset): its fence is free
@@ -586,15 +585,13 @@ def _apply(
     except Exception as failure:
         if not relaunch:
             raise
-        job = deployer.launcher.relaunch(current.job, str(store.flow_dir(flow)))
         try:
-            deployer.wait_healthy(job)
+            job, _ = deployer.relaunch_healthy(current)
         except DeploymentError as again:
-            deployer.launcher.stop(job, timeout_s=5.0)
             raise RewindError(
                 f"{failure}\nThe rewind did not complete; relaunching the job failed too: {again}"
             ) from failure
-        store.save(_relaunched(deployer, current, job, None))
+        store.save(deployer.relaunched(current, job))
         raise RewindError(
             f"{failure}\nThe rewind did not complete; the job runs again ({job.processes_text})."
         ) from failure
@@ -607,19 +604,17 @@ def _apply(
         return RewindResult(
             plan, planned, True, record, False, drain_seconds, None, time.monotonic() - started
         )
-    job = deployer.launcher.relaunch(current.job, str(store.flow_dir(flow)))
-    log(f"relaunched job {job.processes_text}; waiting for it to become healthy")
+    log("relaunching the job; waiting for it to become healthy")
     try:
-        gate_seconds = deployer.wait_healthy(job)
+        job, gate_seconds = deployer.relaunch_healthy(current)
     except DeploymentError as failure:
-        deployer.launcher.stop(job, timeout_s=5.0)
         store.save(msgspec.structs.replace(current, extra=_extra_with(current.extra, plan, entry)))
         raise RewindError(
             f"the offsets of flow {flow!r} were reset ({plan.reprocessed} message(s) to reprocess, "
             f"{plan.skipped} skipped) but the relaunched job failed its health gate: {failure}\nNothing "
             "runs now; the job health sensor restarts it, or materialize the flow."
         ) from failure
-    record = _relaunched(deployer, current, job, (plan, entry))
+    record = deployer.relaunched(current, job, extra=_extra_with(current.extra, plan, entry))
     store.save(record)
     log(f"flow {flow!r} runs again from the new offsets: {job.processes_text}")
     return RewindResult(
@@ -644,25 +639,6 @@ def _members_error(plan: RewindPlan, what: str) -> RewindError:
             f"{', '.join(plan.members)}. loom jobs never join their group, so another consumer uses it; the "
             f"broker refuses new offsets while it is there. Stop it first; {what}."
         )
-    )
-
-
-def _relaunched(
-    deployer: FlowDeployer,
-    current: Deployment,
-    job: Any,
-    applied: tuple[RewindPlan, dict[str, Any]] | None,
-) -> Deployment:
-    """The record of *current* relaunched as *job* (with the rewind, if applied)."""
-    extra = current.extra if applied is None else _extra_with(current.extra, *applied)
-    return msgspec.structs.replace(
-        current,
-        job=job,
-        restarts=current.restarts + 1,
-        stopped_at=None,
-        stopped_by=None,
-        extra=extra,
-        launcher=deployer.launcher.ref(),
     )
 
 

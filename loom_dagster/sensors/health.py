@@ -401,11 +401,12 @@ def build_job_health_sensor(
         requests: list[dg.RunRequest] = []
         watched: list[Watched] = []
         orphans = tick_orphans(deployer.store, list(flow_keys), fences(), context.log, deployer.launcher)
+        records = deployer.store.current_many(flow_keys)
         for flow_name, key in flow_keys.items():
             if orphans.of(flow_name):  # another job consumes the group: report it, restart nothing
                 events.append(orphan_evaluation(key, orphans.of(flow_name), deployer.store.root))
                 continue
-            deployment = deployer.store.current(flow_name)
+            deployment = records[flow_name]
             launcher = deployer.launcher_for(deployment) if deployment is not None else None
             if deployment is None or launcher is None or not launcher.owns(deployment.job):
                 continue

@@ -18,14 +18,12 @@ import datetime as dt
 import os
 import re
 import socket
-import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from loom_dagster.deployments import ConfigFile, Deployment, DeploymentStore
+from loom_dagster.deployments import ConfigFile, Deployment, DeploymentStore, scratch_copy
 from loom_dagster.errors import DeploymentError
 from loom_dagster.launchers.kubernetes.client import KubeApi, api_error, is_conflict, is_not_found
 from loom_dagster.launchers.kubernetes.manifests import (
@@ -85,7 +83,7 @@ class KubernetesDeploymentStore(DeploymentStore):
         return _decode(state, flow_name) if state is not None else None
 
     def all(self) -> list[Deployment]:
-        """Every flow's current record in the namespace."""
+        """Every flow's current record in the namespace (one list request; unreadable ones skipped)."""
         try:
             found = self.api.core.list_namespaced_config_map(
                 self.namespace, label_selector=f"{STATE_LABEL}=deployment"
@@ -101,6 +99,11 @@ class KubernetesDeploymentStore(DeploymentStore):
             if record is not None:
                 records.append(record)
         return records
+
+    def current_many(self, flow_names: Iterable[str]) -> dict[str, Deployment | None]:
+        """The current record of each flow, from one list request (a sensor tick reads every flow)."""
+        by_name = {record.flow_name: record for record in self.all()}
+        return {name: by_name.get(name) for name in flow_names}
 
     def save(self, deployment: Deployment, *, history: bool = True) -> None:
         """Write the current record (and append it to the history), retrying lost races."""
@@ -177,15 +180,12 @@ class KubernetesDeploymentStore(DeploymentStore):
             data = self.api.core.read_namespaced_config_map(name, self.namespace).data or {}
         except Exception as exc:
             raise api_error(exc, f"read the config snapshot {name!r} of flow {flow_name!r}") from exc
-        with tempfile.TemporaryDirectory(prefix="loom-snapshot-") as scratch:
-            local = []
-            for path in files:
-                file = path.rsplit("/", 1)[-1]
-                if file not in data:
-                    raise DeploymentError(f"config snapshot {name!r} of flow {flow_name!r} has no {file!r}")
-                (Path(scratch) / file).write_text(data[file])
-                local.append(str(Path(scratch) / file))
-            yield tuple(local)
+        missing = [path for path in files if path.rsplit("/", 1)[-1] not in data]
+        if missing:
+            raise DeploymentError(f"config snapshot {name!r} of flow {flow_name!r} has no {missing[0]!r}")
+        entries = [(path.rsplit("/", 1)[-1], data[path.rsplit("/", 1)[-1]].encode()) for path in files]
+        with scratch_copy(entries) as paths:
+            yield paths
 
     def _prune_config_maps(self, flow_name: str, keep_name: str) -> None:
         """Drop old snapshots beyond the last ten, never one a recorded deployment still runs."""
@@ -244,7 +244,9 @@ class KubernetesDeploymentStore(DeploymentStore):
             if held.spec.holder_identity != identity:
                 return
             self.api.coordination.delete_namespaced_lease(
-                name, self.namespace, body={"preconditions": {"resourceVersion": held.metadata.resource_version}}
+                name,
+                self.namespace,
+                body={"preconditions": {"resourceVersion": held.metadata.resource_version}},
             )
         except Exception:  # gone already, or unreachable: it expires on its own
             pass
