@@ -17,7 +17,9 @@ Variants (every one in its own subprocess, so imports are counted fairly; median
 - ``compile``: no state (``LOOM_DAGSTER_DEFS_STATE=off``): every load compiles every flow (the
   behaviour before the defs state). Not run by default (slow at 1,000 flows).
 
-The compile cache is off everywhere. Columns: ``wall`` = the whole child process, ``load`` = imports +
+The compile cache is off everywhere. ``loom_dagster`` is byte-compiled before the first child, as
+``pip install`` does for an installed package: a checkout installed editable under
+``PYTHONDONTWRITEBYTECODE`` (set on this machine) would otherwise compile its source in every child. Columns: ``wall`` = the whole child process, ``load`` = imports +
 build + validate, ``imports`` = dagster + loom_dagster, ``build`` = ``build_loom_defs``, ``validate`` =
 ``Definitions.validate_loadable``, ``compile`` / ``config`` = time in loom-dagster's ``compile_plan``
 (loom's ``compile_flow``) / loom's config loads inside build, with their call counts, ``flows imp.`` =
@@ -216,6 +218,13 @@ def spawn(
     return result
 
 
+def compile_package(code_root: Path) -> None:
+    """Byte-compile ``loom_dagster`` under *code_root* (what an install does), so no child pays for it."""
+    import compileall
+
+    compileall.compile_dir(str(code_root / "loom_dagster"), quiet=1)
+
+
 def child_env(variant: str, state_dir: str) -> dict[str, str]:
     """Environment of a child: its defs state directory (``off`` for ``compile``), no compile cache,
     no LOOM_ENV, no telemetry."""
@@ -373,6 +382,7 @@ def main() -> None:
         profile(args.profile, work, args.profile_state or _temp_dir("loom-defs-state-profile-"))
         return
 
+    compile_package(Path(args.code_root) if args.code_root else ROOT)
     print(
         f"generated flows ({args.layout} config) in {work}; python {sys.version.split()[0]}; "
         f"{os.cpu_count()} cpus; repeat {args.repeat}"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import contextlib
+import gc
+from collections.abc import Iterator, Sequence
 
 import dagster as dg
 
@@ -44,16 +45,17 @@ def build_loom_defs(
         ...     "definitions.flows.orders:orders_flow", config="definitions/config/orders",
         ...     environment="development")], redeploy_cron="0 3 * * *")
     """
-    graph = build_loom_asset_graph(flows, translator, state=state)
-    settings = sensors or LoomSensorSettings()
-    sensor_defs, check_defs = build_loom_sensors(graph, settings)
-    schedules = []
-    if redeploy_cron:
-        schedules.append(
-            build_redeploy_schedule(
-                graph, redeploy_cron, flows=redeploy_flows, skip_unchanged=redeploy_skip_unchanged
+    with gc_paused():
+        graph = build_loom_asset_graph(flows, translator, state=state)
+        settings = sensors or LoomSensorSettings()
+        sensor_defs, check_defs = build_loom_sensors(graph, settings)
+        schedules = []
+        if redeploy_cron:
+            schedules.append(
+                build_redeploy_schedule(
+                    graph, redeploy_cron, flows=redeploy_flows, skip_unchanged=redeploy_skip_unchanged
+                )
             )
-        )
     return dg.Definitions(
         assets=assets_from_graph(graph),
         asset_checks=check_defs,
@@ -69,7 +71,7 @@ def build_loom_defs(
 
 def build_loom_sensors(
     graph: LoomAssetGraph, settings: LoomSensorSettings
-) -> tuple[list[dg.SensorDefinition], list[Any]]:
+) -> tuple[list[dg.SensorDefinition], list[dg.AssetChecksDefinition]]:
     """The enabled sensors and every check they report (declared so the UI lists them)."""
     from loom_dagster.sensors.health import build_job_health_checks, build_job_health_sensor
     from loom_dagster.sensors.lag import build_kafka_lag_checks, build_kafka_lag_sensor, kafka_lag_flows
@@ -79,16 +81,33 @@ def build_loom_sensors(
         dg.DefaultSensorStatus.RUNNING if settings.default_status_running else dg.DefaultSensorStatus.STOPPED
     )
     sensors: list[dg.SensorDefinition] = []
-    checks: list[Any] = []
+    checks: list[dg.AssetChecksDefinition] = []
     if not graph.flows:
         return sensors, checks
     if settings.job_health.enabled:
         sensors.append(build_job_health_sensor(graph, settings.job_health, default_status=status))
-        checks.append(build_job_health_checks(graph))
+        checks += build_job_health_checks(graph)
     if settings.kafka_lag.enabled and kafka_lag_flows(graph):
         sensors.append(build_kafka_lag_sensor(graph, settings.kafka_lag, default_status=status))
-        checks.append(build_kafka_lag_checks(graph, settings.kafka_lag))
+        checks += build_kafka_lag_checks(graph, settings.kafka_lag)
     if settings.sink_health.enabled and any(node.compiled.flow.storage_sinks for node in graph.flows):
         sensors.append(build_sink_health_sensor(graph, settings.sink_health, default_status=status))
-        checks.append(build_sink_freshness_checks(graph, settings.sink_health))
-    return sensors, [c for c in checks if c is not None]
+        checks += build_sink_freshness_checks(graph, settings.sink_health)
+    return sensors, checks
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while definitions are built, then restore it.
+
+    A build allocates tens of thousands of long-lived objects (specs, ops, checks), which trips full
+    collections; each one walks every object Dagster's import made (~50 ms at 200 flows, a tenth of
+    the build). Nothing built here is garbage, so deferring the collector loses nothing.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

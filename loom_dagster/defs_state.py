@@ -337,11 +337,16 @@ def state_key(spec: LoomFlowSpec) -> str:
     return digest.hexdigest()[:32]
 
 
-def _env_digest(salt: str, names: Sequence[str]) -> str:
-    """Salted digest of the ``LOOM_*`` variables (not ``LOOM_DAGSTER_*``) and of *names*."""
-    values = {
+def _loom_variables() -> dict[str, str]:
+    """The ``LOOM_*`` environment variables (not ``LOOM_DAGSTER_*``)."""
+    return {
         k: v for k, v in os.environ.items() if k.startswith("LOOM_") and not k.startswith("LOOM_DAGSTER_")
     }
+
+
+def _env_digest(salt: str, names: Sequence[str], loom_variables: Mapping[str, str] | None = None) -> str:
+    """Salted digest of the ``LOOM_*`` variables (not ``LOOM_DAGSTER_*``) and of *names*."""
+    values = dict(_loom_variables() if loom_variables is None else loom_variables)
     values.update({n: os.environ.get(n, "\0<unset>") for n in names})
     digest = hashlib.sha256(salt.encode())
     for name, value in sorted(values.items()):
@@ -364,6 +369,7 @@ class _FileChecker:
     def __init__(self) -> None:
         self._known: dict[tuple[str, int, int, str], bool] = {}
         self._listings: dict[str, str] = {}
+        self.loom_variables = _loom_variables()  # read once per load, not once per flow
 
     def unchanged(self, recorded: SourceFile) -> bool:
         key = (recorded.path, recorded.size, recorded.mtime_ns, recorded.sha256)
@@ -410,7 +416,7 @@ def staleness(entry: FlowState, spec: LoomFlowSpec, checker: _FileChecker | None
     for recorded in entry.files:
         if not check.unchanged(recorded):
             return f"{recorded.path} changed after the refresh ({refreshed})"
-    if _env_digest(entry.env_salt, entry.env_names) != entry.env_digest:
+    if _env_digest(entry.env_salt, entry.env_names, check.loom_variables) != entry.env_digest:
         return f"LOOM_* variables or variables its config reads changed after the refresh ({refreshed})"
     return None
 

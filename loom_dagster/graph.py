@@ -49,7 +49,7 @@ def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslat
     topics = merge_topics([c.flow for c in compiled])
     topic_specs: dict[str, dg.AssetSpec] = {}
     for topic in topics:
-        spec = translator.get_asset_spec(topic).merge_attributes(deps=[flow_key[f] for f in topic.written_by])
+        spec = _with_deps(translator.get_asset_spec(topic), [flow_key[f] for f in topic.written_by])
         owners.claim(spec.key, f"kafka:{topic.topic}", f"Kafka topic {topic.topic!r}")
         topic_specs[topic.topic] = spec
 
@@ -77,13 +77,16 @@ def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslat
             node.sink_keys[out.slot] = topic_specs[out.topic].key.to_user_string()
         upstream = [topic_specs[t.topic].key for t in flow.source_topics]
         upstream += [collection_specs[(c.database, c.collection)].key for c in flow.source_collections]
-        node.spec = node.spec.merge_attributes(deps=upstream)
+        node.spec = _with_deps(node.spec, upstream)
 
-    sinks = [
-        spec.merge_attributes(deps=list(dict.fromkeys(sink_writers[key]))) for key, spec in sink_specs.items()
-    ]
+    sinks = [_with_deps(spec, list(dict.fromkeys(sink_writers[key]))) for key, spec in sink_specs.items()]
     externals = [*topic_specs.values(), *collection_specs.values(), *sinks]
     return LoomAssetGraph(flows=flow_nodes, external_specs=_dedupe_deps(externals))
+
+
+def _with_deps(spec: dg.AssetSpec, deps: list[dg.AssetKey]) -> dg.AssetSpec:
+    """*spec* with *deps* added; the spec itself when there are none (a merge re-validates it)."""
+    return spec.merge_attributes(deps=deps) if deps else spec
 
 
 def merge_topics(flows: Sequence[LoomFlow]) -> list[LoomTopic]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
@@ -91,18 +92,23 @@ def column_type(t: msgspec.inspect.Type) -> tuple[str, bool]:
     return type(t).__name__.removesuffix("Type").lower() or "unknown", False
 
 
+@functools.lru_cache(maxsize=4096)
 def to_table_schema(columns: tuple[LoomColumn, ...]) -> Any:
-    """Dagster ``TableSchema`` for records' columns."""
-    from dagster import TableColumn, TableColumnConstraints, TableSchema
+    """Dagster ``TableSchema`` for records' columns, one shared (immutable) instance per distinct
+    column tuple: a flow's broadcast writes one payload to several tables, and a validated
+    ``TableColumn`` costs ~30 µs, a fifth of a 200-flow load when built for every sink."""
+    from dagster import TableSchema
 
-    return TableSchema(
-        columns=[
-            TableColumn(
-                name=c.name,
-                type=c.type,
-                description=c.description,
-                constraints=TableColumnConstraints(nullable=c.nullable),
-            )
-            for c in columns
-        ]
+    return TableSchema(columns=[_table_column(c) for c in columns])
+
+
+@functools.lru_cache(maxsize=4096)
+def _table_column(column: LoomColumn) -> Any:
+    from dagster import TableColumn, TableColumnConstraints
+
+    return TableColumn(
+        name=column.name,
+        type=column.type,
+        description=column.description,
+        constraints=TableColumnConstraints(nullable=column.nullable),
     )

@@ -529,7 +529,7 @@ def _defs(graph: LoomAssetGraph, settings: KafkaLagSettings, state_dir: Path) ->
     """The lag sensor and check, reading deployments from *state_dir* through the ``loom`` resource."""
     return dg.Definitions(
         assets=_specs(graph),
-        asset_checks=[build_kafka_lag_checks(graph, settings)],
+        asset_checks=build_kafka_lag_checks(graph, settings),
         sensors=[build_kafka_lag_sensor(graph, settings)],
         resources={"loom": LoomDeployResource(state_dir=str(state_dir))},
     )
@@ -605,7 +605,7 @@ def test_sensor_and_ui_check_on_a_real_instance(bootstrap: str, topic_prefix: st
 
         # the same declared check, run from the UI (one-shot: no window, so no STALL verdict)
         result = dg.materialize(
-            [*_specs(graph), build_kafka_lag_checks(graph, QUIET)],
+            [*_specs(graph), *build_kafka_lag_checks(graph, QUIET)],
             instance=instance,
             selection=dg.AssetSelection.checks(check_key),
             resources={"loom": LoomDeployResource(state_dir=str(tmp_path / "state"))},
@@ -628,7 +628,7 @@ def test_mongo_flows_get_no_lag_check() -> None:
     )
     graph = LoomAssetGraph(flows=[node], external_specs=[])
     assert kafka_lag_targets(graph) == []
-    assert list(build_kafka_lag_checks(graph, QUIET).check_keys) == []
+    assert build_kafka_lag_checks(graph, QUIET) == []
     sensor = build_kafka_lag_sensor(
         graph, QUIET, default_status=dg.DefaultSensorStatus.STOPPED, read_deployments=False
     )
@@ -806,7 +806,7 @@ def test_sensor_reports_starting_after_a_deploy_then_no_commits(
 
         # the UI's one-shot check reads the same deployment
         result = dg.materialize(
-            [*_specs(graph), build_kafka_lag_checks(graph, QUIET)],
+            [*_specs(graph), *build_kafka_lag_checks(graph, QUIET)],
             instance=instance,
             selection=dg.AssetSelection.checks(dg.AssetCheckKey(dg.AssetKey(["loom", "ticks"]), KAFKA_LAG)),
             resources={"loom": LoomDeployResource(state_dir=str(state))},

@@ -65,7 +65,7 @@ class Harness:
     defs: dg.Definitions
     instance: dg.DagsterInstance
     clock: Clock
-    checks: dg.AssetChecksDefinition
+    checks: list[dg.AssetChecksDefinition]
     cursor: str | None = None
     logs: list[str] = field(default_factory=list)
 
@@ -83,7 +83,7 @@ class Harness:
     def run_check(self, key: dg.AssetKey) -> dg.AssetCheckEvaluation:
         """Run one declared freshness check in a run, as the UI's "Execute" button does."""
         result = dg.materialize(
-            [self.checks, *(n.spec for n in self.graph.flows), *self.graph.external_specs],
+            [*self.checks, *(n.spec for n in self.graph.flows), *self.graph.external_specs],
             selection=dg.AssetSelection.checks(dg.AssetCheckKey(key, SINK_FRESHNESS)),
             instance=self.instance,
         )
@@ -136,7 +136,7 @@ def harness(
     checks = build_sink_freshness_checks(graph, settings, clock=clock)
     defs = dg.Definitions(
         assets=[*(n.spec for n in graph.flows), *graph.external_specs],
-        asset_checks=[checks],
+        asset_checks=checks,
         sensors=[build_sink_health_sensor(graph, settings, clock=clock)],
     )
     return Harness(graph, defs, instance, clock, checks)

@@ -28,6 +28,7 @@ from loom_dagster.kafka.lag_status import LagSeverity
 from loom_dagster.kafka.lag_window import LagWindows
 from loom_dagster.kafka.offsets import LagFetch
 from loom_dagster.resources import LoomDeployResource
+from loom_dagster.sensors.check_ops import declared_check_ops
 from loom_dagster.sensors.settings import KafkaLagSettings
 
 CHECKS_NAME = "loom_kafka_lag_checks"
@@ -150,7 +151,7 @@ def deployment_starts(
 
 def build_kafka_lag_checks(
     graph: LoomAssetGraph, settings: KafkaLagSettings, *, read_deployments: bool = True
-) -> dg.AssetChecksDefinition:
+) -> list[dg.AssetChecksDefinition]:
     """The ``kafka_lag`` check on every Kafka-sourced flow; running it does a one-shot evaluation.
 
     With *read_deployments* (default) it needs the ``loom`` resource, to tell ``STARTING`` from
@@ -182,31 +183,20 @@ def build_kafka_lag_checks(
                 description=flow.reason,
             )
 
-    if not read_deployments:
+    def _kafka_lag_checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
+        yield from run(context, None)
 
-        @dg.multi_asset_check(
-            specs=specs,
-            can_subset=True,
-            name=CHECKS_NAME,
-            description="One-shot Kafka lag of loom flows (no window: thresholds and clear statuses only).",
-        )
-        def _kafka_lag_checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
-            yield from run(context, None)
-
-        return _kafka_lag_checks
-
-    @dg.multi_asset_check(
-        specs=specs,
-        can_subset=True,
-        name=CHECKS_NAME,
-        description="One-shot Kafka lag of loom flows (no window: thresholds and clear statuses only).",
-    )
     def _kafka_lag_checks_deployed(
         context: dg.AssetCheckExecutionContext, loom: LoomDeployResource
     ) -> Iterator[dg.AssetCheckResult]:
         yield from run(context, loom.deployer().store)
 
-    return _kafka_lag_checks_deployed
+    return declared_check_ops(
+        CHECKS_NAME,
+        specs,
+        _kafka_lag_checks_deployed if read_deployments else _kafka_lag_checks,
+        description="One-shot Kafka lag of loom flows (no window: thresholds and clear statuses only).",
+    )
 
 
 def build_kafka_lag_sensor(

@@ -21,6 +21,7 @@ from loom_dagster.checks import KAFKA_LAG, SINK_FRESHNESS
 from loom_dagster.defs_state import Lazy
 from loom_dagster.graph import LoomAssetGraph, graph_sinks
 from loom_dagster.records import SinkBackend
+from loom_dagster.sensors.check_ops import declared_check_ops
 from loom_dagster.sensors.settings import SinkHealthSettings
 from loom_dagster.sinks.connections import DEFAULT_TIMEOUT_S
 from loom_dagster.sinks.freshness import FreshnessVerdict, Severity, SourceLag, evaluate_freshness
@@ -439,7 +440,7 @@ def build_sink_freshness_checks(
     name: str = "loom_sink_freshness",
     clock: Clock = time.time,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-) -> dg.AssetChecksDefinition:
+) -> list[dg.AssetChecksDefinition]:
     """``freshness`` checks on every sink of *graph* (listed in the UI, runnable one by one).
 
     The body reads each selected sink once: the time of its last data comes from the table (Delta
@@ -451,12 +452,6 @@ def build_sink_freshness_checks(
     specs = [freshness_check_spec(t, settings) for t in declared]
     resolved = lazy_sink_targets(graph, settings, declared)
 
-    @dg.multi_asset_check(
-        specs=specs,
-        can_subset=True,
-        name=name,
-        description="Freshness of loom sink tables, from their metadata and the source Kafka lag.",
-    )
     def _freshness(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
         targets = {t.asset_key: t for t in resolved()}
         chosen = [
@@ -480,7 +475,13 @@ def build_sink_freshness_checks(
                 description=verdict.message,
             )
 
-    return _freshness
+    return declared_check_ops(
+        name,
+        specs,
+        _freshness,
+        description="Freshness of loom sink tables, from their metadata and the source Kafka lag.",
+        after_targets=False,  # sink tables are external: no run materializes them
+    )
 
 
 def freshness_check_spec(target: SinkTarget, settings: SinkHealthSettings) -> dg.AssetCheckSpec:
