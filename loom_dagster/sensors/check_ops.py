@@ -6,10 +6,11 @@ runnable one by one (each op body evaluates the selected checks). Two things kee
 - **At most ``CHECKS_PER_OP`` checks an op.** Dagster wires each check op's inputs in a pass that is
   quadratic in the op's check count (every input scans the op's check keys): 3,000 sink checks in one
   op cost ~0.5 s a load, in chunks of 100 a few ms.
-- **No inputs where nothing upstream runs.** A ``multi_asset_check`` takes an input per target asset
-  so a check runs after its asset materializes in the same run. A sink table is an external asset
-  that no run materializes, so its checks are declared with ``AssetChecksDefinition.create`` and no
-  inputs, which Dagster documents as the other way to make one: half the per-check cost.
+- **No inputs where nothing upstream runs.** A check op takes a ``Nothing`` input per target asset so
+  a check runs after its asset materializes in the same run (as ``multi_asset_check`` does). A sink
+  table is an external asset that no run materializes, so its checks' op has no inputs: half the
+  per-check cost. The ops are made with ``dg.op`` and ``AssetChecksDefinition.create``, which
+  Dagster documents as the other way to make checks.
 """
 
 from __future__ import annotations
@@ -45,28 +46,32 @@ def declared_check_ops(
         ['fresh_checks', 'fresh_checks_2', 'fresh_checks_3']
     """
     chunks = [specs[i : i + CHECKS_PER_OP] for i in range(0, len(specs), CHECKS_PER_OP)]
-    make = _after_targets if after_targets else _without_inputs
     return [
-        make(name if n == 1 else f"{name}_{n}", list(chunk), body, description)
+        _check_op(name if n == 1 else f"{name}_{n}", list(chunk), body, description, after_targets)
         for n, chunk in enumerate(chunks, start=1)
     ]
 
 
-def _after_targets(
-    name: str, specs: list[dg.AssetCheckSpec], body: Callable[..., Any], description: str | None
+def _check_op(
+    name: str,
+    specs: list[dg.AssetCheckSpec],
+    body: Callable[..., Any],
+    description: str | None,
+    after_targets: bool,
 ) -> dg.AssetChecksDefinition:
-    return dg.multi_asset_check(specs=specs, name=name, description=description, can_subset=True)(body)
-
-
-def _without_inputs(
-    name: str, specs: list[dg.AssetCheckSpec], body: Callable[..., Any], description: str | None
-) -> dg.AssetChecksDefinition:
+    """One op for *specs*: an optional output per check and, *after_targets*, a ``Nothing`` input per
+    target asset (what ``multi_asset_check`` builds, without its per-check inference: ~25% less)."""
+    inputs: dict[str, dg.AssetKey] = {}
+    for key in dict.fromkeys(spec.asset_key for spec in specs) if after_targets else ():
+        input_name = key.to_python_identifier()  # "a-b" and "a_b" would share one: number the second
+        inputs[input_name if input_name not in inputs else f"{input_name}_{len(inputs)}"] = key
     by_output = {spec.get_python_identifier(): spec for spec in specs}
     op = dg.op(
         name=name,
         description=description,
+        ins={input_name: dg.In(dg.Nothing) for input_name in inputs},
         out={output: dg.Out(is_required=False) for output in by_output},
     )(body)
     return dg.AssetChecksDefinition.create(
-        keys_by_input_name={}, node_def=op, check_specs_by_output_name=by_output, can_subset=True
+        keys_by_input_name=inputs, node_def=op, check_specs_by_output_name=by_output, can_subset=True
     )
