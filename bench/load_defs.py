@@ -387,22 +387,23 @@ def main() -> None:
         f"generated flows ({args.layout} config) in {work}; python {sys.version.split()[0]}; "
         f"{os.cpu_count()} cpus; repeat {args.repeat}"
     )
-    # the cold load fills the state the fresh-state load reads: it runs first (and once unasked)
+    # Repetitions are interleaved (plain, cold, fresh, plain, cold, fresh...), so a drift of the machine
+    # (frequency, another process) lands on every variant alike. The fresh-state load reads a state
+    # filled by one unmeasured cold load; each measured cold load starts from an empty directory.
     ordered = [v for v in VARIANTS if v in variants]
     rows = []
     for count in counts:
-        state_dir = ""
-        for variant in ordered:
-            if variant == "state" and not state_dir:
-                state_dir = _temp_dir("loom-defs-state-")
-                spawn("state-cold", count, work, child_env("state-cold", state_dir), args.code_root)
-            runs = []
-            for _ in range(args.repeat):
-                if variant == "state-cold":
-                    state_dir = _temp_dir("loom-defs-state-")  # empty for every repetition
-                runs.append(spawn(variant, count, work, child_env(variant, state_dir), args.code_root))
-            rows.append(median_row(runs))
-            print(f"  done: {count} flows, {variant}", file=sys.stderr)
+        filled = ""
+        if "state" in ordered:
+            filled = _temp_dir("loom-defs-state-")
+            spawn("state-cold", count, work, child_env("state-cold", filled), args.code_root)
+        runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in ordered}
+        for _ in range(args.repeat):
+            for variant in ordered:
+                state_dir = _temp_dir("loom-defs-state-") if variant == "state-cold" else filled
+                runs[variant].append(spawn(variant, count, work, child_env(variant, state_dir), args.code_root))
+        rows += [median_row(runs[variant]) for variant in ordered]
+        print(f"  done: {count} flows", file=sys.stderr)
     print_table(rows)
     print_ratios(rows)
 

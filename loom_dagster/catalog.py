@@ -25,7 +25,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,7 +196,7 @@ def _config_hash(config: Any) -> str:
 
 def _presented(spec: LoomFlowSpec, described: LoomFlow) -> LoomFlow:
     """The records with the spec's presentation (group, description, owners, tags)."""
-    return replace(
+    return msgspec.structs.replace(
         described,
         group_name=spec.group_name,
         description=spec.description,
@@ -272,7 +271,7 @@ class CompileCache:
                 return from_records(spec, entry.flow, entry.compile_seconds, lambda: self.discard(key))
         compiled = _compile_loaded(spec, stream_flow, env)
         if key is not None:
-            described = replace(compiled.flow, group_name=None, description=None, owners=(), tags=())
+            described = msgspec.structs.replace(compiled.flow, group_name=None, description=None, owners=(), tags=())
             self.put(key, described, compiled.compile_seconds)
         return compiled
 

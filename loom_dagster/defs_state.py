@@ -41,7 +41,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -103,8 +102,7 @@ class FlowState(msgspec.Struct, frozen=True):
     refreshed_at: float
 
 
-@dataclass(frozen=True)
-class FlowLoad:
+class FlowLoad(msgspec.Struct, frozen=True):
     """How one flow's records were obtained at load: ``fresh`` (from the state), ``refreshed``
     (compiled now and written) or ``stale`` (from an outdated state, ``refresh="never"``)."""
 
@@ -115,12 +113,11 @@ class FlowLoad:
     seconds: float = 0.0
 
 
-@dataclass
-class StateLoad:
+class StateLoad(msgspec.Struct):
     """The compiled flows of a load, in spec order, and how each was obtained."""
 
     compiled: list[CompiledFlow]
-    flows: list[FlowLoad] = field(default_factory=list)
+    flows: list[FlowLoad] = msgspec.field(default_factory=list)
     seconds: float = 0.0
 
     def count(self, status: str) -> int:
@@ -442,7 +439,7 @@ def describe_state(
     paths += flow_source_files(stream_flow, spec.import_path)
     dirs = [str(Path(s).resolve()) for s in spec.config_sources if Path(s).is_dir()]
     salt = secrets.token_hex(8)
-    described = replace(compiled.flow, group_name=None, description=None, owners=(), tags=())
+    described = msgspec.structs.replace(compiled.flow, group_name=None, description=None, owners=(), tags=())
     return FlowState(
         format=_FORMAT,
         key=key or state_key(spec),

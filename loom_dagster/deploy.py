@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,8 +65,7 @@ class OffsetResetRefused(DeploymentError):
         self.plan = plan
 
 
-@dataclass(frozen=True)
-class DeployOptions:
+class DeployOptions(msgspec.Struct, frozen=True):
     """Timeouts and switches of a deploy."""
 
     launch: bool = True
@@ -83,8 +81,7 @@ class DeployOptions:
     progress_window_s: float = 60.0
 
 
-@dataclass(frozen=True)
-class DeployResult:
+class DeployResult(msgspec.Struct, frozen=True):
     """What a materialization did: the compiled flow, and the deployment if it launched one."""
 
     compiled: CompiledFlow
@@ -203,7 +200,7 @@ class FlowDeployer:
         with self.store.lock(declared.name, holder=f"run {run_id or '?'}"):
             result = self._replace_running(compiled, request, run_id, log, offsets)
             self.observer.deployed(result)
-        return replace(result, checks=checks, tables=tables, offsets=offsets)
+        return msgspec.structs.replace(result, checks=checks, tables=tables, offsets=offsets)
 
     def snapshot(self, request: LaunchRequest, compiled: CompiledFlow) -> LaunchRequest:
         """The request with its config files replaced by this deployment's own copies.

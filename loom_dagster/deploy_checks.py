@@ -18,8 +18,9 @@ No Dagster here: the asset reports the result as the ``deploy_checks`` asset che
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from loom_dagster.errors import DeploymentError, FlowLoadError
 
@@ -34,8 +35,7 @@ _SKIPPED = ("loom.rest",)
 _SILENCED_KEY = "checks.silenced"
 
 
-@dataclass(frozen=True)
-class DeployFinding:
+class DeployFinding(msgspec.Struct, frozen=True):
     """One finding of a loom deploy check: its id, level, the unsafe setting and the fix."""
 
     id: str
@@ -51,8 +51,7 @@ class DeployFinding:
         )
 
 
-@dataclass(frozen=True)
-class DeployChecksReport:
+class DeployChecksReport(msgspec.Struct, frozen=True):
     """The outcome of loom's deploy checks for one flow in one environment."""
 
     environment: str

@@ -40,9 +40,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
+
+import msgspec
 
 from loom_dagster.errors import DeploymentError
 from loom_dagster.kafka.cluster import KafkaCluster, cluster_for
@@ -87,8 +88,7 @@ def fence_group(consumer_group: str) -> str:
     return f"{consumer_group}{FENCE_GROUP_SUFFIX}"
 
 
-@dataclass(frozen=True)
-class FenceIdentity:
+class FenceIdentity(msgspec.Struct, frozen=True):
     """Who a fence member is: flow, host, pid (+ start ticks, so a reused pid is not mistaken), run."""
 
     flow: str
@@ -158,8 +158,7 @@ def _q(value: str) -> str:
     return quote(value, safe="")
 
 
-@dataclass(frozen=True)
-class FenceMember:
+class FenceMember(msgspec.Struct, frozen=True):
     """One member of a fence group as the broker describes it."""
 
     client_id: str
@@ -178,8 +177,7 @@ class FenceMember:
         return f"client {self.client_id!r} from {self.address.lstrip('/')} (not a loom-dagster job)"
 
 
-@dataclass(frozen=True)
-class FenceStatus:
+class FenceStatus(msgspec.Struct, frozen=True):
     """The fence of one consumer group: its group, its members, and whether the fence applies at all."""
 
     consumer_group: str | None

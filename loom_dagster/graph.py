@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import dagster as dg
+import msgspec
 
 from loom_dagster.catalog import CompiledFlow
 from loom_dagster.errors import DuplicateAssetKeyError
@@ -14,17 +14,15 @@ from loom_dagster.records import LoomFlow, LoomSourceCollection, LoomTopic, Topi
 from loom_dagster.translator import LoomTranslator
 
 
-@dataclass
-class FlowNode:
+class FlowNode(msgspec.Struct):
     """One flow's spec in the graph, and the asset key of each sink slot (for the lineage check)."""
 
     compiled: CompiledFlow
     spec: dg.AssetSpec
-    sink_keys: dict[str, str] = field(default_factory=dict)
+    sink_keys: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-@dataclass
-class LoomAssetGraph:
+class LoomAssetGraph(msgspec.Struct):
     """Every loom asset of a code location: flow specs (materializable) and external specs."""
 
     flows: list[FlowNode]

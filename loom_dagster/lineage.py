@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
+
+import msgspec
 
 from loom_dagster.errors import LineageMismatchError
 from loom_dagster.records import LoomFlow
@@ -17,8 +18,7 @@ class DifferenceKind(StrEnum):
     CHANGED = "changed"
 
 
-@dataclass(frozen=True)
-class LineageDifference:
+class LineageDifference(msgspec.Struct, frozen=True):
     """One difference between the declared sinks and the plan's sinks."""
 
     kind: DifferenceKind

@@ -10,9 +10,10 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from loom_dagster.errors import FlowLoadError
 
@@ -165,8 +166,7 @@ _SAFE_RESOLVERS = frozenset(
 _OVERRIDE_PREFIX = "LOOM__"
 
 
-@dataclass(frozen=True)
-class ConfigSnapshot:
+class ConfigSnapshot(msgspec.Struct, frozen=True):
     """The bytes of a config's files, taken once: what a cached load or compile is keyed on.
 
     ``env_names`` are the variables the files read through ``${oc.env:NAME}``.

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
+
+import msgspec
 
 from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.errors import DeploymentError
@@ -45,8 +46,7 @@ from loom_dagster.launchers.base import (
 DEFAULT_TIMEOUT_S = 5.0
 
 
-@dataclass(frozen=True)
-class FenceTarget:
+class FenceTarget(msgspec.Struct, frozen=True):
     """A Kafka-sourced flow whose fence to look at: its name, consumer group and cluster."""
 
     flow_name: str
@@ -54,8 +54,7 @@ class FenceTarget:
     cluster: KafkaCluster
 
 
-@dataclass(frozen=True)
-class Orphan:
+class Orphan(msgspec.Struct, frozen=True):
     """A running job of a flow that this state directory does not record."""
 
     flow_name: str
@@ -101,8 +100,7 @@ def _owner(status_file: str | None, state_dir: Path | None) -> str:
     return f" (launched from state dir {root})"
 
 
-@dataclass(frozen=True)
-class OrphanReport:
+class OrphanReport(msgspec.Struct, frozen=True):
     """Orphans per flow, and the clusters whose fences could not be read (with why)."""
 
     orphans: tuple[Orphan, ...] = ()
@@ -258,7 +256,7 @@ def _merge(found: dict[tuple[str, int | None, str], Orphan], orphan: Orphan) -> 
     if seen is None:
         found[key] = orphan
         return
-    found[key] = replace(
+    found[key] = msgspec.structs.replace(
         seen,
         found_by="fence+process",
         consumer_group=seen.consumer_group or orphan.consumer_group,

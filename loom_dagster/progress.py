@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
@@ -152,8 +151,7 @@ class ProgressVerdict(msgspec.Struct, frozen=True):
         return cast("dict[str, Any]", msgspec.to_builtins(self))
 
 
-@dataclass(frozen=True)
-class KafkaInput:
+class KafkaInput(msgspec.Struct, frozen=True):
     """Where a flow reads: its cluster (with connection settings), consumer group and topics."""
 
     cluster: KafkaCluster

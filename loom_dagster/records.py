@@ -6,8 +6,9 @@ removed, so they are safe to put into asset metadata.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import StrEnum
+
+import msgspec
 
 
 class SinkBackend(StrEnum):
@@ -25,8 +26,7 @@ class TopicRole(StrEnum):
     DLQ = "dlq"
 
 
-@dataclass(frozen=True)
-class LoomColumn:
+class LoomColumn(msgspec.Struct, frozen=True):
     """One column of a table sink, derived from a field of the payload struct."""
 
     name: str
@@ -35,8 +35,7 @@ class LoomColumn:
     description: str | None = None
 
 
-@dataclass(frozen=True)
-class LoomSourceTopic:
+class LoomSourceTopic(msgspec.Struct, frozen=True):
     """A Kafka topic a flow consumes (physical name, from config)."""
 
     topic: str
@@ -45,8 +44,7 @@ class LoomSourceTopic:
     payload_types: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class LoomSourceCollection:
+class LoomSourceCollection(msgspec.Struct, frozen=True):
     """A MongoDB collection a flow watches through change streams."""
 
     database: str
@@ -54,8 +52,7 @@ class LoomSourceCollection:
     flow_name: str
 
 
-@dataclass(frozen=True)
-class LoomStorageSink:
+class LoomStorageSink(msgspec.Struct, frozen=True):
     """A table a flow writes through loom's ``IntoTable``.
 
     ``identity`` is what the lineage check compares: the Delta URI, ClickHouse ``database.table``,
@@ -87,8 +84,7 @@ class LoomStorageSink:
         return self.sink_name or ".".join(map(str, self.node_path))
 
 
-@dataclass(frozen=True)
-class LoomOutputTopic:
+class LoomOutputTopic(msgspec.Struct, frozen=True):
     """A Kafka topic a flow writes: its output, a branch output, or an error route (DLQ)."""
 
     topic: str
@@ -109,8 +105,7 @@ class LoomOutputTopic:
         return f"{self.role.value}:{self.ref}"
 
 
-@dataclass(frozen=True)
-class LoomFlow:
+class LoomFlow(msgspec.Struct, frozen=True):
     """One compiled flow, as the asset graph sees it."""
 
     name: str
@@ -130,7 +125,7 @@ class LoomFlow:
     group_name: str | None = None
     description: str | None = None
     owners: tuple[str, ...] = ()
-    tags: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    tags: tuple[tuple[str, str], ...] = msgspec.field(default_factory=tuple)
 
     @property
     def sink_identities(self) -> dict[str, str]:
@@ -140,8 +135,7 @@ class LoomFlow:
         return out
 
 
-@dataclass(frozen=True)
-class LoomTopic:
+class LoomTopic(msgspec.Struct, frozen=True):
     """A Kafka topic as one node of the asset graph, merged over every flow that reads or writes it."""
 
     topic: str

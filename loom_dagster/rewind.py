@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -244,8 +243,7 @@ class RewindResult(msgspec.Struct, frozen=True):
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
-class FlowSource:
+class FlowSource(msgspec.Struct, frozen=True):
     """A deployed flow's Kafka source as its job reads it (compiled from the deployment's config snapshot)."""
 
     deployment: Deployment

@@ -1,10 +1,10 @@
 """Scheduled redeploys: re-materialize selected flows on a cron, optionally skipping unchanged ones."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
+import msgspec
 
 from loom_dagster.catalog import compile_spec
 from loom_dagster.errors import LoomDagsterError
@@ -12,8 +12,7 @@ from loom_dagster.graph import LoomAssetGraph
 from loom_dagster.resources import LoomDeployResource
 
 
-@dataclass(frozen=True)
-class RedeployDecision:
+class RedeployDecision(msgspec.Struct, frozen=True):
     """Whether one flow is redeployed by a schedule tick, and why."""
 
     flow_name: str

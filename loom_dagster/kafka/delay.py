@@ -32,8 +32,9 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from loom_dagster.kafka.admin import StatsMeter
 from loom_dagster.kafka.cluster import KafkaCluster
@@ -49,8 +50,7 @@ Position = tuple[str, int, int]
 """``(topic, partition, offset)``: the message to read (the first one at or after that offset)."""
 
 
-@dataclass(frozen=True)
-class DelayReading:
+class DelayReading(msgspec.Struct, frozen=True):
     """The first message at or after one position: its timestamp and when it was read (epoch seconds),
     or why there is none (``error``: unknown delay). ``eof``: nothing left to consume there (delay 0)."""
 
@@ -70,8 +70,7 @@ class DelayReading:
         return max(0.0, self.read_at - self.timestamp)
 
 
-@dataclass(frozen=True)
-class ClusterDelays:
+class ClusterDelays(msgspec.Struct, frozen=True):
     """One cluster's read: the reading of every position asked for, and its cost."""
 
     bootstrap: str
@@ -84,8 +83,7 @@ class ClusterDelays:
     error: str | None = None
 
 
-@dataclass(frozen=True)
-class DelayFetch:
+class DelayFetch(msgspec.Struct, frozen=True):
     """Every cluster's read of one tick, plus the positions left out by the partition cap."""
 
     clusters: Mapping[KafkaCluster, ClusterDelays]

@@ -4,8 +4,9 @@ once, read the delay of the lagging partitions, advance the windows, evaluate ev
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from itertools import chain, zip_longest
+
+import msgspec
 
 from loom_dagster.kafka.cluster import KafkaCluster, LagTarget
 from loom_dagster.kafka.delay import DelayFetch, DelayReading, Position, fetch_delays
@@ -15,8 +16,7 @@ from loom_dagster.kafka.offsets import LagFetch, TargetOffsets, fetch_offsets
 from loom_dagster.settings import KafkaLagSettings
 
 
-@dataclass(frozen=True)
-class LagReport:
+class LagReport(msgspec.Struct, frozen=True):
     """A tick: every flow's evaluation, the advanced windows (next cursor), the fetch's cost and the
     delay read's (``None`` when ``read_delay`` is off)."""
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any
+
+import msgspec
 
 from loom_dagster.kafka.delay import DelayReading
 from loom_dagster.kafka.lag_status import LagSeverity, LagStatus, worst
@@ -46,14 +47,13 @@ def starting_window_s(buffer_max_age_s: float, interval_s: float) -> float:
     return max(0.0, buffer_max_age_s) + max(STARTING_MARGIN_S, 2.0 * interval_s)
 
 
-@dataclass(frozen=True)
-class DeploymentStart:
+class DeploymentStart(msgspec.Struct, frozen=True):
     """When a flow's current deployment started, how long it may go without commits, and the offsets
     its job started from (``(topic, partition) -> offset``, recorded by the deploy)."""
 
     started_at: float
     window_s: float
-    offsets: Mapping[tuple[str, int], int] = field(default_factory=dict)
+    offsets: Mapping[tuple[str, int], int] = msgspec.field(default_factory=dict)
 
     def within(self, now: float) -> bool:
         """Whether *now* is inside the starting window."""
@@ -81,8 +81,7 @@ class DeploymentStart:
         return cls(float(started_at), float(window_s), offsets)
 
 
-@dataclass(frozen=True)
-class PartitionLag:
+class PartitionLag(msgspec.Struct, frozen=True):
     """One partition's evaluation."""
 
     topic: str
@@ -103,8 +102,7 @@ class PartitionLag:
     """Why ``delay_s`` is unknown (not read within the deadline, over the partition cap, an error)."""
 
 
-@dataclass(frozen=True)
-class FlowLag:
+class FlowLag(msgspec.Struct, frozen=True):
     """One flow's evaluation: its status (worst partition, then the total-lag thresholds) and why."""
 
     name: str
@@ -198,13 +196,13 @@ def evaluate_window(
     stalled = now - window.since if unmoved and last.lag and window.since is not None else None
     stuck = status in (LagStatus.STALL, LagStatus.STOP)
     time_lag = 0.0 if not last.lag else (last.lag / consume if consume and not stuck else None)
-    return replace(base, status=status, reason=reason, time_lag_s=time_lag, stalled_for_s=stalled)
+    return msgspec.structs.replace(base, status=status, reason=reason, time_lag_s=time_lag, stalled_for_s=stalled)
 
 
 def _without_commits(base: PartitionLag, end: int, now: float, start: DeploymentStart | None) -> PartitionLag:
     """A partition the group never committed on: empty (OK), STARTING in the window, else NO_COMMITS."""
     if end == 0:
-        return replace(base, reason="empty partition, nothing to commit yet")
+        return msgspec.structs.replace(base, reason="empty partition, nothing to commit yet")
     offset = start.start_offset(base.topic, base.partition) if start is not None else None
     lag = None if offset is None else max(0, end - offset)
     origin = "start offset not recorded" if offset is None else f"started at offset {offset}, lag {lag}"
@@ -214,12 +212,12 @@ def _without_commits(base: PartitionLag, end: int, now: float, start: Deployment
             f"no commit yet, deployed {age:.0f} s ago ({origin}; loom commits after the first table "
             f"flush, expected within {start.window_s:.0f} s); end {end}"
         )
-        return replace(base, lag=lag, status=LagStatus.STARTING, reason=reason)
+        return msgspec.structs.replace(base, lag=lag, status=LagStatus.STARTING, reason=reason)
     since = "" if start is None else f" {max(0.0, now - start.started_at):.0f} s after the deployment;"
     reason = f"no committed offset yet (not started);{since} end {end}" + (
         f" ({origin})" if offset is not None else ""
     )
-    return replace(base, lag=lag, status=LagStatus.NO_COMMITS, reason=reason)
+    return msgspec.structs.replace(base, lag=lag, status=LagStatus.NO_COMMITS, reason=reason)
 
 
 def _ok_reason(last: LagSample) -> str:
@@ -353,11 +351,11 @@ def evaluate_flow(
 def _with_delay(part: PartitionLag, reading: DelayReading | None) -> PartitionLag:
     """*part* with its delay: 0 when nothing is left to consume, else the reading's (unknown without one)."""
     if part.lag == 0 or (part.lag is None and part.end == 0 and part.status is not LagStatus.UNAVAILABLE):
-        return replace(part, delay_s=0.0)
+        return msgspec.structs.replace(part, delay_s=0.0)
     if reading is None:
         why = "no offset to read from" if part.lag is None else "not read"
-        return replace(part, delay_note=why)
-    return replace(part, delay_s=reading.delay_s, delay_note=reading.error)
+        return msgspec.structs.replace(part, delay_note=why)
+    return msgspec.structs.replace(part, delay_s=reading.delay_s, delay_note=reading.error)
 
 
 def _forgive_idle_tail(
@@ -373,7 +371,7 @@ def _forgive_idle_tail(
         "arrives; they are committed after the next flush"
     )
     return tuple(
-        replace(p, status=LagStatus.OK, reason=reason) if p.status is LagStatus.STOP else p for p in parts
+        msgspec.structs.replace(p, status=LagStatus.OK, reason=reason) if p.status is LagStatus.STOP else p for p in parts
     )
 
 

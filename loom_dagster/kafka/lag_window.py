@@ -7,9 +7,10 @@ import base64
 import json
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
+
+import msgspec
 
 from loom_dagster.kafka.offsets import LagFetch
 
@@ -19,8 +20,7 @@ CURSOR_COMPRESS_ABOVE = 4096
 _ZLIB_PREFIX = "z1:"
 
 
-@dataclass(frozen=True)
-class LagSample:
+class LagSample(msgspec.Struct, frozen=True):
     """One observation of a partition: when, its end offset, the group's committed offset."""
 
     ts: float
@@ -33,8 +33,7 @@ class LagSample:
         return None if self.committed is None else max(0, self.end - self.committed)
 
 
-@dataclass(frozen=True)
-class PartitionWindow:
+class PartitionWindow(msgspec.Struct, frozen=True):
     """The last samples of one partition (oldest first) and since when its committed offset is unchanged."""
 
     topic: str
@@ -51,11 +50,10 @@ class PartitionWindow:
         return PartitionWindow(self.topic, self.partition, samples, sample.ts if moved else self.since)
 
 
-@dataclass(frozen=True)
-class LagWindows:
+class LagWindows(msgspec.Struct, frozen=True):
     """Windows of every watched partition, by target name: what a sensor cursor carries between ticks."""
 
-    flows: Mapping[str, Mapping[tuple[str, int], PartitionWindow]] = field(default_factory=dict)
+    flows: Mapping[str, Mapping[tuple[str, int], PartitionWindow]] = msgspec.field(default_factory=dict)
 
     def for_target(self, name: str) -> Mapping[tuple[str, int], PartitionWindow]:
         """The windows of one target (empty if unseen)."""

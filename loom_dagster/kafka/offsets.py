@@ -24,15 +24,15 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from loom_dagster.kafka.admin import Committed, StatsMeter, describe_topics, group_offsets, list_offsets
 from loom_dagster.kafka.cluster import PROBE_TIMEOUT_S, KafkaCluster, LagTarget, probe
 
 
-@dataclass(frozen=True)
-class PartitionOffsets:
+class PartitionOffsets(msgspec.Struct, frozen=True):
     """End offset and the group's committed offset of one partition (``None``: unknown / no commit)."""
 
     topic: str
@@ -42,8 +42,7 @@ class PartitionOffsets:
     error: str | None = None
 
 
-@dataclass(frozen=True)
-class TargetOffsets:
+class TargetOffsets(msgspec.Struct, frozen=True):
     """What one fetch found for one target."""
 
     target: LagTarget
@@ -53,8 +52,7 @@ class TargetOffsets:
     taken_at: float = 0.0
 
 
-@dataclass(frozen=True)
-class ClusterFetch:
+class ClusterFetch(msgspec.Struct, frozen=True):
     """Cost of one cluster's fetch: broker requests (total and by API) and seconds."""
 
     bootstrap: str
@@ -68,8 +66,7 @@ class ClusterFetch:
     """Seconds spent fetching the groups' committed offsets (part of ``seconds``)."""
 
 
-@dataclass(frozen=True)
-class LagFetch:
+class LagFetch(msgspec.Struct, frozen=True):
     """One batched fetch for many targets."""
 
     targets: Mapping[str, TargetOffsets]

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from loom_dagster.kafka.admin import describe_topics, group_offsets, list_offsets
 from loom_dagster.kafka.cluster import PROBE_TIMEOUT_S, KafkaCluster, probe
 
 
-@dataclass(frozen=True)
-class OffsetSnapshot:
+class OffsetSnapshot(msgspec.Struct, frozen=True):
     """Watermarks of some topics and the committed offsets of some groups, read once without joining any
     group (``snapshot_offsets``). Keys are ``(topic, partition)``; ``None``: the group has no commit there."""
 

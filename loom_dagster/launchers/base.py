@@ -10,7 +10,6 @@ import abc
 import importlib
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,8 +91,7 @@ class JobState(StrEnum):
     UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True)
-class JobReport:
+class JobReport(msgspec.Struct, frozen=True):
     """A launcher's view of a job: its state, why, and the job's own status record(s)."""
 
     state: JobState
@@ -105,8 +103,7 @@ class JobReport:
     a failure but relaunches nothing."""
 
 
-@dataclass(frozen=True)
-class RuntimeProcess:
+class RuntimeProcess(msgspec.Struct, frozen=True):
     """A running ``python -m loom_dagster.runtime`` process a launcher can see (orphan detection)."""
 
     pid: int

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 
-@dataclass(frozen=True)
-class ProcStat:
+
+class ProcStat(msgspec.Struct, frozen=True):
     """The fields of ``/proc/<pid>/stat`` we use."""
 
     pid: int

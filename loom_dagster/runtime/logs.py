@@ -26,9 +26,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+import msgspec
 
 from loom_dagster.redact import redact_text
 
@@ -43,8 +44,7 @@ CUT_MARK = " [... line cut]"
 _READ_CHUNK = 64 * 1024
 
 
-@dataclass(frozen=True)
-class LogSettings:
+class LogSettings(msgspec.Struct, frozen=True):
     """Where the job log is and how it rotates: at most ``max_files`` files of ``max_bytes`` each."""
 
     path: Path
@@ -250,8 +250,7 @@ def main() -> int:
 # --------------------------------------------------------------------------- the runtime's side
 
 
-@dataclass
-class StdioTakeover:
+class StdioTakeover(msgspec.Struct):
     """fd 1/2 of this process point at the drainer's pipe; :meth:`release` flushes and waits."""
 
     drainer: subprocess.Popen[bytes]

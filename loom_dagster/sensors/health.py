@@ -20,10 +20,10 @@ import json
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import dagster as dg
+import msgspec
 
 from loom_dagster.checks import JOB_RUNNING, RESTART_TAG
 from loom_dagster.defs_state import Lazy
@@ -47,8 +47,7 @@ MAX_ERROR_CHARS = 2000
 _REMEMBERED_DEATHS = 20
 
 
-@dataclass
-class RestartState:
+class RestartState(msgspec.Struct):
     """Per-flow restart bookkeeping kept in the sensor cursor.
 
     ``deaths`` are the keys of deaths already counted (``job:<pids>@<start>`` or ``run:<id>``);
@@ -56,23 +55,22 @@ class RestartState:
     ``halted`` says why restarts stopped, until the deployment differs from ``halted_deployment``.
     """
 
-    restarts: list[float] = field(default_factory=list)
+    restarts: list[float] = msgspec.field(default_factory=list)
     consecutive: int = 0
     next_restart_at: float = 0.0
     gave_up: bool = False
-    deaths: list[str] = field(default_factory=list)
+    deaths: list[str] = msgspec.field(default_factory=list)
     last_signature: str | None = None
     last_error: str | None = None
     last_death_at: float = 0.0
     same_error_deaths: int = 0
     halted: str | None = None
     halted_deployment: str | None = None
-    watch: dict[str, Any] = field(default_factory=dict)
+    watch: dict[str, Any] = msgspec.field(default_factory=dict)
     """The regression watch of the current deployment (``progress.WatchState``; empty when off)."""
 
 
-@dataclass(frozen=True)
-class Death:
+class Death(msgspec.Struct, frozen=True):
     """One failure of a flow's job: where it was seen, its error, and whether it is bad input."""
 
     key: str
@@ -81,8 +79,7 @@ class Death:
     bad_input: bool = False
 
 
-@dataclass(frozen=True)
-class FlowHealth:
+class FlowHealth(msgspec.Struct, frozen=True):
     """What one tick concluded for one flow."""
 
     flow_name: str
@@ -95,7 +92,7 @@ class FlowHealth:
     death: Death | None = None
 
 
-_STATE_FIELDS = frozenset(f.name for f in fields(RestartState))
+_STATE_FIELDS = frozenset(f.name for f in msgspec.structs.fields(RestartState))
 
 
 def load_cursor(raw: str | None) -> dict[str, RestartState]:
@@ -113,7 +110,7 @@ def load_cursor(raw: str | None) -> dict[str, RestartState]:
 
 def dump_cursor(states: dict[str, RestartState]) -> str:
     """Sensor cursor for restart states."""
-    return json.dumps({name: asdict(state) for name, state in states.items()}, sort_keys=True)
+    return json.dumps({name: msgspec.structs.asdict(state) for name, state in states.items()}, sort_keys=True)
 
 
 def assess(

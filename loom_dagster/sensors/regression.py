@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import dagster as dg
+import msgspec
 
 from loom_dagster.defs_state import Lazy
 from loom_dagster.deploy import FlowDeployer
@@ -57,8 +57,7 @@ class HasWatch(Protocol):
     watch: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class Watched:
+class Watched(msgspec.Struct, frozen=True):
     """A flow seen by this tick: its asset key, current deployment and the launcher's report."""
 
     flow_name: str

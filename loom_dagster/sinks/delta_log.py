@@ -14,9 +14,10 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
+
+import msgspec
 
 from loom_dagster.sinks.connections import local_delta_log
 from loom_dagster.sinks.reading import as_int
@@ -142,8 +143,7 @@ def open_delta_log(uri: str, storage_options: Mapping[str, str] | None = None) -
     return ObjectStoreDeltaLog(uri, storage_options)
 
 
-@dataclass(frozen=True)
-class DeltaCommit:
+class DeltaCommit(msgspec.Struct, frozen=True):
     """What one Delta commit says about new data."""
 
     version: int
@@ -205,7 +205,7 @@ def delta_commits(files: DeltaLogFiles, newest: int, oldest: int) -> Iterator[De
             return
         commit = parse_delta_commit(version, text.splitlines())
         if commit.timestamp is None:
-            commit = replace(commit, timestamp=files.mtime(name))
+            commit = msgspec.structs.replace(commit, timestamp=files.mtime(name))
         yield commit
 
 

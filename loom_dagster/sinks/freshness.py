@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
+
+import msgspec
 
 from loom_dagster.settings import SinkFreshness
 from loom_dagster.sinks.reading import ReadStatus, SinkReading
@@ -33,8 +34,7 @@ class Severity(StrEnum):
     ERROR = "ERROR"
 
 
-@dataclass(frozen=True)
-class SourceLag:
+class SourceLag(msgspec.Struct, frozen=True):
     """The latest Kafka lag known for a flow writing a sink: its total offset lag and, when the lag check
     read it, its delay (``max_delay_s``: the age of its oldest unconsumed message; ``delay_unknown``:
     lagging partitions whose delay was not read, so ``max_delay_s`` is only a lower bound)."""
@@ -51,8 +51,7 @@ class SourceLag:
         return self.max_delay_s is not None and self.delay_unknown == 0
 
 
-@dataclass(frozen=True)
-class FreshnessVerdict:
+class FreshnessVerdict(msgspec.Struct, frozen=True):
     """Freshness of one sink at ``now``: status, pass/fail, severity and a human message."""
 
     asset_key: str
