@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TypeVar
 
 import dagster as dg
 import msgspec
 
 from loom_dagster.catalog import CompiledFlow
 from loom_dagster.errors import DuplicateAssetKeyError
-from loom_dagster.records import LoomFlow, LoomSourceCollection, LoomTopic, TopicRole
+from loom_dagster.records import LoomFlow, LoomSourceCollection, LoomStorageSink, LoomTopic, TopicRole
 from loom_dagster.translator import LoomTranslator
 
 
@@ -47,7 +48,8 @@ def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslat
     topics = merge_topics([c.flow for c in compiled])
     topic_specs: dict[str, dg.AssetSpec] = {}
     for topic in topics:
-        spec = _with_deps(translator.get_asset_spec(topic), [flow_key[f] for f in topic.written_by])
+        writers = [flow_key[f] for f in topic.written_by]
+        spec = _with_deps(translator.get_asset_spec(_with_upstream(topic, writers)), writers)
         owners.claim(spec.key, f"kafka:{topic.topic}", f"Kafka topic {topic.topic!r}")
         topic_specs[topic.topic] = spec
 
@@ -64,7 +66,7 @@ def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslat
     for node in flow_nodes:
         flow = node.compiled.flow
         for sink in flow.storage_sinks:
-            spec = translator.get_asset_spec(sink, flow=flow)
+            spec = translator.get_asset_spec(_with_upstream(sink, [node.spec.key]), flow=flow)
             owners.claim(
                 spec.key, sink.identity, f"{sink.backend.value} sink {sink.slot!r} of flow {flow.name!r}"
             )
@@ -82,9 +84,21 @@ def build_asset_graph(compiled: Sequence[CompiledFlow], translator: LoomTranslat
     return LoomAssetGraph(flows=flow_nodes, external_specs=_dedupe_deps(externals))
 
 
+_Upstream = TypeVar("_Upstream", LoomTopic, LoomStorageSink)
+
+
+def _with_upstream(record: _Upstream, keys: list[dg.AssetKey]) -> _Upstream:
+    """*record* carrying the keys its node depends on, for the translator's default hooks (which put
+    them in the spec they make: one spec each, where adding deps afterwards would make and validate
+    a second)."""
+    return msgspec.structs.replace(record, upstream=tuple(tuple(key.path) for key in keys))
+
+
 def _with_deps(spec: dg.AssetSpec, deps: list[dg.AssetKey]) -> dg.AssetSpec:
-    """*spec* with *deps* added; the spec itself when there are none (a merge re-validates it)."""
-    return spec.merge_attributes(deps=deps) if deps else spec
+    """*spec* with those of *deps* it lacks (a translator hook may leave them out)."""
+    present = {dep.asset_key for dep in spec.deps}
+    missing = [key for key in deps if key not in present]
+    return spec.merge_attributes(deps=missing) if missing else spec
 
 
 def merge_topics(flows: Sequence[LoomFlow]) -> list[LoomTopic]:

@@ -68,6 +68,8 @@ class LoomStorageSink(msgspec.Struct, frozen=True):
     payload_type: str
     columns: tuple[LoomColumn, ...] = ()
     node_path: tuple[int, ...] = ()
+    upstream: tuple[tuple[str, ...], ...] = ()
+    """Asset-key paths the table's node depends on (its writer flow), set by the graph builder."""
 
     @property
     def identity(self) -> str:
@@ -143,6 +145,8 @@ class LoomTopic(msgspec.Struct, frozen=True):
     read_by: tuple[str, ...] = ()
     roles: tuple[TopicRole, ...] = ()
     error_kinds: tuple[str, ...] = ()
+    upstream: tuple[tuple[str, ...], ...] = ()
+    """Asset-key paths the topic's node depends on (the flows writing it), set by the graph builder."""
 
     @property
     def is_dlq(self) -> bool:

@@ -2,7 +2,9 @@
 groups, metadata or tags, as ``DagsterDbtTranslator`` / ``DagsterSlingTranslator`` do: one entry,
 ``get_asset_spec(props)``, dispatching to one hook per kind of object.
 
-The translator decides how each asset looks; the builders wire the edges (deps) between them. Metadata
+The translator decides how each asset looks; the builders decide the edges (deps): a topic or table
+record arrives with ``upstream``, the keys its node depends on, which the default hooks put in the spec,
+and the builders add any edge a hook leaves out. Metadata
 goes through Dagster's metadata sets: ``LoomMetadataSet`` (``loom/...``), ``KafkaMetadataSet``
 (``kafka/...``) and Dagster's own ``TableMetadataSet`` / ``UriMetadataSet`` (``dagster/...``).
 """
@@ -175,7 +177,8 @@ class LoomTranslator:
     """
 
     def get_asset_spec(self, props: LoomRecord, *, flow: LoomFlow | None = None) -> dg.AssetSpec:
-        """The spec of one loom object (without edges: the builders add those).
+        """The spec of one loom object. Edges the spec lacks are added by the builders (a topic's or
+        table's ``upstream`` keys are there for the hooks to use).
 
         *props* is a ``LoomFlow``, a ``LoomTopic`` (a source topic when no flow here writes it), a
         ``LoomSourceCollection`` or a ``LoomStorageSink``; a storage sink also needs the *flow* that
@@ -251,6 +254,7 @@ class LoomTranslator:
         }
         return dg.AssetSpec(
             key=dg.AssetKey(["kafka", topic.topic]),
+            deps=upstream_keys(topic.upstream),
             description=f"{role} {topic.topic}, written by {_names(topic.written_by)}{readers}.",
             group_name=TOPIC_GROUP,
             kinds={"kafka", "dlq"} if topic.is_dlq else {"kafka"},
@@ -294,6 +298,7 @@ class LoomTranslator:
         }
         return dg.AssetSpec(
             key=dg.AssetKey(key),
+            deps=upstream_keys(sink.upstream),
             description=f"{BACKEND_LABELS[sink.backend]} table {table_name}, written by loom flow "
             f"{sink.flow_name} (sink {sink.sink_name}).",
             group_name=flow.group_name or DEFAULT_FLOW_GROUP,
@@ -301,6 +306,11 @@ class LoomTranslator:
             owners=list(flow.owners),
             metadata=metadata,
         )
+
+
+def upstream_keys(paths: tuple[tuple[str, ...], ...]) -> list[dg.AssetKey]:
+    """The asset keys of a record's ``upstream`` paths (what the graph builder found it depends on)."""
+    return [dg.AssetKey(list(path)) for path in paths]
 
 
 def _flow_description(flow: LoomFlow) -> str:
