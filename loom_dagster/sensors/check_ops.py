@@ -15,7 +15,7 @@ runnable one by one (each op body evaluates the selected checks). Two things kee
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import dagster as dg
@@ -61,11 +61,9 @@ def _check_op(
 ) -> dg.AssetChecksDefinition:
     """One op for *specs*: an optional output per check and, *after_targets*, a ``Nothing`` input per
     target asset (what ``multi_asset_check`` builds, without its per-check inference: ~25% less)."""
-    inputs: dict[str, dg.AssetKey] = {}
-    for key in dict.fromkeys(spec.asset_key for spec in specs) if after_targets else ():
-        input_name = key.to_python_identifier()  # "a-b" and "a_b" would share one: number the second
-        inputs[input_name if input_name not in inputs else f"{input_name}_{len(inputs)}"] = key
-    by_output = {spec.get_python_identifier(): spec for spec in specs}
+    targets = list(dict.fromkeys(spec.asset_key for spec in specs)) if after_targets else []
+    inputs = dict(zip(_unique(key.to_python_identifier() for key in targets), targets, strict=True))
+    by_output = dict(zip(_unique(spec.get_python_identifier() for spec in specs), specs, strict=True))
     op = dg.op(
         name=name,
         description=description,
@@ -75,3 +73,15 @@ def _check_op(
     return dg.AssetChecksDefinition.create(
         keys_by_input_name=inputs, node_def=op, check_specs_by_output_name=by_output, can_subset=True
     )
+
+
+def _unique(names: Iterable[str]) -> list[str]:
+    """*names* made unique: keys ``a-b`` and ``a_b`` share the identifier ``a_b``; the second gets a number."""
+    out: list[str] = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in out:
+            n += 1
+            candidate = f"{name}_{n}"
+        out.append(candidate)
+    return out
