@@ -38,7 +38,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -294,24 +294,40 @@ def default_defs_state() -> DefsState | None:
 
 
 def _report(load: StateLoad, state: DefsState) -> None:
-    for flow in load.flows:
-        if flow.status == "stale":
-            _log.warning(
-                "loom flow %r: its records in the defs state are stale (%s) and were loaded as they are "
-                "(refresh='never'); the asset graph may not match the flow: run `loom-dagster refresh` "
-                "and reload the code location. A deploy compiles the flow anew and checks its lineage.",
-                flow.flow_name,
-                flow.reason,
-            )
-        elif flow.status == "refreshed" and flow.reason not in ("no state yet", "refresh requested"):
-            _log.warning(
-                "loom flow %r: its defs state was stale (%s); refreshed at load (%.2f s)",
-                flow.flow_name,
-                flow.reason,
-                flow.seconds,
-            )
+    """One warning per reason (an upgrade makes every flow stale for the same one), naming the flows."""
+    for reason, flows in _by_reason(f for f in load.flows if f.status == "stale").items():
+        _log.warning(
+            "loom flow(s) %s: their records in the defs state are stale (%s) and were loaded as they are "
+            "(refresh='never'); the asset graph may not match the flows: run `loom-dagster refresh` "
+            "and reload the code location. A deploy compiles the flow anew and checks its lineage.",
+            _flow_names(flows),
+            reason,
+        )
+    automatic = (
+        f for f in load.flows if f.status == "refreshed" and f.reason not in ("no state yet", "refresh requested")
+    )
+    for reason, flows in _by_reason(automatic).items():
+        _log.warning(
+            "loom flow(s) %s: their defs state was stale (%s); refreshed at load (%.2f s)",
+            _flow_names(flows),
+            reason,
+            sum(f.seconds for f in flows),
+        )
     if load.count("refreshed"):
         _log.info("loom defs state %s: %s", state.directory, load.summary())
+
+
+def _by_reason(flows: Iterable[FlowLoad]) -> dict[str, list[FlowLoad]]:
+    grouped: dict[str, list[FlowLoad]] = {}
+    for flow in flows:
+        grouped.setdefault(flow.reason or "", []).append(flow)
+    return grouped
+
+
+def _flow_names(flows: Sequence[FlowLoad], shown: int = 20) -> str:
+    """``'a', 'b'``; past *shown* names, how many more (the reason, not the list, is what to act on)."""
+    names = ", ".join(repr(f.flow_name) for f in flows[:shown])
+    return names if len(flows) <= shown else f"{names} and {len(flows) - shown} more"
 
 
 # --------------------------------------------------------------------------------------------------
