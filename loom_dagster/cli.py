@@ -15,6 +15,7 @@ fence on any host (``loom_dagster.orphans``). ``stop FLOW`` stops a local orphan
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -218,7 +219,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = cli_store(args)
     deployments = [d for d in store.all() if args.all or not d.stopped_on_purpose]
     built: dict[bytes, Launcher] = {}
-    rows = [flow_status(d, launcher_of(d, built), with_lag=not args.no_lag) for d in deployments]
+    launchers = [launcher_of(d, built) for d in deployments]
+    with contextlib.ExitStack() as observing:  # each launcher reads where its jobs run once
+        for launcher in built.values():
+            observing.enter_context(launcher.observation())
+        rows = [
+            flow_status(deployment, launcher, with_lag=not args.no_lag)
+            for deployment, launcher in zip(deployments, launchers, strict=True)
+        ]
     rows += [orphan_row(o, store.root) for o in status_orphans(store, read_fences=not args.no_lag)]
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True, default=str))

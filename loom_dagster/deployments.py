@@ -267,6 +267,10 @@ class DeploymentStore:
             handle.close()
         return False
 
+    def locks_held(self, flow_names: Iterable[str]) -> set[str]:
+        """Those of *flow_names* whose lock is held now (a health tick asks for every flow)."""
+        return {name for name in flow_names if self.lock_held(name)}
+
     @contextmanager
     def lock(self, flow_name: str, holder: str) -> Iterator[None]:
         """Hold the flow's deploy lock; fail at once, naming the holder, if another deploy holds it."""

@@ -142,7 +142,7 @@ def find_orphans(
         records = store.current_many(known)
     except DeploymentError:  # an unreadable record: read them one by one, it names no pid
         records = {name: _current(store, name) for name in known}
-    busy = {name for name in known if deploy_in_progress(store, name)}
+    busy = store.locks_held(known)
     groups = {t.flow_name: t.consumer_group for t in targets}
     members, errors = _fence_members(targets, timeout_s)
     fenced = {t.flow_name for t in targets if t.cluster not in errors}

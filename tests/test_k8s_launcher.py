@@ -7,14 +7,17 @@ cluster. No process runs on a KWOK node: ``test_k8s_standin.py`` runs the pod's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pytest
+from kubernetes.client import rest
 
 from loom_dagster import build_loom_asset_graph, build_loom_defs
 from loom_dagster.checks import RESTART_TAG
@@ -215,8 +218,22 @@ def test_statefulset_deleted_out_of_band_is_redeployed_by_the_sensor(kube_env: K
         again = apps.read_namespaced_stateful_set(name, env.namespace)
         assert again.spec.template.metadata.annotations == template  # the same deployment, relaunched
         wait_for(lambda: len(ready_pods(env)) == 1, 30, "the relaunched pod ready")
-        _, check = _tick(env, instance, resource, result.cursor)
+        with api_requests() as seen:
+            _, check = _tick(env, instance, resource, result.cursor)
         assert check.passed, check.description
+        # one tick reads the namespace's StatefulSets, pods, Leases and records once each, not per flow
+        ours = [
+            (method, path.split("?")[0]) for method, path in seen if f"/namespaces/{env.namespace}/" in path
+        ]
+        assert sorted(ours) == sorted(
+            [
+                ("GET", f"/apis/apps/v1/namespaces/{env.namespace}/statefulsets"),
+                ("GET", f"/api/v1/namespaces/{env.namespace}/pods"),
+                ("GET", f"/apis/coordination.k8s.io/v1/namespaces/{env.namespace}/leases"),
+                ("GET", f"/api/v1/namespaces/{env.namespace}/configmaps"),
+                ("GET", f"/api/v1/namespaces/{env.namespace}/configmaps"),
+            ]
+        ), ours
 
 
 def test_a_role_without_a_needed_verb_fails_clearly(
@@ -235,6 +252,24 @@ def _version(apps: Any, env: KubeEnv) -> str | None:
     sts = apps.read_namespaced_stateful_set(names(env)[0], env.namespace)
     (container,) = sts.spec.template.spec.containers
     return next((e.value for e in container.env or [] if e.name == "LOOM_TEST_VERSION"), None)
+
+
+@contextlib.contextmanager
+def api_requests() -> Iterator[list[tuple[str, str]]]:
+    """Every request the Kubernetes client sends meanwhile, as (method, path?query), still sent."""
+    seen: list[tuple[str, str]] = []
+    send = rest.RESTClientObject.request
+
+    def counted(self: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        parsed = urllib.parse.urlsplit(url)
+        seen.append((method, f"{parsed.path}?{parsed.query}"))
+        return send(self, method, url, *args, **kwargs)
+
+    rest.RESTClientObject.request = counted  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        rest.RESTClientObject.request = send  # type: ignore[method-assign]
 
 
 def _tick(

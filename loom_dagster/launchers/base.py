@@ -7,6 +7,7 @@ The records are frozen ``msgspec`` structs: a deployment record is their JSON fo
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib
 import sys
 from collections.abc import Iterator, Mapping
@@ -158,6 +159,12 @@ class Launcher(abc.ABC):
     def report(self, job: LaunchedJob) -> JobReport:
         """Current state of a launched job."""
 
+    @contextlib.contextmanager
+    def observation(self) -> Iterator[None]:
+        """Within it, ``report`` and ``uptime`` may share one read of where the jobs run, as a health
+        tick reports every flow at once (default: nothing to share)."""
+        yield
+
     @abc.abstractmethod
     def stop(self, job: LaunchedJob, timeout_s: float) -> float:
         """Drain the job gracefully; kill it after *timeout_s*. Returns the seconds it took."""
@@ -235,9 +242,7 @@ def load_launcher(
     """
     module_name, _, attribute = canonical_path(path).partition(":")
     if not module_name or not attribute:
-        raise DeploymentError(
-            f"launcher {path!r}: expected 'local', 'kubernetes' or 'package.module:Class'"
-        )
+        raise DeploymentError(f"launcher {path!r}: expected 'local', 'kubernetes' or 'package.module:Class'")
     cls = getattr(_import(module_name, sys_path, path), attribute, None)
     if not isinstance(cls, type) or not issubclass(cls, Launcher):
         raise DeploymentError(f"launcher {path!r} is not a Launcher subclass")

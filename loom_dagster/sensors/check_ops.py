@@ -4,8 +4,8 @@ A sensor reports its checks' evaluations; the declared checks make them listed i
 runnable one by one (each op body evaluates the selected checks). Two things keep them cheap at load:
 
 - **At most ``CHECKS_PER_OP`` checks an op.** Dagster wires each check op's inputs in a pass that is
-  quadratic in the op's check count (every input scans the op's check keys): 3,000 sink checks in one
-  op cost ~0.5 s a load, in chunks of 100 a few ms.
+  quadratic in the op's check count (every input scans the op's check keys): with the 6,000 checks of
+  1,000 flows in three ops, that pass took 0.87 s of a (profiled) load.
 - **No inputs where nothing upstream runs.** A check op takes a ``Nothing`` input per target asset so
   a check runs after its asset materializes in the same run (as ``multi_asset_check`` does). A sink
   table is an external asset that no run materializes, so its checks' op has no inputs: half the

@@ -402,66 +402,68 @@ def build_job_health_sensor(
         watched: list[Watched] = []
         orphans = tick_orphans(deployer.store, list(flow_keys), fences(), context.log, deployer.launcher)
         records = deployer.store.current_many(flow_keys)
-        for flow_name, key in flow_keys.items():
-            if orphans.of(flow_name):  # another job consumes the group: report it, restart nothing
-                events.append(orphan_evaluation(key, orphans.of(flow_name), deployer.store.root))
-                continue
-            deployment = records[flow_name]
-            launcher = deployer.launcher_for(deployment) if deployment is not None else None
-            if deployment is None or launcher is None or not launcher.owns(deployment.job):
-                continue
-            report = launcher.report(deployment.job)
-            if report.state is JobState.HEALTHY and not deployment.stopped_on_purpose:
-                deployer.observer.running(deployment)  # OpenLineage RUNNING, once per period
-            health = assess(
-                deployment, report, key, loom.health_timeout_s, _uptime(launcher, deployment, report)
-            )
-            state = states.setdefault(flow_name, RestartState())
-            if watch is not None:
-                watched.append(Watched(flow_name, key, deployment, report))
-            description = health.description
-            if health.passed and report.state is JobState.HEALTHY:
-                reset_backoff_when_stable(state, settings, now, deployment.job.started_at)
-            in_progress = False
-            if health.death is not None or health.restart_reason is not None:
-                in_progress = restart_in_progress(context.instance, flow_name)
-                latest = _observe_deaths(
-                    context.instance, flow_name, state, health, now, settings, in_progress
+        # one read of where the jobs run serves every report (the watch below may redeploy: outside)
+        with deployer.launcher.observation():
+            for flow_name, key in flow_keys.items():
+                if orphans.of(flow_name):  # another job consumes the group: report it, restart nothing
+                    events.append(orphan_evaluation(key, orphans.of(flow_name), deployer.store.root))
+                    continue
+                deployment = records[flow_name]
+                launcher = deployer.launcher_for(deployment) if deployment is not None else None
+                if deployment is None or launcher is None or not launcher.owns(deployment.job):
+                    continue
+                report = launcher.report(deployment.job)
+                if report.state is JobState.HEALTHY and not deployment.stopped_on_purpose:
+                    deployer.observer.running(deployment)  # OpenLineage RUNNING, once per period
+                health = assess(
+                    deployment, report, key, loom.health_timeout_s, _uptime(launcher, deployment, report)
                 )
-                update_halt(state, deployment_key(deployment), latest)
-            elif state.halted is not None:
-                update_halt(state, deployment_key(deployment), None)
-            if health.restart_reason is not None and state.halted is not None:
-                description = state.halted
-            elif health.restart_reason is not None:
-                restart, why_not = plan_restart(state, settings, now, in_progress)
-                if restart:
-                    request = dg.RunRequest(
-                        run_key=f"loom-restart-{flow_name}-{int(now * 1000)}",
-                        asset_selection=[key],
-                        tags={
-                            RESTART_TAG: "true",
-                            FLOW_TAG: flow_name,
-                            "loom/restart_reason": health.restart_reason[:200],
-                        },
+                state = states.setdefault(flow_name, RestartState())
+                if watch is not None:
+                    watched.append(Watched(flow_name, key, deployment, report))
+                description = health.description
+                if health.passed and report.state is JobState.HEALTHY:
+                    reset_backoff_when_stable(state, settings, now, deployment.job.started_at)
+                in_progress = False
+                if health.death is not None or health.restart_reason is not None:
+                    in_progress = restart_in_progress(context.instance, flow_name)
+                    latest = _observe_deaths(
+                        context.instance, flow_name, state, health, now, settings, in_progress
                     )
-                    requests.append(request)
-                    record_restart(state, settings, now)
-                    description += f"; restart requested (#{len(state.restarts)} in window)"
-                    context.log.info(f"restarting flow {flow_name!r}: {health.restart_reason}")
-                elif why_not:
-                    description += f"; {why_not}"
-            events.append(dg.AssetObservation(asset_key=key, metadata=health.metadata))
-            events.append(
-                dg.AssetCheckEvaluation(
-                    asset_key=key,
-                    check_name=JOB_RUNNING,
-                    passed=health.passed,
-                    severity=dg.AssetCheckSeverity.ERROR if state.gave_up else health.severity,
-                    description=description,
-                    metadata=_check_metadata(report, health, state, description),
+                    update_halt(state, deployment_key(deployment), latest)
+                elif state.halted is not None:
+                    update_halt(state, deployment_key(deployment), None)
+                if health.restart_reason is not None and state.halted is not None:
+                    description = state.halted
+                elif health.restart_reason is not None:
+                    restart, why_not = plan_restart(state, settings, now, in_progress)
+                    if restart:
+                        request = dg.RunRequest(
+                            run_key=f"loom-restart-{flow_name}-{int(now * 1000)}",
+                            asset_selection=[key],
+                            tags={
+                                RESTART_TAG: "true",
+                                FLOW_TAG: flow_name,
+                                "loom/restart_reason": health.restart_reason[:200],
+                            },
+                        )
+                        requests.append(request)
+                        record_restart(state, settings, now)
+                        description += f"; restart requested (#{len(state.restarts)} in window)"
+                        context.log.info(f"restarting flow {flow_name!r}: {health.restart_reason}")
+                    elif why_not:
+                        description += f"; {why_not}"
+                events.append(dg.AssetObservation(asset_key=key, metadata=health.metadata))
+                events.append(
+                    dg.AssetCheckEvaluation(
+                        asset_key=key,
+                        check_name=JOB_RUNNING,
+                        passed=health.passed,
+                        severity=dg.AssetCheckSeverity.ERROR if state.gave_up else health.severity,
+                        description=description,
+                        metadata=_check_metadata(report, health, state, description),
+                    )
                 )
-            )
         if watch is not None:  # after a deploy: roll back once a new version that stalls
             events.extend(watch.tick(deployer, watched, states, context.log))
         return dg.SensorResult(run_requests=requests, asset_events=events, cursor=dump_cursor(states))

@@ -22,6 +22,10 @@ from loom_dagster.launchers.kubernetes.settings import (
 
 MANAGED_BY = "loom-dagster"
 FLOW_LABEL = "loom-dagster.io/flow"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+"""The label naming a flow's workload (its StatefulSet); its pods carry it too."""
+EVERY_FLOW = {"app.kubernetes.io/managed-by": MANAGED_BY, "app.kubernetes.io/name": "loom-flow"}
+"""The labels every flow's objects carry (a selector for all of a namespace's flows)."""
 FLOW_ANNOTATION = "loom-dagster.io/flow-name"
 PLAN_HASH_ANNOTATION = "loom-dagster.io/plan-hash"
 CONFIG_HASH_ANNOTATION = "loom-dagster.io/config-hash"
@@ -53,11 +57,12 @@ def workload_name(settings: KubernetesSettings, flow_name: str) -> str:
 
 def selector_labels(settings: KubernetesSettings, flow_name: str) -> dict[str, str]:
     """The labels that select a flow's pods (stable across deployments)."""
-    return {
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        "app.kubernetes.io/name": "loom-flow",
-        "app.kubernetes.io/instance": workload_name(settings, flow_name),
-    }
+    return {**EVERY_FLOW, INSTANCE_LABEL: workload_name(settings, flow_name)}
+
+
+def label_selector(labels: dict[str, str]) -> str:
+    """``k=v,k=v``: the API's label selector for *labels*."""
+    return ",".join(f"{k}={v}" for k, v in labels.items())
 
 
 def flow_labels(settings: KubernetesSettings, flow_name: str) -> dict[str, str]:

@@ -33,6 +33,7 @@ from loom_dagster.launchers.kubernetes.manifests import (
     config_map_of,
     config_mount,
     flow_labels,
+    label_selector,
     workload_name,
 )
 from loom_dagster.launchers.kubernetes.settings import KubernetesSettings
@@ -193,7 +194,7 @@ class KubernetesDeploymentStore(DeploymentStore):
         try:
             items = self.api.core.list_namespaced_config_map(
                 self.namespace,
-                label_selector=",".join(f"{k}={v}" for k, v in flow_labels(self.settings, flow_name).items()),
+                label_selector=label_selector(flow_labels(self.settings, flow_name)),
             ).items
         except Exception:
             return  # pruning is housekeeping: never fail a deploy over it
@@ -214,17 +215,33 @@ class KubernetesDeploymentStore(DeploymentStore):
 
     def lock_held(self, flow_name: str) -> bool:
         """True while the flow's deploy Lease is held and not expired."""
-        name = f"{workload_name(self.settings, flow_name)}-deploy"
         try:
-            held = self.api.coordination.read_namespaced_lease(name, self.namespace)
+            held = self.api.coordination.read_namespaced_lease(self._lease_name(flow_name), self.namespace)
         except Exception:
             return False
         return not _expired(held)
 
+    def locks_held(self, flow_names: Iterable[str]) -> set[str]:
+        """Those of *flow_names* whose deploy Lease is held: one list of the namespace's Leases (a
+        Role without ``list leases`` falls back to one read per flow)."""
+        wanted = {self._lease_name(name): name for name in flow_names}
+        try:
+            leases = self.api.coordination.list_namespaced_lease(self.namespace).items
+        except Exception:
+            return super().locks_held(wanted.values())
+        return {
+            wanted[lease.metadata.name]
+            for lease in leases
+            if lease.metadata.name in wanted and not _expired(lease)
+        }
+
+    def _lease_name(self, flow_name: str) -> str:
+        return f"{workload_name(self.settings, flow_name)}-deploy"
+
     @contextmanager
     def lock(self, flow_name: str, holder: str) -> Iterator[None]:
         """Hold the flow's deploy Lease; fail at once, naming the holder, while another holds it."""
-        name = f"{workload_name(self.settings, flow_name)}-deploy"
+        name = self._lease_name(flow_name)
         identity = f"{holder} (pid {os.getpid()} on {socket.gethostname()})"
         lease = self._acquire(flow_name, name, identity)
         stop = threading.Event()
