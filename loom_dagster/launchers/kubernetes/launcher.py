@@ -354,29 +354,25 @@ class _Listed:
 
     def statefulset(self, name: str) -> Any | None:
         if self._statefulsets is None:
-            settings, api = self._launcher.settings, self._launcher.api
-            try:
-                items = api.apps.list_namespaced_stateful_set(
-                    settings.namespace, label_selector=label_selector(EVERY_FLOW)
-                ).items
-            except Exception as exc:
-                raise api_error(exc, "list the loom StatefulSets") from exc
+            items = self._list(self._launcher.api.apps.list_namespaced_stateful_set, "StatefulSets")
             self._statefulsets = {item.metadata.name: item for item in items}
         return self._statefulsets.get(name)
 
     def pods_of(self, workload: str) -> list[Any]:
         if self._pods is None:
-            settings, api = self._launcher.settings, self._launcher.api
-            try:
-                items = api.core.list_namespaced_pod(
-                    settings.namespace, label_selector=label_selector(EVERY_FLOW)
-                ).items
-            except Exception as exc:
-                raise api_error(exc, "list the loom pods") from exc
             self._pods = {}
-            for pod in items:
+            for pod in self._list(self._launcher.api.core.list_namespaced_pod, "pods"):
                 self._pods.setdefault((pod.metadata.labels or {}).get(INSTANCE_LABEL, ""), []).append(pod)
         return list(self._pods.get(workload, ()))
+
+    def _list(self, list_namespaced: Any, what: str) -> list[Any]:
+        try:
+            found = list_namespaced(
+                self._launcher.settings.namespace, label_selector=label_selector(EVERY_FLOW)
+            )
+        except Exception as exc:
+            raise api_error(exc, f"list the loom {what}") from exc
+        return list(found.items)
 
 
 def _workload(job: LaunchedJob) -> str:
