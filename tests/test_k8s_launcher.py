@@ -157,6 +157,15 @@ def test_deploy_redeploy_rollback_and_undeploy(kube_env: KubeEnv) -> None:
         assert status.returncode == 0, status.stderr
         (row,) = json.loads(status.stdout)
         assert row["flow"] == "ticks" and row["health"] == "healthy", row
+        # and from inside the cluster: the mounted service-account token and CA, no kubeconfig
+        in_cluster = env.in_cluster_cli(
+            env.bench.state_dir,
+            *["--launcher", "kubernetes", "--launcher-config", json.dumps({"namespace": env.namespace})],
+            *["status", "--json", "--no-lag"],
+        )
+        assert in_cluster.returncode == 0, in_cluster.stderr
+        (seen,) = json.loads(in_cluster.stdout)
+        assert (seen["flow"], seen["health"], seen["pids"]) == (row["flow"], row["health"], row["pids"]), seen
 
         undeploy = build_loom_defs([env.bench.spec()]).resolve_job_def("loom_undeploy")
         done = undeploy.execute_in_process(

@@ -5,6 +5,9 @@ and the deploy resource on the ``kubernetes`` launcher."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +62,37 @@ class KubeEnv:
     def launcher(self, **overrides: Any) -> KubernetesLauncher:
         """A launcher built as the resource builds it."""
         return KubernetesLauncher(**self.launcher_config(**overrides))
+
+    def in_cluster_cli(
+        self, state_dir: Path, *args: str, timeout_s: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``loom-dagster *args`` as a pod would: the service account's token and CA mounted at
+        ``/var/run/secrets/kubernetes.io/serviceaccount`` (a tmpfs over ``/run`` in a mount namespace of
+        its own, invisible to this host), ``KUBERNETES_SERVICE_HOST``/``PORT`` set, no kubeconfig."""
+        account = state_dir / "serviceaccount"
+        account.mkdir(parents=True, exist_ok=True)
+        user = yaml.safe_load(self.kubeconfig.read_text())["users"][0]["user"]
+        (account / "token").write_text(user["token"])
+        (account / "ca.crt").write_bytes(self.cluster.ca_path.read_bytes())
+        (account / "namespace").write_text(self.namespace)
+        mounted = "/var/run/secrets/kubernetes.io/serviceaccount"
+        script = f'mount -t tmpfs tmpfs /run && mkdir -p {mounted} && cp "$0"/* {mounted}/ && exec "$@"'
+        env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "HOME")}
+        env.update(
+            KUBERNETES_SERVICE_HOST="127.0.0.1",
+            KUBERNETES_SERVICE_PORT=str(self.cluster.ports["apiserver"]),
+            HOME=str(state_dir),  # no ~/.kube/config to fall back on
+        )
+        exe = str(Path(sys.executable).with_name("loom-dagster"))
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(account)]
+        return subprocess.run(
+            [*argv, exe, "--state-dir", str(state_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=REPO_ROOT,
+            env=env,
+        )
 
     def admin(self) -> Any:
         """Admin ``AppsV1Api`` and ``CoreV1Api`` (for assertions and out-of-band changes)."""
