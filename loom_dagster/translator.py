@@ -155,6 +155,9 @@ def entries(metadata_set: type[NamespacedMetadataSet], **values: object) -> dict
         >>> entries(KafkaMetadataSet, topic="orders")
         {'kafka/topic': 'orders'}
     """
+    unknown = values.keys() - metadata_set.model_fields.keys()
+    if unknown:  # model_construct would drop them silently
+        raise TypeError(f"{metadata_set.__name__} has no field(s) {', '.join(sorted(unknown))}")
     return dict(metadata_set.model_construct(**values))
 
 
