@@ -25,7 +25,7 @@ progress) is skipped: its new job runs before it is recorded. Dagster-free.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import msgspec
@@ -128,20 +128,24 @@ def find_orphans(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     processes: Iterable[RuntimeProcess] | None = None,
     launcher: Launcher | None = None,
+    records: Mapping[str, Deployment | None] | None = None,
 ) -> OrphanReport:
     """Running jobs of known flows that ``store`` does not record (fence holders + local processes).
 
     ``flows`` are the known flows (``None``: every flow of a local runtime process, every target and
     every record); ``targets`` are the fences to read (one describe per cluster, ``timeout_s`` each);
-    ``processes`` replaces the launcher's process scan (``launcher``: the local one by default).
+    ``processes`` replaces the launcher's process scan (``launcher``: the local one by default);
+    ``records``, the known flows' current records when the caller has read them already (their keys
+    are then the known flows).
     """
     launcher = launcher or load_launcher("local")
     scanned = list(launcher.runtime_processes() if processes is None else processes)
-    known = _known_flows(store, flows, targets, scanned)
-    try:
-        records = store.current_many(known)
-    except DeploymentError:  # an unreadable record: read them one by one, it names no pid
-        records = {name: _current(store, name) for name in known}
+    known = set(records) if records is not None else _known_flows(store, flows, targets, scanned)
+    if records is None:
+        try:
+            records = store.current_many(known)
+        except DeploymentError:  # an unreadable record: read them one by one, it names no pid
+            records = {name: _current(store, name) for name in known}
     busy = store.locks_held(known)
     groups = {t.flow_name: t.consumer_group for t in targets}
     members, errors = _fence_members(targets, timeout_s)

@@ -240,7 +240,6 @@ def test_statefulset_deleted_out_of_band_is_redeployed_by_the_sensor(kube_env: K
                 ("GET", f"/api/v1/namespaces/{env.namespace}/pods"),
                 ("GET", f"/apis/coordination.k8s.io/v1/namespaces/{env.namespace}/leases"),
                 ("GET", f"/api/v1/namespaces/{env.namespace}/configmaps"),
-                ("GET", f"/api/v1/namespaces/{env.namespace}/configmaps"),
             ]
         ), ours
 

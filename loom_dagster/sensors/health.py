@@ -400,8 +400,8 @@ def build_job_health_sensor(
         events: list[Any] = []
         requests: list[dg.RunRequest] = []
         watched: list[Watched] = []
-        orphans = tick_orphans(deployer.store, list(flow_keys), fences(), context.log, deployer.launcher)
         records = deployer.store.current_many(flow_keys)
+        orphans = tick_orphans(deployer.store, records, fences(), context.log, deployer.launcher)
         # one read of where the jobs run serves every report (the watch below may redeploy: outside)
         with deployer.launcher.observation():
             for flow_name, key in flow_keys.items():
@@ -642,16 +642,16 @@ def fence_targets(graph: LoomAssetGraph) -> list[FenceTarget]:
 
 def tick_orphans(
     store: DeploymentStore,
-    flows: Sequence[str],
+    records: Mapping[str, Deployment | None],
     targets: Sequence[FenceTarget],
     log: Any,
     launcher: Launcher | None = None,
 ) -> OrphanReport:
-    """This tick's orphans of the graph's flows (fence holders + the processes *launcher* sees);
-    never raises."""
+    """This tick's orphans of the graph's flows, whose current *records* the tick has read (fence
+    holders + the processes *launcher* sees); never raises."""
     try:
         report = find_orphans(
-            store, flows=flows, targets=targets, timeout_s=ORPHAN_TIMEOUT_S, launcher=launcher
+            store, records=records, targets=targets, timeout_s=ORPHAN_TIMEOUT_S, launcher=launcher
         )
     except Exception as exc:  # a broken probe must not stop health reporting
         log.warning(f"orphan job check failed: {redact_text(str(exc))}")
