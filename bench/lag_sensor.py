@@ -18,20 +18,9 @@ ticks, so once a window has 3 samples every flow reads STOP. Starts a Kafka brok
 ``LOOM_DAGSTER_KAFKA_BOOTSTRAP`` is set. Prints figures measured in this one run; asserts nothing.
 
 Committed offsets come from concurrent AdminClient calls (one ``list_consumer_group_offsets`` per group,
-every future in flight at once: one FindCoordinator + one OffsetFetch per group). A hand-written batched
-wire-protocol fetch (one FindCoordinator v4 + one OffsetFetch v8 for every group, PLAINTEXT clusters only)
-was measured against it by this bench, both paths alternating tick after tick, on 2026-11-29 (2 cores,
-6 partitions per group, medians of 5 ticks; tick = ``check_lag``, group s = the committed-offsets phase):
-
-    groups   path  tick med s  tick min s  group s  requests
-       200   wire       0.075       0.063    0.009         7
-       200  admin       0.134       0.083    0.029       404
-      1000   wire       0.744       0.529    0.031         7
-      1000  admin       0.699       0.643    0.103      2004
-
-It saved 20-70 ms per 30 s tick (the tick at 1,000 groups is dominated by the rest: ListOffsets for 6,000
-partitions and the evaluation) and ~2 requests per group, and it could not serve secured clusters: it was
-removed, so every cluster goes through the same AdminClient path.
+every future in flight at once: one FindCoordinator + one OffsetFetch per group), made in a child process
+(``loom_dagster.kafka.isolation``: librdkafka#4605); ``bench/broker_restart.py`` prints what that child
+adds, next to the same fetch in-process.
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ from loom_dagster.defs_state import STALE_METADATA_KEY, DefsState, default_defs_
 from loom_dagster.deploy import DeployResult
 from loom_dagster.deploy_checks import DeployChecksReport
 from loom_dagster.deployments import Deployment
-from loom_dagster.errors import LoomDagsterError
+from loom_dagster.errors import LoomDagsterError, redacted_chain
 from loom_dagster.graph import FlowNode, LoomAssetGraph, build_asset_graph
 from loom_dagster.records import LoomFlow
+from loom_dagster.redact import redact_text
 from loom_dagster.resources import LoomDeployResource
 from loom_dagster.spec import LoomFlowSpec
 from loom_dagster.translator import LoomDeployMetadataSet, LoomTranslator, metadata_json
@@ -178,9 +179,12 @@ def deploy_flow_node(
             metadata=failure_metadata(exc),
             allow_retries=False,
         ) from exc
-    except Exception as exc:
+    except Exception as exc:  # not ours: its text may hold anything (a driver's DSN): redacted, chain too
         deployer.observer.failed(declared.name, exc)
-        raise
+        raise dg.Failure(
+            description=redact_text(f"deploying flow {declared.name!r} failed: {type(exc).__name__}: {exc}"),
+            allow_retries=True,
+        ) from redacted_chain(exc)
     if reports and report_checks:
         yield deploy_checks_result(spec.key, reports[-1])
     yield dg.MaterializeResult(

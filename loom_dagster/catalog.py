@@ -20,7 +20,6 @@ import importlib.metadata
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from loom_dagster.compile import compile_plan
+from loom_dagster.deployments import installation_key_id, private_dir, write_private_file
 from loom_dagster.describe import config_hash, describe_plan, flow_fingerprint, plan_hash
 from loom_dagster.errors import FlowCompileError, FlowLoadError
 from loom_dagster.loading import snapshot_config_files
@@ -142,22 +142,26 @@ def from_records(
     )
 
 
-def compile_spec(spec: LoomFlowSpec, environment: str | None = None) -> CompiledFlow:
+def compile_spec(spec: LoomFlowSpec, environment: str | None = None, *, as_job: bool = False) -> CompiledFlow:
     """Import, configure and compile one flow; describe it as records (never from the cache).
 
-    Raises ``FlowLoadError`` / ``FlowCompileError`` whose message starts with the import path.
+    ``as_job``: with the config as the job will load it (the spec's ``env=`` applied: ``LoomFlowSpec.
+    load_job_config``), for the checks that connect before a launch. Raises ``FlowLoadError`` /
+    ``FlowCompileError`` whose message starts with the import path.
     """
     try:
         stream_flow = spec.load_flow()
         env = spec.resolved_environment(environment)
     except FlowLoadError as exc:
         raise FlowLoadError(f"[{spec.import_path}] {exc}") from exc
-    return _compile_loaded(spec, stream_flow, env)
+    return _compile_loaded(spec, stream_flow, env, as_job)
 
 
-def _compile_loaded(spec: LoomFlowSpec, stream_flow: StreamFlow[Any, Any], env: str) -> CompiledFlow:
+def _compile_loaded(
+    spec: LoomFlowSpec, stream_flow: StreamFlow[Any, Any], env: str, as_job: bool = False
+) -> CompiledFlow:
     try:
-        config = spec.load_config(env)
+        config = spec.load_job_config(env) if as_job else spec.load_config(env)
         started = time.perf_counter()
         plan = compile_plan(stream_flow, config)
         elapsed = time.perf_counter() - started
@@ -169,26 +173,28 @@ def _compile_loaded(spec: LoomFlowSpec, stream_flow: StreamFlow[Any, Any], env: 
     return CompiledFlow(spec=spec, flow=_presented(spec, described), plan=plan, compile_seconds=elapsed)
 
 
-_CONFIG_HASHES: OrderedDict[int, tuple[Any, str]] = OrderedDict()
+_CONFIG_HASHES: OrderedDict[tuple[int, str], tuple[Any, str]] = OrderedDict()
 _CONFIG_HASHES_LOCK = threading.Lock()
 
 
 def _config_hash(config: Any) -> str:
-    """``config_hash`` once per config object: flows sharing a config directory get it from
-    ``load_config``'s cache as one object, and hashing a big shared config per flow is quadratic.
+    """``describe.config_hash`` (the one config hash) memoized per config object and installation key:
+    flows sharing a config directory get it from ``load_config``'s cache as one object, and hashing a
+    big shared config per flow is quadratic.
 
     Safe because ``load_config`` hands out a cached object only while its files, the ``LOOM__*``
     variables and the variables the files read are unchanged. The entry holds the object, so its
     ``id`` cannot be reused while it is remembered.
     """
+    memo = (id(config), installation_key_id())
     with _CONFIG_HASHES_LOCK:
-        known = _CONFIG_HASHES.get(id(config))
+        known = _CONFIG_HASHES.get(memo)
         if known is not None and known[0] is config:
-            _CONFIG_HASHES.move_to_end(id(config))
+            _CONFIG_HASHES.move_to_end(memo)
             return known[1]
     digest = config_hash(config)
     with _CONFIG_HASHES_LOCK:
-        _CONFIG_HASHES[id(config)] = (config, digest)
+        _CONFIG_HASHES[memo] = (config, digest)
         while len(_CONFIG_HASHES) > 256:
             _CONFIG_HASHES.popitem(last=False)
     return digest
@@ -249,6 +255,7 @@ class CompileCache:
     """Secret-free records of compiled flows on disk, one JSON file per key.
 
     Example:
+        >>> import tempfile
         >>> cache = CompileCache(Path(tempfile.mkdtemp()))
         >>> compiled = cache.compile(spec)  # doctest: +SKIP
     """
@@ -297,6 +304,7 @@ class CompileCache:
             "import_path": spec.import_path,
             "flow": fingerprint,
             "code": code_version(),
+            "hash_key": installation_key_id(),  # the records' config hash is keyed
         }
         return snapshot.cache_key(environment, extra)
 
@@ -322,11 +330,10 @@ class CompileCache:
         """Store *flow* under *key* (atomically; a failure to write is only logged)."""
         path = self.path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(msgspec.json.encode(_Entry(_FORMAT, flow, compile_seconds)))
-            os.replace(tmp, path)
+            private_dir(path.parent)
+            write_private_file(
+                path, msgspec.json.encode(_Entry(_FORMAT, flow, compile_seconds)), durable=False
+            )
         except OSError as exc:
             _log.debug("loom-dagster compile cache: cannot write %s: %s", path, exc)
             return

@@ -10,6 +10,11 @@ loom-dagster manifests FLOW -m MODULE | --rbac     the Kubernetes objects a depl
 ``status`` also lists orphan jobs (health ``orphan``): a job running without a record in this state dir,
 found in this host's process table and, for recorded Kafka flows, as a holder of the consumer group's
 fence on any host (``loom_dagster.orphans``). ``stop FLOW`` stops a local orphan of FLOW too, record or not.
+
+A record is data: the launcher it names is built only if it is a built-in (``local``, ``kubernetes``) or
+registered under the entry point group ``loom_dagster.launchers`` (``--launcher`` likewise); nothing a
+record names is imported. ``stop`` signals only processes that ``/proc`` shows are the flow's runtime,
+run by this user (``loom_dagster.launchers.local``); anything else is refused, saying what did not match.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from loom_dagster.deployments import Deployment, DeploymentStore
+from loom_dagster.deployments import Deployment, DeploymentStore, UnreadableRecord
 from loom_dagster.errors import LoomDagsterError
 from loom_dagster.kafka.cluster import KafkaCluster, record_target
 from loom_dagster.kafka.lag_check import check_lag
@@ -52,7 +57,9 @@ class CliError(LoomDagsterError):
 
 
 def launcher_of(deployment: Deployment, built: dict[bytes, Launcher] | None = None) -> Launcher:
-    """The launcher that ran *deployment*, built again from its record (cached in *built*)."""
+    """The launcher that ran *deployment*, built again from its record (cached in *built*), only when
+    the record names an allowed launcher (:meth:`LauncherRef.build`); ``CliError`` saying how to
+    register it otherwise."""
     built = {} if built is None else built
     key = msgspec.json.encode(deployment.launcher, order="sorted")
     if key not in built:
@@ -90,7 +97,7 @@ def flow_status(
         health, detail = "dead", f"stale record: no process is running ({report.reason})"
     else:
         health, detail = report.state.value, report.reason
-    row.update(health=health, detail=detail, alive_processes=report.alive_processes)
+    row.update(health=health, detail=redact_text(detail), alive_processes=report.alive_processes)
     uptime = launcher.uptime(job) if alive else None
     row["uptime_s"] = round(uptime, 1) if uptime is not None else None
     row["records_in"] = sum(int(s.get("records_in") or 0) for s in report.statuses)
@@ -217,7 +224,8 @@ def cli_store(args: argparse.Namespace) -> DeploymentStore:
 
 def cmd_status(args: argparse.Namespace) -> int:
     store = cli_store(args)
-    deployments = [d for d in store.all() if args.all or not d.stopped_on_purpose]
+    recorded, unreadable = store.scan()
+    deployments = [d for d in recorded if args.all or not d.stopped_on_purpose]
     built: dict[bytes, Launcher] = {}
     launchers = [launcher_of(d, built) for d in deployments]
     with contextlib.ExitStack() as observing:  # each launcher reads where its jobs run once
@@ -227,6 +235,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             flow_status(deployment, launcher, with_lag=not args.no_lag)
             for deployment, launcher in zip(deployments, launchers, strict=True)
         ]
+    rows += [unreadable_row(record) for record in unreadable]
     rows += [orphan_row(o, store.root) for o in status_orphans(store, read_fences=not args.no_lag)]
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True, default=str))
@@ -266,17 +275,31 @@ def cmd_stop(args: argparse.Namespace) -> int:
     for name in names:
         orphans = [o for o in find_orphans(store, flows=[name], launcher=local).of(name) if o.local]
         deployment = store.current(name) if orphans else _current(store, name)
-        deployer = FlowDeployer(launcher_of(deployment) if deployment else local, store)
+        launcher = launcher_of(deployment) if deployment else local
+        deployer = FlowDeployer(launcher, store)
         if deployment is None:
             pass
         elif deployment.stopped_on_purpose:
             print(f"{name}: already stopped (by {deployment.stopped_by})")
         else:
+            idle = _nothing_runs(launcher, deployment)
             stopped = deployer.undeploy(name, by=f"loom-dagster CLI on {socket.gethostname()}")
-            print(f"{name}: stopped ({stopped.job.processes_text if stopped else 'nothing ran'})")
+            if idle is not None:
+                print(f"{name}: marked stopped; nothing was signalled: no process of its job runs ({idle})")
+            else:
+                print(f"{name}: stopped ({stopped.job.processes_text if stopped else 'nothing ran'})")
         for orphan in stop_orphans(orphans, deployer.options.drain_timeout_s, local):
             print(f"{name}: stopped orphan job pid {orphan.pid} (no deployment record in {store.root})")
     return 0
+
+
+def _nothing_runs(launcher: Launcher, deployment: Deployment) -> str | None:
+    """Why no recorded process of *deployment*'s job runs here (the launcher's report), or ``None``
+    when one runs or the job is out of this launcher's reach (the undeploy then says where it runs)."""
+    if not launcher.owns(deployment.job):
+        return None
+    report = launcher.report(deployment.job)
+    return redact_text(report.reason) if report.alive_processes == 0 else None
 
 
 def status_orphans(store: DeploymentStore, read_fences: bool = True) -> list[Orphan]:
@@ -293,6 +316,21 @@ def status_orphans(store: DeploymentStore, read_fences: bool = True) -> list[Orp
     for reason in report.unreachable:
         print(f"loom-dagster: fence holders not read: {redact_text(reason)}", file=sys.stderr)
     return list(report.orphans)
+
+
+def unreadable_row(record: UnreadableRecord) -> dict[str, Any]:
+    """A ``status`` row for a deployment record that exists but cannot be read (shown, never hidden)."""
+    detail = redact_text(f"deployment record {record.location} is unreadable: {record.reason}")
+    return {
+        "flow": record.flow,
+        "host": "-",
+        "pids": [],
+        "plan_hash": "-",
+        "health": "unreadable",
+        "detail": detail,
+        "problems": [detail],
+        "record": record.location,
+    }
 
 
 def orphan_row(orphan: Orphan, state_dir: Path) -> dict[str, Any]:
@@ -320,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--launcher",
         default=None,
-        help=f"where the flows run: local (default), kubernetes or package.module:Class "
-        f"(default: ${LAUNCHER_VARIABLE})",
+        help=f"where the flows run: local (default), kubernetes or a launcher registered under the entry "
+        f"point group loom_dagster.launchers (default: ${LAUNCHER_VARIABLE})",
     )
     parser.add_argument(
         "--launcher-config",

@@ -21,6 +21,10 @@ level, and of every class and function reachable from the ``StreamFlow`` object 
 are covered by its version). A change elsewhere is still caught when the plan compiles (its hash is
 compared with the records', the entry dropped and a warning logged) and by the deploy's lineage check.
 
+Entries are written 0600 in a 0700 directory, fsynced; a directory others may write to is not read.
+An entry records which installation key made its config hash (a keyed digest): one written with
+another key (another machine, an image built elsewhere) is stale.
+
 ``LOOM_DAGSTER_DEFS_STATE``: unset or ``on`` -> ``<state dir>/defs-state`` (``$LOOM_DAGSTER_STATE_DIR``,
 else ``$DAGSTER_HOME/loom``, else ``~/.loom-dagster``); ``off`` -> no state (compile at every load);
 anything else is the directory.
@@ -35,7 +39,6 @@ import os
 import secrets
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -53,7 +56,15 @@ from loom_dagster.catalog import (
     default_compile_cache,
     from_records,
 )
-from loom_dagster.deployments import default_state_dir
+from loom_dagster.deployments import (
+    HASH_KEY_VARIABLE,
+    StateDirectoryError,
+    check_private_dir,
+    default_state_dir,
+    installation_key_id,
+    private_dir,
+    write_private_file,
+)
 from loom_dagster.describe import attribute_names
 from loom_dagster.errors import FlowLoadError
 from loom_dagster.loading import ENVIRONMENT_VARIABLE, snapshot_config_files
@@ -100,6 +111,8 @@ class FlowState(msgspec.Struct, frozen=True):
     flow: LoomFlow
     compile_seconds: float
     refreshed_at: float
+    hash_key: str = ""
+    """Id of the installation key its config hash was made with (``deployments.installation_key_id``)."""
 
 
 class FlowLoad(msgspec.Struct, frozen=True):
@@ -158,6 +171,7 @@ class DefsState:
             raise ValueError(f"refresh must be 'auto', 'never' or 'always', not {refresh!r}")
         self.directory = Path(directory) if directory is not None else default_state_directory()
         self.refresh_mode: Refresh = refresh
+        self._checked = False
 
     def __repr__(self) -> str:
         return f"DefsState({str(self.directory)!r}, refresh={self.refresh_mode!r})"
@@ -225,9 +239,16 @@ class DefsState:
         return self.directory / f"{key}.json"
 
     def read(self, key: str) -> FlowState | None:
-        """The entry *key*, or ``None`` (missing, unreadable, or of another format)."""
+        """The entry *key*, or ``None`` (missing, unreadable, or of another format). A directory others
+        may write to is not read (``StateDirectoryError``): anyone could plant records there."""
+        if not self._checked and self.directory.is_dir():
+            check_private_dir(self.directory, owned=False, what="defs state directory")
+            self._checked = True
         try:
             data = self.path(key).read_bytes()
+        except PermissionError as exc:
+            _log.warning("loom defs state %s cannot be read (%s): it is refreshed", self.path(key), exc)
+            return None
         except OSError:
             return None
         try:
@@ -238,15 +259,16 @@ class DefsState:
         return entry if entry.format == _FORMAT else None
 
     def write(self, entry: FlowState) -> None:
-        """Store *entry* atomically (a failure to write is logged: the next load compiles again)."""
+        """Store *entry* atomically and durably, 0600 in a 0700 directory (a failure to write is logged:
+        the next load compiles again)."""
         path = self.path(entry.key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(msgspec.json.encode(entry))
-            os.replace(tmp, path)
-        except OSError as exc:
+            if path.parent.is_dir():
+                check_private_dir(path.parent, what="defs state directory")
+            else:
+                private_dir(path.parent)
+            write_private_file(path, msgspec.json.encode(entry))
+        except (OSError, StateDirectoryError) as exc:
             _log.warning("loom defs state: cannot write %s: %s", path, exc)
 
     def discard(self, key: str) -> None:
@@ -421,6 +443,11 @@ def staleness(entry: FlowState, spec: LoomFlowSpec, checker: _FileChecker | None
         return f"written for {entry.import_path!r}"
     if entry.code_version != code_version():
         return "written by another version of loom, msgspec, Python or loom-dagster"
+    if entry.hash_key != installation_key_id():
+        return (
+            "its config hash was made with another installation's key (set the same "
+            f"${HASH_KEY_VARIABLE} where the state is written and where it is loaded)"
+        )
     if not entry.verifiable:
         return "its config cannot be checked by its files (includes, a remote file or a non-oc resolver)"
     for directory, listing in entry.config_dirs:
@@ -471,6 +498,7 @@ def describe_state(
         flow=described,
         compile_seconds=compiled.compile_seconds,
         refreshed_at=time.time(),
+        hash_key=installation_key_id(),
     )
 
 

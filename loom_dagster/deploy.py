@@ -158,6 +158,28 @@ class FlowDeployer:
         check_lineage(declared, compiled.flow, sink_keys)
         return compiled
 
+    def job_view(
+        self,
+        compiled: CompiledFlow,
+        declared: LoomFlow,
+        sink_keys: dict[str, str] | None,
+        environment: str | None,
+        log: Log = print,
+    ) -> CompiledFlow:
+        """The flow as its job will compile it, for the checks that connect (tables, topics, offsets,
+        fence): *compiled* itself, unless the spec's ``env=`` reaches the job's environment only; then
+        compiled again with the config loaded in that environment, and its lineage checked too."""
+        spec = compiled.spec
+        if not spec.env:
+            return compiled
+        view = compile_spec(spec, environment, as_job=True)
+        check_lineage(declared, view.flow, sink_keys)
+        log(
+            f"the job's environment sets {', '.join(sorted(spec.env))}: the pre-launch checks connect "
+            "with the config as the job loads it"
+        )
+        return view
+
     def deploy(
         self,
         spec: LoomFlowSpec,
@@ -181,13 +203,14 @@ class FlowDeployer:
         checks = self.run_deploy_checks(compiled, on_checks, log)
         if not self.options.launch:
             return DeployResult(compiled=compiled, checks=checks)
-        tables = self.check_tables(compiled, sink_keys, log)
-        self.check_topics(compiled, log)
-        offsets = self.check_offsets(compiled, accept_offset_reset, log)
+        job_view = self.job_view(compiled, declared, sink_keys, environment, log)
+        tables = self.check_tables(job_view, sink_keys, log)
+        self.check_topics(job_view, log)
+        offsets = self.check_offsets(job_view, accept_offset_reset, log)
         from loom_dagster.fence import check_fence
 
         fence = check_fence(
-            compiled, self.store.current(declared.name), timeout_s=self.options.connect_timeout_s
+            job_view, self.store.current(declared.name), timeout_s=self.options.connect_timeout_s
         )
         if fence.note:
             log(fence.note)
@@ -198,7 +221,7 @@ class FlowDeployer:
             self.launcher.preflight(request, self.options.preflight_timeout_s)
             log("preflight passed: the new version imports, compiles and prepares in a fresh process")
         with self.store.lock(declared.name, holder=f"run {run_id or '?'}"):
-            result = self._replace_running(compiled, request, run_id, log, offsets)
+            result = self._replace_running(compiled, request, run_id, log, offsets, job_view)
             self.observer.deployed(result)
         return msgspec.structs.replace(result, checks=checks, tables=tables, offsets=offsets)
 
@@ -286,13 +309,15 @@ class FlowDeployer:
         run_id: str | None,
         log: Log,
         offsets: OffsetPlan | None = None,
+        job_view: CompiledFlow | None = None,
     ) -> DeployResult:
         name = compiled.flow.name
         previous = self.store.current(name)
         report = self.live_report(previous) if previous is not None else None
         previous_running = report is not None and report.alive_processes > 0
-        before = self._previous_progress(compiled, previous, report if previous_running else None, offsets)
-        progress_gate = self._progress_gate(compiled, offsets)
+        watched = job_view or compiled  # the gate reads the brokers the job reads
+        before = self._previous_progress(watched, previous, report if previous_running else None, offsets)
+        progress_gate = self._progress_gate(watched, offsets)
         drain_seconds = None
         if previous is not None and previous_running:
             log(f"draining the running job ({previous.job.processes_text})")
@@ -581,6 +606,7 @@ def recorded_spec(store: DeploymentStore, deployment: Deployment) -> Iterator[Lo
             environment=request.environment,
             processes=request.processes,
             workers_per_process=request.workers_per_process,
+            env={} if request.env_ref else dict(request.env),  # values the store read back, if it could
         )
 
 
@@ -602,18 +628,14 @@ def launch_request(spec: LoomFlowSpec, compiled: CompiledFlow, run_id: str | Non
     )
 
 
-def config_hash_of(files: tuple[str, ...], environment: str) -> str:
-    """The config hash of loom config *files* as a deployment would load them."""
+def config_hash_of_contents(files: Sequence[ConfigFile], environment: str) -> str:
+    """The config hash (``describe.config_hash``, keyed) of snapshot entries as a deployment loads them,
+    from a private scratch copy."""
     from loom_dagster.describe import config_hash
     from loom_dagster.loading import load_config
 
-    return config_hash(load_config(files, environment))
-
-
-def config_hash_of_contents(files: Sequence[ConfigFile], environment: str) -> str:
-    """The config hash of snapshot entries, loaded from a private scratch copy."""
     with scratch_copy(files) as paths:
-        return config_hash_of(paths, environment)
+        return config_hash(load_config(paths, environment))
 
 
 def deployment_extra(compiled: CompiledFlow, offsets: OffsetPlan | None) -> dict[str, object]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import hmac
 import inspect
 import json
 import linecache
@@ -202,17 +203,36 @@ def plan_hash(plan: CompiledPlan) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def config_hash(config: Any) -> str:
-    """Hash of a resolved loom config (secrets included, so a rotated password is a change)."""
-    from omegaconf import OmegaConf
+def config_hash(config: Any, key: bytes | None = None) -> str:
+    """The config hash: HMAC-SHA256 (16 hex) of a resolved loom config under the installation's key
+    (``loom_dagster.deployments.installation_key``, or *key*). Secrets are included, so a rotated
+    password is a change, yet the hash, shown in metadata, annotations and ConfigMap names, reveals
+    nothing of them: without the key a guess cannot be checked. The same config hashes alike in every
+    process of one installation and differently in another. The one config-hash function: the catalog
+    memoizes it per config object, the deploy applies it to a snapshot's files.
 
-    raw = getattr(config, "_config", None) or getattr(config, "raw", None)
-    try:
-        data = OmegaConf.to_container(raw, resolve=True) if raw is not None else repr(config)
-    except Exception:
-        data = repr(config)
+    Example:
+        >>> config = {"password": "hunter2"}
+        >>> config_hash(config, key=b"k" * 32) == config_hash(dict(config), key=b"k" * 32)
+        True
+        >>> config_hash(config, key=b"k" * 32) != config_hash(config, key=b"j" * 32)
+        True
+    """
+    from loom_dagster.deployments import installation_key
+
+    if isinstance(config, Mapping):
+        data: Any = dict(config)
+    else:
+        from omegaconf import OmegaConf
+
+        raw = getattr(config, "_config", None) or getattr(config, "raw", None)
+        try:
+            data = OmegaConf.to_container(raw, resolve=True) if raw is not None else repr(config)
+        except Exception:
+            data = repr(config)
     canonical = json.dumps(data, sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    secret = key if key is not None else installation_key()
+    return hmac.new(secret, canonical.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 def _canonical(value: Any, depth: int = 0) -> Any:

@@ -24,8 +24,9 @@ acquiring a free fence takes ~0.05-0.1 s, a refusal while a live job holds it ~1
 the holder), and a job SIGKILLed while holding it is replaced ~10 s later (the session timeout; a
 redeploy after SIGKILL: 10.7 s from the kill to the new job connected, 8.5 s of it waiting for the
 fence). On a broker with the default ``group.initial.rebalance.delay.ms=3000`` acquiring a free (empty)
-fence takes 3.26 s (measured 3 times): the broker delays the first rebalance of an empty group, and
-that is what the fence adds to every job start there (a refusal still takes ~1.1 s).
+fence takes 3.28 s against 0.27 s with the delay at 0 (``bench/fence_start.py``, medians of 5): the
+broker delays the first rebalance of an empty group, and that is what the fence adds to every job start
+there (a refusal still takes ~1.1 s).
 
 Deploy side: :func:`check_fence` describes the fence group before anything is drained and raises
 :class:`FenceHeld` when a job other than the current deployment's holds it. Standard library and
@@ -47,6 +48,7 @@ import msgspec
 
 from loom_dagster.errors import DeploymentError
 from loom_dagster.kafka.cluster import KafkaCluster, cluster_for
+from loom_dagster.kafka.isolation import in_child_process
 from loom_dagster.launchers import procfs
 from loom_dagster.redact import redact_text
 
@@ -196,13 +198,15 @@ class FenceStatus(msgspec.Struct, frozen=True):
         return next((m for m in self.members if m.holds), None)
 
 
+@in_child_process(retries=1)
 def describe_fences(
     cluster: KafkaCluster, groups: Sequence[str], timeout_s: float
 ) -> dict[str, tuple[FenceMember, ...]]:
-    """The members of several fence groups of one cluster, in ONE DescribeGroups round.
+    """The members of several fence groups of one cluster, in ONE DescribeGroups round (a coordinator
+    request: run in a child process, ``loom_dagster.kafka.isolation``).
 
     Raises:
-        ConnectionError: the brokers did not answer within ``timeout_s``.
+        ConnectionError: the brokers did not answer within ``timeout_s``, or the Kafka client died.
     """
     if not groups:
         return {}

@@ -688,6 +688,6 @@ class OpenLineageObserver(DeployObserver):
 
 
 def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from loom_dagster.deployments import write_private_file
+
+    write_private_file(path, data)

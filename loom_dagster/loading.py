@@ -1,4 +1,9 @@
-"""Import a StreamFlow by its import path and load its loom config, with errors a user can act on."""
+"""Import a StreamFlow by its import path and load its loom config, with errors a user can act on.
+
+Every failure is a ``FlowLoadError`` whose text and chained exceptions are redacted
+(:mod:`loom_dagster.errors`): a flow module that raises at import with a DSN in its message shows
+``postgresql://app:***@db/shop`` wherever the error goes (a definitions load, a ``dg.Failure``, the CLI).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from loom_dagster.errors import FlowLoadError
+from loom_dagster.errors import FlowLoadError, LoomDagsterError
 
 if TYPE_CHECKING:
     from loom.core.config import ConfigContext
@@ -61,7 +66,15 @@ def import_flow(import_path: str) -> StreamFlow[Any, Any]:
             )
         obj = getattr(obj, part)
     if callable(obj) and not isinstance(obj, StreamFlow) and not isinstance(obj, type):
-        obj = obj()
+        try:
+            obj = obj()
+        except LoomDagsterError:
+            raise
+        except Exception as exc:
+            raise FlowLoadError(
+                f"calling {attr_path!r} of flow {import_path!r} (a function returning the flow) raised "
+                f"{type(exc).__name__}: {exc}. Fix the function so that it returns the StreamFlow."
+            ) from exc
     if not isinstance(obj, StreamFlow):
         raise FlowLoadError(
             f"{import_path!r} is a {type(obj).__module__}.{type(obj).__qualname__}, not a loom StreamFlow; "

@@ -10,8 +10,9 @@ Found two ways, merged by host + pid:
   name is not (a same-named flow of another environment may run on the host with another group);
 - the process table of this host, for the other flows (no fence target: Mongo source, no record to
   name the group, a secured cluster in the CLI, or a cluster that did not answer): every
-  ``python -m loom_dagster.runtime`` process whose ``--flow-name`` is a known flow (PID + start
-  time, so a reused PID is never mistaken for it).
+  ``python -m loom_dagster.runtime`` process *of this user* whose ``--flow-name`` is a known flow
+  (PID + start time, so a reused PID is never mistaken for it). Another user's runtime is none of
+  ours: not listed from the process table, and never stopped from here.
 
 A local process is an orphan only when neither this state dir nor the state dir it was launched
 from (its ``--status-file`` lives there) records it: a job another state dir (another Dagster instance)
@@ -34,6 +35,7 @@ from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.errors import DeploymentError
 from loom_dagster.fence import FenceMember, fence_group, members_by_group
 from loom_dagster.kafka.cluster import KafkaCluster
+from loom_dagster.launchers import procfs
 from loom_dagster.launchers.base import (
     JobProcess,
     LaunchedJob,
@@ -69,11 +71,15 @@ class Orphan(msgspec.Struct, frozen=True):
     client_id: str | None = None
     local: bool = False
     """True when it runs where this launcher reaches (then ``loom-dagster stop`` can stop it here)."""
+    owner: str | None = None
+    """``uid N`` when it runs on this host as another user (a fence holder): only that user stops it."""
 
     def stop_hint(self) -> str:
         """How to stop it."""
         if self.pid is None:
             return f"stop the client {self.client_id!r} (it is not a loom-dagster job)"
+        if self.owner is not None:
+            return f"`kill {self.pid}` on host {self.host} as its owner ({self.owner}; SIGTERM drains it)"
         return (
             f"`loom-dagster stop {self.flow_name}` on host {self.host} (any state dir), or "
             f"`kill {self.pid}` on host {self.host} (SIGTERM drains it)"
@@ -240,6 +246,7 @@ def _member_orphan(
     local = next(
         (p for p in scanned if identity.local and p.pid == identity.pid and p.host == identity.host), None
     )
+    owner = procfs.owner(identity.pid) if identity.local and local is None else None
     return Orphan(
         target.flow_name,
         identity.host,
@@ -250,7 +257,9 @@ def _member_orphan(
         identity.run_id,
         local.status_file if local is not None else None,
         member.client_id,
-        local=identity.local,
+        # stoppable from here only when it is one of this user's runtime processes (the scan's)
+        local=identity.local and local is not None,
+        owner=owner.describe() if owner is not None and not owner.is_us() else None,
     )
 
 

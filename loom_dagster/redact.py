@@ -2,20 +2,44 @@
 
 What is masked (with ``***``), in free text, URLs, JSON, YAML and Python reprs alike:
 
-- URL userinfo: ``scheme://user:pass@host`` -> ``scheme://user:***@host``;
+- URL userinfo: ``scheme://user:pass@host`` -> ``scheme://user:***@host``; the password may hold
+  ``/ ? # @ :`` (up to the last ``@`` of its token) or spaces (up to the first ``@``); a bare
+  ``user:pass@host:port`` (a Kafka bootstrap entry) too, but not ``git@github.com:x``;
 - the value of a secret-named key: ``password=x``, ``sasl.password: x``, ``"api_key": "x y"``,
   ``'token': 'x'``, ``?pwd=x&``, ``AccountKey=x;``, ``Authorization: Bearer x``; quoted values are
   masked whole (spaces included), unquoted ones up to a space, ``&``, ``,``, ``;``, a quote or a
   closing bracket;
-- ``Bearer <token>`` anywhere.
+- a value after spaces when the key cannot be prose: a flag (``--password x``, ``-storepass x``), a
+  joined key (``sasl.password   x``, ``db_password x``) or ``passwd``/``pwd``/``pw``; not when the next
+  word is an ordinary one (``pwd is /home``, ``db_password must be set``), and never for a bare
+  English word (``password policy``, ``pass the test``);
+- ``Bearer <token>`` anywhere;
+- multi-line secrets, by record rather than by line: a PEM private key (``-----BEGIN ... PRIVATE
+  KEY-----`` to ``-----END ...-----``, also inside one line with ``\\n`` escapes, also when its
+  ``BEGIN`` was cut off before an ``END``) and the indented lines of a YAML value under a secret key
+  (``private_key: |`` block scalars, and ``password:`` followed by a more-indented plain value).
 
 A key is secret when it contains one of the secret words (password, passwd, pwd, passphrase, secret,
-token, api key, access key, account key, private key, credential(s), authorization, auth) with
-nothing or a ``_``/``.``/``-`` suffix after it: ``db_password``, ``sasl.password``, ``clientSecret``
-and ``password_policy_version`` are secret; ``max_tokens``, ``secretary`` and ``author`` are not.
-A ``key: value`` line (YAML) whose key starts lower-case is masked to the end of the line (or a
-`` #`` comment). Accepted over-redaction: ``InvalidToken: the broker ...`` loses one word. Only the
-standard library is imported (the job runtime uses this module).
+token, api key, access key, account key, private key, sas key, key pem, keystore key, credential(s),
+authorization, auth, dsn, jaas) with nothing or a ``_``/``.``/``-`` suffix after it, or ends in the
+short words ``pass``/``pw`` after nothing or a separator: ``db_password``, ``sasl.password``,
+``clientSecret``, ``sasl.jaas.config``, ``ssl.key.pem``, ``db_pass`` and ``pw`` are secret;
+``max_tokens``, ``secretary``, ``author``, ``bypass`` and ``compass`` are not. A ``key: value`` line
+(YAML) whose key starts lower-case is masked to the end of the line (or a `` #`` comment).
+
+Accepted over-redaction: ``InvalidToken: the broker ...`` loses one word; ``pass: 3`` at the start of
+a line loses its value; a URL with a password (or a port right before a query) and an ``@`` further
+on (``http://u:p@h/db?to=me@x``, ``http://h:8123?to=me@x``) is masked up to that last ``@``: a
+password may hold ``@``, ``/`` and ``?``. Known limits: a URL password with a space is
+masked up to the first ``@`` only; a URL password that starts like a port and a path (``1234/``,
+``1234 ``) is read as one, as the URL standard does (so ``http://db:5432/shop?to=ops@x.org`` keeps
+its host); a spaced value starting with ``-`` is read as the next flag; a YAML block cut off above
+its key (a log window starting inside it) cannot be recognized. Only the standard library is
+imported (the job runtime uses this module).
+
+``redact_text`` takes a whole text (a message, a log window); a stream of lines (a log being
+written or followed) goes through one :class:`LineRedactor`, which carries the multi-line state from
+line to line.
 """
 
 from __future__ import annotations
@@ -28,24 +52,41 @@ REDACTED = "***"
 
 _WORDS = (
     r"pass(?:word|wd|phrase)|pwd|secret(?:[_-]?key)?|token|api[_-]?key|access[_-]?key|account[_-]?key"
-    r"|private[_-]?key|sas[_-]?key|credentials?|authorization|auth"
+    r"|private[_-]?key|sas[_-]?key|key[_.\-]?pem|keystore[_.\-]?key|credentials?|authorization|auth"
+    r"|dsn|jaas"
 )
+_SHORT_WORDS = r"pass|pw"
 # A key: up to 64 characters before the secret word, then the word, then nothing or a ``_ . -``
-# joined suffix; the word must not run on into letters ("secretary", "tokens", "author").
-_KEY = rf"[\w.\-]{{0,64}}?(?:{_WORDS})(?:[_.\-][\w.\-]{{0,64}})?(?![A-Za-z0-9])"
+# joined suffix; the word must not run on into letters ("secretary", "tokens", "author"). The short
+# words only end a key, after nothing or a separator ("db_pass", but not "bypass" or "pass_rate").
+_KEY = (
+    rf"(?:[\w.\-]{{0,64}}?(?:{_WORDS})(?:[_.\-][\w.\-]{{0,64}})?"
+    rf"|(?:[\w.\-]{{0,64}}?[_.\-])?(?:{_SHORT_WORDS}))(?![A-Za-z0-9])"
+)
 _KEY_RE = re.compile(_KEY, re.IGNORECASE)
 
+# ``scheme://user:password@host``: the password runs to the last ``@`` of its token (it may hold
+# ``/ ? # @ :``), else, holding spaces, to the first ``@`` of the line (at most 128 characters).
 _USERINFO = re.compile(
-    r"(?P<scheme>(?<![a-zA-Z0-9+.\-])[a-zA-Z][a-zA-Z0-9+.\-]{0,31}://)(?P<user>[^:/@\s'\"<>]*):(?P<password>[^\s/?#'\"<>]*)@"
+    r"(?P<scheme>(?<![a-zA-Z0-9+.\-])[a-zA-Z][a-zA-Z0-9+.\-]{0,31}://)(?P<user>[^:/@\s'\"<>]*):"
+    r"(?:(?P<password>(?:(?!://)[^\s'\"<>])*)@(?=[\w\[%.\-])"
+    r"|(?P<spaced>(?:(?!://)[^\n'\"<>@]){1,128}?)@(?=[\w\[%.\-]))"
+)
+# A "password" starting like a port and a path is a port and a path: ``http://h:8123/?to=me@x``.
+_PORT_FIRST = re.compile(r"\d{1,5}[/\s]")
+# ``user:password@host:port`` without a scheme (Kafka ``bootstrap.servers``, ``host:port`` lists).
+_BARE_USERINFO = re.compile(
+    r"(?<![\w.\-+/:@%~])(?P<user>[A-Za-z0-9._\-~%+]{1,64}):(?!//)(?P<password>[^\s'\"<>,;]+)@"
+    r"(?=(?:[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*|\[[0-9A-Fa-f:.]+\]):\d{1,5}(?![\w.]))"
 )
 _AUTH_SCHEME = r"(?:(?:Bearer|Basic|Token|Digest|Negotiate)[ \t]+)?"
 _END = r"(?:(?=\n)|\Z)"  # an unterminated quoted value runs to the end of its line
 _KEY_VALUE = re.compile(
-    rf"(?<![\w.\-])(?P<key>{_KEY})(?P<close>\\?[\"']?)(?P<sep>[ \t]*(?::(?!//)|=(?!=))[ \t]*)"
+    rf"(?<![\w.\-])(?P<key>{_KEY})(?P<close>\\?[\"']?)(?P<sep>[ \t]*(?::(?!//)|=(?!=[ \t]))[ \t]*)"
     r"(?:"
-    rf"(?P<dq>\")(?:[^\"\\\n]|\\.)*(?:\"|{_END})"  # "value"
-    rf"|(?P<eq>\\[\"'])(?:(?!(?P=eq))[^\n])*(?:(?P=eq)|{_END})"  # \"value\" or \'value\' (escaped)
-    rf"|(?P<sq>')(?:[^'\\\n]|\\.)*(?:'|{_END})"  # 'value'
+    rf"(?P<dq>\")(?P<dqv>(?:[^\"\\\n]|\\.)*)(?:\"|{_END})"  # "value"
+    rf"|(?P<eq>\\[\"'])(?P<eqv>(?:(?!(?P=eq))[^\n])*)(?:(?P=eq)|{_END})"  # \"value\" or \'value\' (escaped)
+    rf"|(?P<sq>')(?P<sqv>(?:[^'\\\n]|\\.)*)(?:'|{_END})"  # 'value'
     rf"|(?P<scheme>{_AUTH_SCHEME})(?P<plain>[^\s&,;'\"}})\]]+)"  # value, Bearer value
     r")",
     re.IGNORECASE,
@@ -57,7 +98,48 @@ _LINE_VALUE = re.compile(
     r"(?P<value>[^\s'\"][^\n]*?)(?=[ \t]+#|[ \t]*$)",
     re.IGNORECASE | re.MULTILINE,
 )
-_BEARER = re.compile(r"\bBearer[ \t]+[A-Za-z0-9\-._~+/]+=*")
+# ``key value`` where the key cannot be prose: a flag, a joined key, or passwd/pwd/pw. The secret
+# word ends the key here (or ``.config``/``_value``...): ``token_count 3`` and ``--password-file f``
+# name something about the secret, not the secret.
+_VALUE_SUFFIX = r"(?:[_.\-](?:config|value|string|str|text))?"
+_SPACED = re.compile(
+    r"(?<![\w.\-/])(?P<key>"
+    rf"-{{1,2}}(?=[A-Za-z])[\w\-]{{0,64}}?(?:{_WORDS}|{_SHORT_WORDS}){_VALUE_SUFFIX}"
+    rf"|(?=[\w.\-]*[_.\-])(?:[\w.\-]{{0,64}}?(?:{_WORDS}){_VALUE_SUFFIX}|[\w.\-]{{0,64}}?[_.\-](?:{_SHORT_WORDS}))"
+    r"|passwd|pwd|pw"
+    r")(?![\w.\-])(?P<sp>[ \t]+)"
+    r"(?P<value>(?P<dq>\")(?P<dqv>(?:[^\"\\\n]|\\.)*)(?:\"|$)|(?P<sq>')(?P<sqv>(?:[^'\\\n]|\\.)*)(?:'|$)"
+    r"|(?P<plain>(?!-|[=:](?:\s|$))\S+))",  # not the next flag, not a lone = or : (key = value)
+    re.IGNORECASE,
+)
+# Words after a key that say something about it rather than being its value.
+_ORDINARY = frozenset(
+    "a an and are as at be been by can cannot could did does for from has have if in into is it its "
+    "may must no not of on or should than that the then this to was were will with would "
+    "missing required invalid incorrect wrong empty unset expired field value file option flag "
+    "argument prompt policy reset change changed none null".split()
+)
+_BEARER = re.compile(r"\bBearer[ \t]+(?P<token>[A-Za-z0-9\-._~+/]+=*)")
+
+# PEM: a private (or secret, or encrypted) key block; its body lines; the RFC 1421 / PGP armor headers.
+_PEM_BEGIN = re.compile(r"-----BEGIN [A-Z0-9 ]*?(?:PRIVATE|SECRET|ENCRYPTED)[A-Z0-9 ]*?-----")
+_PEM_END = re.compile(r"-----END [A-Z0-9 ]*?-----")
+_PEM_SECRET_END = re.compile(r"-----END [A-Z0-9 ]*?(?:PRIVATE|SECRET|ENCRYPTED)[A-Z0-9 ]*?-----")
+_PEM_BODY = re.compile(
+    r"[ \t]*[\"']?(?:[A-Za-z0-9+/=]+|(?:Proc-Type|DEK-Info|Version|Comment|Hash|Charset|MessageID):.*)?"
+    r"(?:\\n)?[\"',)\\]*[ \t]*"
+)
+# A YAML value that continues on the next, more-indented lines: ``key: |`` (anywhere on a line) or
+# ``key:`` alone on a line (a plain multi-line value, or a nested mapping).
+_BLOCK_KEY = re.compile(
+    rf"(?:^|(?<=[\s{{,]))(?P<q>[\"']?){_KEY}(?P=q)[ \t]*:[ \t]*[|>][-+0-9]*[ \t]*(?:#.*)?$", re.IGNORECASE
+)
+_EMPTY_KEY = re.compile(
+    rf"^[ \t]*(?:-[ \t]+)?(?P<q>[\"']?)(?=(?-i:[a-z_])){_KEY}(?P=q)[ \t]*:[ \t]*(?:#.*)?$", re.IGNORECASE
+)
+# Every shape needs one of these in its line: most log lines have none and are passed as they are.
+_HINT = re.compile(rf"{_WORDS}|{_SHORT_WORDS}|://|@|-----|bearer", re.IGNORECASE)
+_STRUCTURE = re.compile(r"[ \t]*(?:-(?:[ \t]|$)|[\"']?[\w.\-]+[\"']?[ \t]*:(?:[ \t]|$))")
 
 
 def redact_url(url: str) -> str:
@@ -78,7 +160,12 @@ def strip_userinfo(url: str) -> str:
         ('http://ch:8123/db', 'SASL_SSL://b1:9093')
         >>> strip_userinfo("app:pw@broker:9092"), strip_userinfo("/data/lake/events")
         ('broker:9092', '/data/lake/events')
+        >>> strip_userinfo("postgresql://app:pa/ss#w@db:5432/shop")  # as redact_text reads the password
+        'postgresql://db:5432/shop'
     """
+    match = _USERINFO.match(url)
+    if match is not None and match["password"] is not None and not _PORT_FIRST.match(match["password"]):
+        return f"{match['scheme']}{url[match.end() :]}"
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
@@ -93,37 +180,200 @@ def strip_userinfo(url: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Mask every URL password, secret-named value and bearer token found in free text.
+    """Mask every URL password, secret-named value, bearer token and private key found in a text.
+
+    Multi-line secrets (PEM blocks, YAML values under a secret key) are recognized across its lines.
 
     Example:
         >>> redact_text("sasl.password=hunter2 url=http://default:s3cret@ch:8123/db?password=x")
         'sasl.password=*** url=http://default:***@ch:8123/db?password=***'
         >>> redact_text('{"api_key": "a b c"} Bearer abc123 tokens consumed: 5')
         '{"api_key": "***"} Bearer *** tokens consumed: 5'
+        >>> redact_text("key:\\n  private_key: |\\n    MIIEvQ\\n    AbC\\n  user: bob")
+        'key:\\n  private_key: ***\\n    ***\\n    ***\\n  user: bob'
     """
     if not text:
         return text
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
-    text = _LINE_VALUE.sub(lambda m: f"{m['head']}{REDACTED}", text)
-    text = _KEY_VALUE.sub(_mask_value, text)
-    return _BEARER.sub(f"Bearer {REDACTED}", text)
+    lines = text.split("\n")
+    redactor = LineRedactor()
+    out: list[str] = []
+    for index, line in enumerate(lines):
+        masked, orphan_end = redactor.feed(line)
+        if orphan_end:  # the block's BEGIN is not in this text: its body lines are right above
+            above = index - 1
+            while above >= 0 and lines[above].strip() and _PEM_BODY.fullmatch(lines[above]):
+                out[above] = _masked_line(lines[above])
+                above -= 1
+        out.append(masked)
+    return "\n".join(out)
 
 
-def _mask_value(match: re.Match[str]) -> str:
-    """``key<sep>***``, keeping the value's quotes and auth scheme."""
-    head = f"{match['key']}{match['close']}{match['sep']}"
-    for quote in ("dq", "eq", "sq"):
-        if match[quote] is not None:
-            return f"{head}{match[quote]}{REDACTED}{match[quote]}"
-    return f"{head}{match['scheme']}{REDACTED}"
+class LineRedactor:
+    """Redacts a stream of lines one at a time, carrying multi-line secrets from line to line: the
+    body of a PEM private key until its ``END`` line, the indented lines of a YAML value under a
+    secret key until the indentation comes back.
+
+    Example:
+        >>> redactor = LineRedactor()
+        >>> [redactor(line) for line in ["-----BEGIN PRIVATE KEY-----", "MIIEvQ", "-----END PRIVATE KEY-----"]]
+        ['-----BEGIN PRIVATE KEY-----', '***', '-----END PRIVATE KEY-----']
+    """
+
+    def __init__(self) -> None:
+        self._pem = False
+        self._block: tuple[int, bool] | None = None  # (indentation of the key's line, plain value)
+
+    def __call__(self, line: str) -> str:
+        """*line* (without its newline) redacted."""
+        return self.feed(line)[0]
+
+    def feed(self, line: str) -> tuple[str, bool]:
+        """*line* redacted, and whether it ends a PEM block whose ``BEGIN`` this redactor never saw."""
+        if line.endswith("\r"):
+            masked, orphan = self.feed(line[:-1])
+            return masked + "\r", orphan
+        if self._block is not None:
+            indent, plain = self._block
+            if not line.strip():
+                return line, False
+            depth = _indentation(line)
+            if depth > indent and not (plain and _STRUCTURE.match(line)):
+                return _masked_line(line), False
+            self._block = None
+        if self._pem:
+            end = _PEM_END.search(line)
+            if end is not None:
+                self._pem = False
+                head = (
+                    _masked_line(line[: end.start()]) if line[: end.start()].strip() else line[: end.start()]
+                )
+                return head + end.group(0) + self.feed(line[end.end() :])[0], False
+            if not line.strip():
+                return line, False
+            if _PEM_BODY.fullmatch(line):
+                return _masked_line(line), False
+            self._pem = False  # a block cut short: this line is ordinary text again
+        return self._text(line)
+
+    def _text(self, line: str) -> tuple[str, bool]:
+        """A line outside any multi-line secret (it may start one)."""
+        if not _HINT.search(line):
+            return line, False
+        if _BLOCK_KEY.search(line):
+            self._block = (_indentation(line), False)
+        elif _EMPTY_KEY.match(line):
+            self._block = (_indentation(line), True)
+        orphan = False
+        if "-----" in line:
+            line, orphan = self._pem_in_line(line)
+        return _single_line(line), orphan
+
+    def _pem_in_line(self, line: str) -> tuple[str, bool]:
+        """Mask the PEM bodies in one line; start a block when the last one does not end here."""
+        out: list[str] = []
+        rest = line
+        orphan = False
+        end = _PEM_SECRET_END.search(rest)
+        begin = _PEM_BEGIN.search(rest)
+        if end is not None and (begin is None or end.start() < begin.start()):
+            orphan = True  # the body before it was cut off from its BEGIN (a log window, a clipped text)
+            before = rest[: end.start()]
+            out.append(_mask_pem_tail(before) + end.group(0))
+            rest = rest[end.end() :]
+        while (begin := _PEM_BEGIN.search(rest)) is not None:
+            out.append(rest[: begin.end()])
+            after = rest[begin.end() :]
+            end = _PEM_END.search(after)
+            if end is None:
+                out.append(REDACTED if after.strip() else after)
+                self._pem = True
+                return "".join(out), orphan
+            out.append(REDACTED + end.group(0))
+            rest = after[end.end() :]
+        out.append(rest)
+        return "".join(out), orphan
+
+
+def _mask_pem_tail(text: str) -> str:
+    """The part of a line before an orphan ``END``: its trailing key material masked."""
+    match = re.search(r"(?:\\n|[A-Za-z0-9+/=])+$", text)
+    if match is None:
+        return text
+    return text[: match.start()] + REDACTED
+
+
+def _indentation(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+def _masked_line(line: str) -> str:
+    """A whole line of key material: its indentation kept, the rest masked."""
+    return line[: _indentation(line)] + REDACTED
+
+
+def _single_line(line: str) -> str:
+    """Every one-line shape: URL userinfo, secret-named values, bearer tokens.
+
+    Each shape is looked for in the line as it is, and the union of what they find is masked: a
+    shape never hides another (``http://h:8123/?password=x@y``: the userinfo guess and the query
+    password overlap, both are masked)."""
+    spans: list[tuple[int, int, str]] = []  # (start, end, what follows the mask: a missing quote)
+    if "://" in line:
+        for match in _USERINFO.finditer(line):
+            group = "password" if match["password"] is not None else "spaced"
+            if not _PORT_FIRST.match(match[group]):
+                spans.append((*match.span(group), ""))
+    if "@" in line:
+        spans.extend((*match.span("password"), "") for match in _BARE_USERINFO.finditer(line))
+    spans.extend((*match.span("value"), "") for match in _LINE_VALUE.finditer(line))
+    spans.extend(_value_span(match) for match in _KEY_VALUE.finditer(line))
+    spans.extend(_value_span(match) for match in _SPACED.finditer(line) if _spaced_secret(match))
+    spans.extend((*match.span("token"), "") for match in _BEARER.finditer(line))
+    return _masked(line, spans)
+
+
+def _value_span(match: re.Match[str]) -> tuple[int, int, str]:
+    """Where the value of a key-value match is (inside its quotes), and the quote to add when the
+    value runs to the end of the line unterminated."""
+    for group, quote in (("dqv", "dq"), ("eqv", "eq"), ("sqv", "sq")):
+        if match.re.groupindex.get(group) and match[group] is not None:
+            start, end = match.span(group)
+            return start, end, match[quote] if end == match.end() else ""
+    return (*match.span("plain"), "")
+
+
+def _spaced_secret(match: re.Match[str]) -> bool:
+    """False when the word after the key is an ordinary one (``pwd is ...``) or already masked."""
+    value = match["value"]
+    return value.lower().rstrip(".,;:!?)") not in _ORDINARY and value.strip("\"'") != REDACTED
+
+
+def _masked(line: str, spans: list[tuple[int, int, str]]) -> str:
+    """*line* with each run of overlapping or touching spans replaced by ``***``."""
+    if not spans:
+        return line
+    spans.sort()
+    out: list[str] = []
+    done = 0
+    start, end, tail = spans[0]
+    for next_start, next_end, next_tail in spans[1:]:
+        if next_start <= end:
+            if next_end > end or (next_end == end and next_tail):
+                end, tail = next_end, next_tail
+            continue
+        out.append(f"{line[done:start]}{REDACTED}{tail}")
+        done = end
+        start, end, tail = next_start, next_end, next_tail
+    out.append(f"{line[done:start]}{REDACTED}{tail}{line[end:]}")
+    return "".join(out)
 
 
 def is_secret_key(key: str) -> bool:
     """Whether a config key names a secret (``password``, ``sasl.password``, ``api_key``, ...).
 
     Example:
-        >>> is_secret_key("sasl.password"), is_secret_key("max_tokens")
-        (True, False)
+        >>> is_secret_key("sasl.password"), is_secret_key("sasl.jaas.config"), is_secret_key("max_tokens")
+        (True, True, False)
     """
     return _KEY_RE.fullmatch(key.strip()) is not None
 

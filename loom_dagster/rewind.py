@@ -33,6 +33,7 @@ from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.errors import DeploymentError, LoomDagsterError
 from loom_dagster.kafka.admin import group_offsets
 from loom_dagster.kafka.cluster import KafkaCluster, cluster_for
+from loom_dagster.kafka.isolation import in_child_process
 from loom_dagster.kafka.snapshot import OffsetSnapshot, OffsetSnapshotError, snapshot_offsets
 from loom_dagster.redact import redact_text
 
@@ -466,9 +467,15 @@ def offsets_for_time(
     return out
 
 
+def _client_died(reason: str, *args: Any, **kwargs: Any) -> Any:
+    raise RewindError(f"the Kafka request could not complete: {reason}; nothing was changed")
+
+
+@in_child_process(on_crash=_client_died, retries=1)
 def group_members(cluster: KafkaCluster, group: str, timeout_s: float) -> tuple[str, ...]:
     """Client ids (with host) of the consumer group's active members: loom's jobs ``assign()`` and never
-    join, so any member is some other consumer of the group."""
+    join, so any member is some other consumer of the group. A coordinator request: run in a child
+    process (``loom_dagster.kafka.isolation``)."""
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient(dict[str, Any](cluster.client_config()))
@@ -482,11 +489,20 @@ def group_members(cluster: KafkaCluster, group: str, timeout_s: float) -> tuple[
     return tuple(f"{m.client_id}@{m.host}" for m in description.members)
 
 
+def _client_died_altering(reason: str, cluster: KafkaCluster, group: str, *args: Any, **kwargs: Any) -> None:
+    raise RewindError(
+        f"the Kafka client died while setting the offsets of group {group!r} ({reason}): they may or may "
+        "not have been changed; a dry run of the rewind (dry_run: true) shows the committed offsets now"
+    )
+
+
+@in_child_process(on_crash=_client_died_altering)
 def alter_offsets(
     cluster: KafkaCluster, group: str, offsets: Mapping[tuple[str, int], int], timeout_s: float
 ) -> None:
     """Set *group*'s committed offsets (one ``OffsetCommit`` through the AdminClient), then read them back;
-    ``RewindError`` if the broker refused any (e.g. the group has active members) or they differ."""
+    ``RewindError`` if the broker refused any (e.g. the group has active members) or they differ. Run in
+    a child process (coordinator requests: ``loom_dagster.kafka.isolation``)."""
     from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
     from confluent_kafka.admin import AdminClient
 

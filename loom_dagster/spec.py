@@ -77,3 +77,12 @@ class LoomFlowSpec:
     def load_config(self, environment: str | None = None) -> ConfigContext:
         """Load the loom config (overlays and ``LOOM__*`` overrides applied)."""
         return load_config(self.config_sources, self.resolved_environment(environment))
+
+    def load_job_config(self, environment: str | None = None) -> ConfigContext:
+        """The loom config as the job loads it: with ``env=`` in its environment (``LOOM__*`` overrides,
+        ``${oc.env:...}``), loaded in a fresh process that has it (``loom_dagster.job_config``)."""
+        if not self.env:
+            return self.load_config(environment)
+        from loom_dagster.job_config import load_job_config
+
+        return load_job_config(self.config_sources, self.resolved_environment(environment), self.env)

@@ -21,17 +21,58 @@ def kafka() -> Iterator[KafkaBroker]:
         yield broker
 
 
+class _ClickHouse:
+    """Where the session's ClickHouse answers."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.port = int(url.rsplit(":", 1)[1])
+
+
 @pytest.fixture(scope="session")
-def clickhouse() -> Iterator[object]:
-    """A real ClickHouse engine (chdb, ClickHouse in-process) behind our HTTP front on loopback.
+def clickhouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_ClickHouse]:
+    """A real ClickHouse engine (chdb) behind our HTTP front on loopback, in a process of its own
+    (``python -m loom_dagster.dev.clickhouse serve``), stopped by its PID at the end.
 
     It speaks the part of ClickHouse's HTTP interface that clickhouse-connect uses, which is what
-    loom's ClickHouse sink and our checks talk to. One per session: chdb allows one engine per process.
+    loom's ClickHouse sink and our checks talk to. Not in the test process: chdb runs one engine per
+    process, and tests/test_dev_clickhouse.py opens engines of its own there, in whatever order.
     """
-    from loom_dagster.dev.clickhouse import ChdbHttpServer
+    import subprocess
+    import sys
 
-    with ChdbHttpServer() as server:
-        yield server
+    data_dir = tmp_path_factory.mktemp("clickhouse")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loom_dagster.dev.clickhouse",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=(data_dir / "server.log").open("wb"),
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().strip()
+        if not url.startswith("http://"):
+            raise RuntimeError(
+                f"the ClickHouse server did not start: {(data_dir / 'server.log').read_text()[-2000:]}"
+            )
+        yield _ClickHouse(url)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
 
 
 @pytest.fixture()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,17 +34,29 @@ def cli(bench: DeployBench, *args: str) -> subprocess.CompletedProcess[str]:
 def test_status_logs_stop(bench: DeployBench) -> None:
     empty = cli(bench, "status")
     assert empty.returncode == 0 and "no flows deployed" in empty.stdout
-    bench.produce(0, 300)
     with dg.instance_for_test() as instance:
         assert bench.materialize(instance).success
-    bench.wait_for_delta(set(bench.produced))
     (pid,) = bench.alive_pids()
+
+    # The job is frozen before any message exists, so it can neither consume nor commit: the lag is
+    # exactly what is produced now, counted from the offsets the deployment started at (no commit yet).
+    # Resumed well within the fence's 10 s session.
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        bench.produce(0, 300)
+        (frozen,) = json.loads(cli(bench, "status", "--json").stdout)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert time.monotonic() - stopped_at < 9, "frozen too long: the job lost its fence"
+    assert frozen["lag"] == "300 (NO_COMMITS)", frozen
+    assert frozen["records_in"] == 0, frozen
+    bench.wait_for_delta(set(bench.produced))
 
     rows = json.loads(cli(bench, "status", "--json").stdout)
     (row,) = rows
     assert row["flow"] == "ticks" and row["health"] == "healthy" and row["pids"] == [pid]
     assert row["records_in"] >= 300 and "ticks_delta" in row["last_write"]
-    assert row["lag"] == 0 or isinstance(row["lag"], int)
     table = cli(bench, "status").stdout
     assert table.splitlines()[0].split()[:3] == ["FLOW", "HEALTH", "PIDS"]
     assert "ticks" in table and "healthy" in table and str(pid) in table
@@ -64,9 +79,6 @@ def test_errors_are_clear(bench: DeployBench) -> None:
     with dg.instance_for_test() as instance:
         assert bench.materialize(instance).success
     (pid,) = bench.alive_pids()
-    import os
-    import signal
-
     os.kill(pid, signal.SIGKILL)
     (row,) = json.loads(cli(bench, "status", "--json", "--no-lag").stdout)
     assert row["health"] == "dead" and row["detail"].startswith("stale record: no process is running")

@@ -1,7 +1,10 @@
 """A custom ``Launcher`` named by the deploy resource runs the job and is what every tool goes through:
 the deploy (preflight, launch, health gate), a health-sensor tick, the ``loom-dagster`` CLI (which finds
-it in the deployment record, in another process) and the ``loom_undeploy`` job. Also: deployment
-records written before the records became msgspec structs still load."""
+it in the deployment record, in another process) and the ``loom_undeploy`` job. The CLI builds it from
+the record only because it is registered, as users do it: an entry point of the group
+``loom_dagster.launchers`` in the metadata of an installed distribution (here a test distribution put
+on the path); unregistered, it is refused with how to register it. Also: deployment records written
+before the records became msgspec structs still load."""
 
 from __future__ import annotations
 
@@ -16,14 +19,24 @@ from typing import Any
 import dagster as dg
 import pytest
 
+import loom_dagster.launchers.base as launchers_base
 from loom_dagster import DeploymentStore, build_loom_asset_graph, build_loom_defs
+from loom_dagster.deployments import Deployment
 from loom_dagster.dev.kafka import KafkaBroker
 from loom_dagster.errors import DeploymentError
-from loom_dagster.launchers import LauncherRef, LocalProcessLauncher, load_launcher
+from loom_dagster.launchers import (
+    LauncherRef,
+    LocalProcessLauncher,
+    UnregisteredLauncherWarning,
+    launcher_from_record,
+    load_launcher,
+    register_launcher,
+    registered_launchers,
+)
 from loom_dagster.sensors.health import build_job_health_sensor
 from loom_dagster.settings import JobHealthSettings
 from tests.support.deploy_env import DeployBench, bench_fixture, runtime_pids_for
-from tests.support.helpers import run_cli
+from tests.support.helpers import ROOT, run_cli
 from tests.support.recording_launcher import PATH, RecordingLauncher, calls
 
 FLOW_KEY = dg.AssetKey(["loom", "ticks"])
@@ -32,6 +45,20 @@ FLOW_KEY = dg.AssetKey(["loom", "ticks"])
 @pytest.fixture()
 def bench(kafka: KafkaBroker, tmp_path: Path, topic_prefix: str) -> Iterator[DeployBench]:
     yield from bench_fixture(kafka, tmp_path, topic_prefix)
+
+
+def install_test_distribution(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make a distribution whose metadata registers ``RecordingLauncher`` as the entry point ``recording``
+    of ``loom_dagster.launchers`` visible to this process and to the processes it starts (the CLI), as
+    ``pip install`` of a package declaring it in its pyproject.toml would."""
+    info = root / "site" / "loom_dagster_test_launchers-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: loom-dagster-test-launchers\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[loom_dagster.launchers]\nrecording = {PATH}\n")
+    monkeypatch.syspath_prepend(str(info.parent))
+    # the package must import where the records are read: here it lives in the repository
+    path = [str(info.parent), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
 
 
 def made(entries: list[dict[str, Any]], *, cli: bool | None = None) -> set[str]:
@@ -45,7 +72,11 @@ def made(entries: list[dict[str, Any]], *, cli: bool | None = None) -> set[str]:
 
 @pytest.mark.kafka
 @pytest.mark.slow
-def test_a_custom_launcher_is_used_by_deploy_sensor_cli_and_undeploy(bench: DeployBench) -> None:
+def test_a_custom_launcher_is_used_by_deploy_sensor_cli_and_undeploy(
+    bench: DeployBench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install_test_distribution(bench.root, monkeypatch)
+    assert registered_launchers()["recording"] == PATH
     journal = bench.root / "calls.jsonl"
     resource = bench.resource(launcher=PATH, launcher_config={"journal": str(journal)})
     assert isinstance(resource.build_launcher(), RecordingLauncher)
@@ -56,7 +87,7 @@ def test_a_custom_launcher_is_used_by_deploy_sensor_cli_and_undeploy(bench: Depl
         assert {"launch", "report"} <= made(calls(journal), cli=False)
         record = bench.store.current("ticks")
         assert record is not None and record.job.launcher == "recording"
-        assert (record.launcher.path, record.launcher.config["journal"]) == (PATH, str(journal))
+        assert (record.launcher.path, record.launcher.config["journal"]) == ("recording", str(journal))
         since = time.time()
         assert bench.materialize(instance, resource=resource).success
         assert {"preflight", "owns", "stop", "launch", "report"} <= made(calls(journal, since))
@@ -174,7 +205,10 @@ def test_records_written_by_the_old_code_still_load(tmp_path: Path) -> None:
     written = json.loads((directory / "deployment.json").read_text())
     assert written.pop("launcher") == {"config": {}, "path": "local", "sys_path": []}
     assert [p.pop("host") for p in written["job"]["processes"]] == [""]
-    assert written == {**OLD_RECORD, "job": {**OLD_RECORD["job"], "started_at": 1760000000.0}}
+    request = written["job"]["request"]
+    assert request.pop("env") == [["LOOM_TEST_VERSION", ""]] and request.pop("env_ref").startswith("file:env/")
+    old_request = {k: v for k, v in OLD_RECORD["job"]["request"].items() if k != "env"}
+    assert written == {**OLD_RECORD, "job": {**OLD_RECORD["job"], "started_at": 1760000000.0, "request": old_request}}
     assert store.history("ticks") == [record, record]
 
 
@@ -183,7 +217,9 @@ def test_unreadable_record_and_bad_launcher_paths_fail_clearly(tmp_path: Path) -
     (store.flow_dir("ticks") / "deployment.json").write_text('{"flow_name": "ticks"}')
     with pytest.raises(DeploymentError, match="deployment record .* is unreadable"):
         store.current("ticks")
-    with pytest.raises(DeploymentError, match="expected 'local', 'kubernetes' or 'package.module:Class'"):
+    with pytest.raises(
+        DeploymentError, match="expected 'local', 'kubernetes', a registered launcher's name or"
+    ):
         load_launcher("nope")
     with pytest.raises(DeploymentError, match="does not import"):
         load_launcher("no_such_module_here:Launcher")
@@ -191,3 +227,42 @@ def test_unreadable_record_and_bad_launcher_paths_fail_clearly(tmp_path: Path) -
         load_launcher("loom_dagster.deployments:DeploymentStore")
     with pytest.raises(DeploymentError, match="does not take this config"):
         load_launcher("local", {"colour": "blue"})
+
+
+def test_an_unregistered_launcher_builds_from_code_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Code (a resource) may name an unregistered class, with a warning; a record naming it is refused
+    (nothing imported), by the CLI with how to register it, until it is registered: by an entry point,
+    or in one process with ``register_launcher``."""
+    monkeypatch.setattr(launchers_base, "_registered", {})
+    monkeypatch.setattr(launchers_base, "_names", {})  # what an earlier test's entry point registered
+    journal = str(tmp_path / "calls.jsonl")
+    with pytest.warns(UnregisteredLauncherWarning, match="not registered under the entry point group"):
+        launcher = load_launcher(PATH, {"journal": journal})
+    assert isinstance(launcher, RecordingLauncher)
+    ref = launcher.ref()
+    assert (ref.path, ref.config["journal"], ref.sys_path) == (PATH, journal, ())
+    with pytest.raises(DeploymentError, match="is not a registered launcher"):
+        ref.build()
+
+    store = DeploymentStore(tmp_path / "state")
+    record = Deployment.decode(json.dumps({**OLD_RECORD, "launcher": msgspec_ref(ref)}))
+    store.save(record)
+    done = run_cli(store.root, "status", "--no-lag", timeout_s=60)
+    assert done.returncode == 2, done.stdout
+    assert f"flow 'ticks': launcher {PATH!r} is not a registered launcher" in done.stderr, done.stderr
+    assert '[project.entry-points."loom_dagster.launchers"]' in done.stderr
+
+    assert register_launcher(RecordingLauncher) == "recording"
+    assert load_launcher(PATH, {"journal": journal}).ref().path == "recording"
+    for name in (PATH, "recording"):  # old records name the class, new ones the registered name
+        assert isinstance(launcher_from_record(name, {"journal": journal}), RecordingLauncher)
+    assert LauncherRef(PATH, {"journal": journal}).same_class(launcher)
+    assert LauncherRef("recording", {"journal": journal}).same_class(launcher)
+    with pytest.raises(DeploymentError, match="is a built-in launcher"):
+        register_launcher(RecordingLauncher, "local")
+
+
+def msgspec_ref(ref: LauncherRef) -> dict[str, Any]:
+    return {"path": ref.path, "config": ref.config, "sys_path": list(ref.sys_path)}

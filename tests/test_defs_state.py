@@ -237,3 +237,34 @@ def test_lag_sensor_after_a_state_backed_load_resolves_its_cluster_on_first_tick
     assert event.metadata["total_lag"].value == 8, event.description
     assert event.metadata["consumer_group"].value == f"{topic_prefix}-ticks"
     assert all(node.compiled._plan is not None for node in graph.flows)  # compiled on the first tick
+
+
+def test_a_load_hashes_configs_with_the_deploys_key_and_another_installations_state_is_stale(
+    tmp_path: Path, sinks_env: pytest.MonkeyPatch
+) -> None:
+    """The config hash is keyed per installation: the records a load takes from the defs state carry the
+    hash a deploy computes (the redeploy schedule compares them), and a state (or compile cache entry)
+    written under another installation's key is refreshed, never taken with a hash nobody here makes."""
+    from loom_dagster.catalog import compile_spec
+    from loom_dagster.deployments import HASH_KEY_VARIABLE
+
+    cfg = shapes_config(tmp_path / "cfg")
+    sinks_env.delenv(HASH_KEY_VARIABLE, raising=False)
+    sinks_env.setenv("LOOM_DAGSTER_COMPILE_CACHE", str(tmp_path / "cache"))
+    sinks_env.setenv("LOOM_DAGSTER_STATE_DIR", str(tmp_path / "installation-a"))
+    state = DefsState(tmp_path / "state")
+    written = state.load([_spec(cfg)])
+    loaded = state.load([_spec(cfg)])
+    assert [f.status for f in loaded.flows] == ["fresh"]
+    deployed = compile_spec(_spec(cfg)).flow  # what a deploy compiles and records
+    assert loaded.compiled[0].flow.config_hash == written.compiled[0].flow.config_hash == deployed.config_hash
+
+    sinks_env.setenv("LOOM_DAGSTER_STATE_DIR", str(tmp_path / "installation-b"))
+    elsewhere = state.load([_spec(cfg)])
+    (flow,) = elsewhere.flows
+    assert flow.status == "refreshed" and "another installation's key" in (flow.reason or "")
+    here = compile_spec(_spec(cfg)).flow
+    assert elsewhere.compiled[0].flow.config_hash == here.config_hash != deployed.config_hash
+    assert elsewhere.compiled[0].flow.plan_hash == deployed.plan_hash
+    never = DefsState(tmp_path / "state", refresh="never")
+    assert [f.status for f in never.load([_spec(cfg)]).flows] == ["fresh"]  # rewritten under key b

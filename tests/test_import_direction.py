@@ -14,6 +14,8 @@ import pytest
 CORE = [
     "loom_dagster.spec",
     "loom_dagster.loading",
+    "loom_dagster.job_config",
+    "loom_dagster.python_child",
     "loom_dagster.compile",
     "loom_dagster.catalog",
     "loom_dagster.defs_state",
@@ -38,6 +40,7 @@ CORE = [
     "loom_dagster.kafka_lag",
     "loom_dagster.kafka.cluster",
     "loom_dagster.kafka.admin",
+    "loom_dagster.kafka.isolation",
     "loom_dagster.kafka.offsets",
     "loom_dagster.kafka.snapshot",
     "loom_dagster.kafka.lag_status",

@@ -29,7 +29,7 @@ from loom_dagster.deployments import Deployment, DeploymentStore
 from loom_dagster.dev.produce import produce
 from loom_dagster.launchers.base import LaunchedJob, LaunchRequest
 from loom_dagster.launchers.local import LocalProcessLauncher, log_tail
-from loom_dagster.runtime.logs import LogSettings, RotatingLog, follow_lines, log_files
+from loom_dagster.runtime.logs import LogSettings, RotatingLog, follow_lines, log_files, read_tail
 from loom_dagster.runtime.loom_logging import (
     BOUNDARY_LOGGER,
     LIFECYCLE_LOGGER,
@@ -132,6 +132,92 @@ def test_two_writers_share_one_rotation(tmp_path: Path) -> None:
     assert sorted(got) == [*range(0, 300), *range(1000, 1300)]
     assert [n for n in got if n < 1000] == list(range(300))  # each writer's lines in order
     assert all(f.stat().st_size <= 4096 for f in log_files(settings.path))
+
+
+# --------------------------------------------------------------------------- multi-line secrets
+
+KEY_SECRET = "Sekr1tKeyMaterialQ7"
+KEY_BLOCK = (
+    "-----BEGIN RSA PRIVATE KEY-----\n"
+    + "".join(f"MIIEpAIBAAKCAQEA{KEY_SECRET}{n}xyz+/\n" for n in range(6))
+    + "-----END RSA PRIVATE KEY-----\n"
+)
+YAML_BLOCK = f"config:\n  private_key: |\n    {KEY_SECRET} one\n    {KEY_SECRET} two\n  user: bob\n"
+
+
+def test_the_drainer_masks_a_key_block_split_across_reads(tmp_path: Path) -> None:
+    """The real drainer gets a PEM key and a YAML block scalar in two writes, cut inside each block
+    (two reads): every line of them is masked, the lines around stay."""
+    settings = LogSettings(tmp_path / "job.log", max_bytes=1 << 20, max_files=2)
+    data = f"before\n{KEY_BLOCK}{YAML_BLOCK}after\n".encode()
+    cuts = [data.index(b"MIIE") + 40, data.index(b" one") + 8]
+    drainer = subprocess.Popen(
+        [sys.executable, "-m", "loom_dagster.runtime.logs"],
+        stdin=subprocess.PIPE,
+        env={**os.environ, **settings.env()},
+        cwd=REPO,
+    )
+    assert drainer.stdin is not None
+    start = 0
+    for cut in [*cuts, len(data)]:
+        drainer.stdin.write(data[start:cut])
+        drainer.stdin.flush()
+        time.sleep(0.3)  # the drainer reads (and writes out) what it has: the block is cut in two
+        start = cut
+    drainer.stdin.close()
+    assert drainer.wait(30) == 0
+    lines = settings.path.read_text().splitlines()
+    assert KEY_SECRET not in settings.path.read_text()
+    assert lines == [
+        "before",
+        "-----BEGIN RSA PRIVATE KEY-----",
+        *["***"] * 6,
+        "-----END RSA PRIVATE KEY-----",
+        "config:",
+        "  private_key: ***",
+        "    ***",
+        "    ***",
+        "  user: bob",
+        "after",
+    ]
+
+
+def test_log_readers_mask_by_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Output written before the drainer took over is in job.log raw: the tail (the health gate's
+    ``log_tail``, ``loom-dagster logs``) masks a key block whole, also when its window starts inside
+    the block (below its BEGIN); following masks a block appended in pieces."""
+    log_path = tmp_path / "job.log"
+    log_path.write_text(f"interpreter start\n{KEY_BLOCK}{YAML_BLOCK}last line\n")
+    data, cut = read_tail(log_path, 1 << 20)
+    assert not cut and KEY_SECRET not in data.decode() and b"-----END RSA PRIVATE KEY-----" in data
+    window = len(log_path.read_bytes()) - log_path.read_text().index("xyz+/\nMIIE") - 3
+    inside, cut = read_tail(log_path, window)  # starts inside the key, below its BEGIN line
+    assert cut and KEY_SECRET not in inside.decode() and b"-----BEGIN" not in inside
+    tail = log_tail(log_path, lines=100, window_bytes=window)
+    assert KEY_SECRET not in tail and tail.endswith("  user: bob\nlast line")
+
+    record_deployment(tmp_path / "state", log_path)
+    assert cli.main(["--state-dir", str(tmp_path / "state"), "logs", "ticks", "-n", "100"]) == 0
+    shown = capsys.readouterr().out
+    assert (
+        KEY_SECRET not in shown and "interpreter start" in shown and "-----END RSA PRIVATE KEY-----" in shown
+    )
+
+    done = threading.Event()
+    followed = follow_lines(log_path, poll_s=0.05, stop=done.is_set)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(followed))
+    reader.start()
+    with open(log_path, "a") as handle:
+        for piece in (KEY_BLOCK[:60], KEY_BLOCK[60:], YAML_BLOCK, "done\n"):
+            handle.write(piece)
+            handle.flush()
+            time.sleep(0.2)
+    time.sleep(0.3)
+    done.set()
+    reader.join(10)
+    assert lines[-1] == "done" and lines.count("***") + lines.count("    ***") == 8
+    assert not [line for line in lines if KEY_SECRET in line]
 
 
 # --------------------------------------------------------------------------- reading across files

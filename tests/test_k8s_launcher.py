@@ -7,6 +7,7 @@ cluster. No process runs on a KWOK node: ``test_k8s_standin.py`` runs the pod's 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import threading
@@ -257,9 +258,17 @@ def test_a_role_without_a_needed_verb_fails_clearly(
 
 
 def _version(apps: Any, env: KubeEnv) -> str | None:
+    """The flow's LOOM_TEST_VERSION as its pods get it: from the flow's env Secret, never a value."""
     sts = apps.read_namespaced_stateful_set(names(env)[0], env.namespace)
     (container,) = sts.spec.template.spec.containers
-    return next((e.value for e in container.env or [] if e.name == "LOOM_TEST_VERSION"), None)
+    item = next((e for e in container.env or [] if e.name == "LOOM_TEST_VERSION"), None)
+    if item is None:
+        return None
+    assert item.value is None, "an env value in the pod template"
+    ref = item.value_from.secret_key_ref
+    _, core = env.admin()
+    data = core.read_namespaced_secret(ref.name, env.namespace).data or {}
+    return base64.b64decode(data[ref.key]).decode()
 
 
 @contextlib.contextmanager

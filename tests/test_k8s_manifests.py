@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import msgspec
 import pytest
 import yaml
 
@@ -124,14 +123,6 @@ def test_config_with_a_literal_secret_is_refused_naming_the_line_not_the_value()
         checked_texts("f", [("00-base.yaml", b"brokers: b:9092\nsasl_password: hunter2\n")])
     assert "line 2" in str(refused.value) and "hunter2" not in str(refused.value)
     assert "env_from_secrets" in str(refused.value) and "${oc.env:VARIABLE}" in str(refused.value)
-
-
-def test_literal_secret_in_the_flow_env_is_refused() -> None:
-    launcher = KubernetesLauncher(namespace="streaming")
-    leaky = msgspec.structs.replace(request(), env=(("KAFKA_SASL_PASSWORD", "hunter2"),))
-    with pytest.raises(DeploymentError, match="KAFKA_SASL_PASSWORD") as refused:
-        launcher.launch(leaky, "/tmp")
-    assert "hunter2" not in str(refused.value)
 
 
 def test_bad_launcher_config_names_the_field() -> None:

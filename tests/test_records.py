@@ -137,3 +137,31 @@ def test_sensor_cursor_written_by_the_old_code_loads() -> None:
     assert dump_cursor(states) == OLD_CURSOR
     assert load_cursor('{"v":1,"sinks":{"delta/ticks":{"ok":true,"v":"x"}}}', targets) == {}
     assert SinkState.from_json({"m": "1"}, targets[0]) == SinkState()  # no "ok": no reading
+
+
+def test_a_deployment_record_holding_env_values_loads_and_is_rewritten_without_them(tmp_path: Path) -> None:
+    """Records written before env values moved out load as they are (a restart gets the values); the next
+    write keeps only the names and a reference, and reading it back gives the same record."""
+    from loom_dagster.deployments import Deployment, DeploymentStore
+
+    old = {
+        "config_hash": "c", "deployed_at": 1.0, "flow_name": "f", "plan_hash": "p",
+        "job": {
+            "flow_name": "f", "host": "h", "launcher": "local", "log_path": "", "processes": [], "started_at": 1.0,
+            "request": {
+                "config_files": [], "config_hash": "c", "environment": "test", "flow_name": "f",
+                "import_path": "m:f", "plan_hash": "p", "env": [["DB_PASSWORD", "hunter2"], ["MODE", "x"]],
+            },
+        },
+    }  # fmt: skip
+    store = DeploymentStore(tmp_path / "state")
+    (store.flow_dir("f") / "deployment.json").write_text(json.dumps(old))
+    record = store.current("f")
+    assert record is not None and record.job.request.env == (("DB_PASSWORD", "hunter2"), ("MODE", "x"))
+    store.save(record)
+    written = (store.flow_dir("f") / "deployment.json").read_text()
+    assert "hunter2" not in written and "hunter2" not in (store.flow_dir("f") / "history.jsonl").read_text()
+    request = json.loads(written)["job"]["request"]
+    assert request["env"] == [["DB_PASSWORD", ""], ["MODE", ""]] and request["env_ref"].startswith("file:env/")
+    assert store.current("f") == record == store.history("f")[0]
+    assert Deployment.decode(written).job.request.env_ref == request["env_ref"]  # the stored shape decodes

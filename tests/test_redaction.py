@@ -13,27 +13,35 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import pickle
 import subprocess
+import sys
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._utils.error import serializable_error_info_from_exc_info
 
 from loom_dagster import LoomDeployResource, LoomFlowSpec, build_loom_asset_graph, build_loom_defs
 from loom_dagster.dev.kafka import KafkaBroker
+from loom_dagster.errors import FlowLoadError, redacted_chain
 from loom_dagster.launchers import procfs
 from loom_dagster.launchers.local import log_tail
 from loom_dagster.launchers.preflight import MARKER, failure_detail
-from loom_dagster.redact import REDACTED, is_secret_key, redact_mapping, redact_text, redact_url
+from loom_dagster.loading import import_flow
+from loom_dagster.redact import REDACTED, LineRedactor, is_secret_key, redact_mapping, redact_text, redact_url
 from loom_dagster.runtime.failure import MAX_REASON_CHARS, clip, one_line_reason
 from loom_dagster.sensors.health import build_job_health_sensor, one_shot_result
 from loom_dagster.sensors.settings import JobHealthSettings
 from tests.conftest import shapes_config
 from tests.flows.delta_only import Tick
 from tests.flows.leaky import LEAK_ID
+from tests.flows.leaky_import import LEAK_ENV
 from tests.support.deploy_env import DeployBench, bench_fixture, runtime_pids_for
 from tests.support.helpers import run_cli
 
@@ -100,6 +108,53 @@ SHAPES: list[tuple[str, str, str]] = [
         "AccountName=a;AccountKey=***;EndpointSuffix=x",
     ),
     ("special characters", "password={s}/+=x", "password=***"),
+    # issue 17: shapes that used to leak
+    ("--password x", "loom run --password {s} --user bob", "--password *** --user bob"),
+    ("--password=x", "loom run --password={s} -v", "--password=*** -v"),
+    ("-storepass x", "keytool -list -storepass {s} -v", "-storepass *** -v"),
+    ("passwd x", "passwd {s}", "passwd ***"),
+    ("sasl.password   x", "sasl.password   {s}", "sasl.password   ***"),
+    ("DB_PASSWORD<tab>x", "DB_PASSWORD\t{s}", "DB_PASSWORD\t***"),
+    ("pw=", "pw={s}", "pw=***"),
+    ("pass=", "connect(host=db, pass={s})", "pass=***)"),
+    ("db_pass:", "db_pass: {s}", "db_pass: ***"),
+    ("dsn=", "SENTRY_DSN=https://{s}@o1.ingest.sentry.io/2", "SENTRY_DSN=***"),
+    ("url password with /", "postgresql://app:a/{s}@db:5432/shop", "postgresql://app:***@db:5432/shop"),
+    ("url password with #", "postgresql://app:{s}#x@db/shop", "postgresql://app:***@db/shop"),
+    ("url password with ?", "mysql://app:{s}?x@db/shop", "mysql://app:***@db/shop"),
+    ("url password with a space", "postgresql://app:my {s} pass@db/shop", "postgresql://app:***@db/shop"),
+    (
+        "bare user:pass@host:port",
+        "bootstrap app:{s}@broker:9092,app:{s}@b2:9093",
+        "app:***@broker:9092,app:***@b2:9093",
+    ),
+    (
+        "pem",
+        "key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEpA{s}\n{s}AbC==\n-----END RSA PRIVATE KEY-----\nnext",
+        "-----BEGIN RSA PRIVATE KEY-----\n***\n***\n-----END RSA PRIVATE KEY-----\nnext",
+    ),
+    (
+        "pem with headers",
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\n{s}\n-----END ENCRYPTED PRIVATE KEY-----",
+        "\n***\n\n***\n-----END",
+    ),
+    (
+        "pem in one line",
+        '{{"private_key": "-----BEGIN PRIVATE KEY-----\\nMII{s}\\n-----END PRIVATE KEY-----\\n"}}',
+        '{{"private_key": "***"}}',
+    ),
+    (
+        "pem, BEGIN cut off",
+        "MIIEpA{s}\n{s}==\n-----END PRIVATE KEY-----",
+        "***\n***\n-----END PRIVATE KEY-----",
+    ),
+    (
+        "yaml block scalar",
+        "tls:\n  private_key: |\n    MIIEpA{s}\n    second {s} line\n  cert: public",
+        "  private_key: ***\n    ***\n    ***\n  cert: public",
+    ),
+    ("yaml folded, anywhere", "bad value ssl.key.pem: >-\n  {s}\n  {s}\nnext", ": ***\n  ***\n  ***\nnext"),
+    ("yaml plain multi-line", "db:\n  password:\n    {s}\n  user: bob", "  password:\n    ***\n  user: bob"),
 ]
 
 NEGATIVES = [
@@ -110,6 +165,16 @@ NEGATIVES = [
     "deploy check failed: to run it anyway, list its id under checks.silenced",
     "Kafka topic orders.tokens has 3 partitions (pwd is /home/app)",
     "postgresql://app@db:5432/shop",
+    # issue 17: look-alikes of the new shapes stay readable
+    "pass the test, password policy, the compass: north; bypass=1; pass_rate=0.9",
+    "clone git@github.com:org/repo.git and scp a.txt user@host:/tmp",
+    "see /etc/passwd for details; db_password must be set; token_count 3; --password-file /run/secrets/db",
+    "set sasl.password in the config (the api_key is missing)",
+    "http://db:5432/shop failed, ask ops@example.com; redis:7@sha256:9f86d08; python:3.11@sha256:1234abc",
+    "Error at 10:30 in file.py:12 (a:b, x@y)",
+    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----",
+    "auth:\n  mechanism: PLAIN\n  username: bob\ncredentials:\n  - name: x",
+    'Traceback (most recent call last):\n  File "x.py", line 3, in <module>\nValueError: bad',
 ]
 # Over-redaction that is accepted: a secret-named word before ``:`` masks one word, never more.
 MANGLED_A_LITTLE = [
@@ -149,8 +214,11 @@ def test_redact_url_masks_userinfo_and_query_passwords() -> None:
 def test_secret_keys() -> None:
     secret = ["password", "sasl.password", "DB_PASSWORD", "passwd", "pwd", "api_key", "apiKey", "token",
               "aws_secret_access_key", "clientSecret", "access_key", "credentials", "Authorization",
-              "password_policy_version"]  # fmt: skip
-    plain = ["user", "url", "max_tokens", "tokens", "secretary", "author", "brokers", "topic"]
+              "password_policy_version", "pw", "db_pw", "pass", "db_pass", "dsn", "sentry_dsn",
+              "sasl.jaas.config", "ssl.key.pem", "ssl.keystore.key", "ssl.key.password"]  # fmt: skip
+    plain = ["user", "url", "max_tokens", "tokens", "secretary", "author", "brokers", "topic", "bypass",
+             "compass", "pass_rate", "passes", "ssl.key.location", "ssl.certificate.pem",
+             "ssl.truststore.location"]  # fmt: skip
     assert [k for k in secret if not is_secret_key(k)] == []
     assert [k for k in plain if is_secret_key(k)] == []
 
@@ -181,6 +249,22 @@ def test_redact_mapping_masks_keys_and_strings_deeply() -> None:
     }
     assert out["notes"] == "connect with password=***"
     assert out["api_key"] is None and out["max_tokens"] == 100 and out["secretary"] == "Jane"
+
+
+def test_a_stream_of_lines_is_masked_by_record() -> None:
+    """Fed one line at a time (a log being written or followed), multi-line secrets are masked to
+    their end, as in a whole text; ordinary lines around them are untouched."""
+    text = (
+        f"starting\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn{S}\n{S}AAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+        f"config:\n  sasl:\n    password: |\n      {S} one\n\n      {S} two\n    username: bob\n"
+        "ready: 3 partitions"
+    )
+    redactor = LineRedactor()
+    streamed = "\n".join(redactor(line) for line in text.split("\n"))
+    assert streamed == redact_text(text)
+    assert S not in streamed and streamed.count(REDACTED) == 5
+    assert streamed.startswith("starting\n-----BEGIN OPENSSH PRIVATE KEY-----\n***\n***\n-----END")
+    assert streamed.endswith("      ***\n\n      ***\n    username: bob\nready: 3 partitions")
 
 
 def test_redaction_is_fast_on_large_text() -> None:
@@ -259,6 +343,119 @@ def test_log_tail_redacts_and_never_shows_a_cut_line(tmp_path: Path) -> None:
     first, long = log_tail(log).splitlines()
     assert first == "first" and len(long) <= MAX_REASON_CHARS and "chars cut" in long
     assert long.startswith("cannot reach postgresql://app:***@db") and long.endswith(REMEDY) and S not in long
+
+
+# --------------------------------------------------------------------------- errors leaving the package
+
+
+DSN = f"postgresql://app:{S}@db/shop"
+MASKED_DSN = "postgresql://app:***@db/shop"
+
+
+def test_an_import_error_is_masked_in_text_chain_and_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flow module raising at import with a DSN written in its source: the FlowLoadError's text, its
+    chained exception, a formatted traceback (source lines included) and the error Dagster stores for
+    a dg.Failure raised from it show the DSN masked."""
+    (tmp_path / "leaky_source_mod.py").write_text(f'raise RuntimeError("cannot connect to {DSN}")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(FlowLoadError) as caught:
+        import_flow("leaky_source_mod:flow")
+    err = caught.value
+    assert MASKED_DSN in str(err) and S not in repr(err) and S not in str(err.args)
+    assert isinstance(err.__cause__, Exception) and str(err.__cause__).startswith("RuntimeError: cannot")
+    formatted = "".join(traceback.format_exception(err))
+    assert S not in formatted and MASKED_DSN in formatted and "leaky_source_mod.py" in formatted
+    try:
+        raise dg.Failure(description=str(err)) from err
+    except dg.Failure:
+        stored = dg.serialize_value(serializable_error_info_from_exc_info(sys.exc_info()))
+    assert S not in stored and MASKED_DSN in stored
+
+
+def test_a_clean_chain_is_left_as_it_is() -> None:
+    """Without a secret, the chained exception is the original one (its type, its traceback)."""
+    original = KeyError("orders")
+    try:
+        raise FlowLoadError("no route") from original
+    except FlowLoadError as err:
+        assert err.__cause__ is original and redacted_chain(original) is original
+        err.__cause__ = ValueError(f"token={S}")  # set later: redacted all the same
+        assert S not in str(err.__cause__) and "token=***" in str(err.__cause__)
+
+
+def test_errors_with_a_redacted_chain_still_pickle() -> None:
+    """Errors cross processes pickled (a Kafka client's child process): reading the chain leaves
+    nothing on the error that would not unpickle."""
+    try:
+        raise FlowLoadError(f"cannot load: password={S}") from RuntimeError(DSN)
+    except FlowLoadError as err:
+        stand_in = err.__cause__
+        again = pickle.loads(pickle.dumps(err))
+    assert isinstance(again, FlowLoadError) and str(again) == "cannot load: password=***"
+    assert str(pickle.loads(pickle.dumps(stand_in))) == f"RuntimeError: {MASKED_DSN}"
+
+
+def test_an_import_error_at_definitions_load_is_masked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(LEAK_ENV, DSN)
+    monkeypatch.delitem(sys.modules, "tests.flows.leaky_import", raising=False)
+    with pytest.raises(FlowLoadError) as caught:
+        build_loom_defs(
+            [
+                LoomFlowSpec(
+                    "tests.flows.leaky_import:make_flow", config=shapes_config(tmp_path), environment="test"
+                )
+            ]
+        )
+    text = "".join(traceback.format_exception(caught.value))
+    assert str(caught.value).startswith("[tests.flows.leaky_import:make_flow]") and MASKED_DSN in str(
+        caught.value
+    )
+    assert S not in text
+
+
+def test_an_import_error_in_a_deploy_reaches_dagster_and_the_cli_masked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The definitions load (the module imports), then the run's import raises with the DSN: the
+    dg.Failure and every stored event of the run mask it; ``loom-dagster refresh`` too."""
+    cfg = shapes_config(tmp_path / "cfg")
+    spec = LoomFlowSpec("tests.flows.leaky_import:make_flow", config=cfg, environment="test")
+    monkeypatch.setenv("LOOM_DAGSTER_DEFS_STATE", "off")
+    defs = build_loom_defs([spec])
+    monkeypatch.setenv(LEAK_ENV, DSN)
+    monkeypatch.delitem(sys.modules, "tests.flows.leaky_import")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            list(defs.assets or []),  # type: ignore[arg-type]
+            selection=[dg.AssetKey(["loom", "events"])],
+            resources={"loom": LoomDeployResource(mode="validate")},
+            instance=instance,
+            raise_on_error=False,
+        )
+        failure = failure_text(result)
+        events = run_record_text(instance, result.run_id)
+    assert f"cannot open the lookup database: {MASKED_DSN}" in failure
+    assert S not in failure and S not in events
+
+    location = tmp_path / "location.py"
+    location.write_text(
+        "from loom_dagster import LoomFlowSpec, build_loom_defs\n"
+        f"defs = build_loom_defs([LoomFlowSpec({spec.import_path!r}, config={str(cfg)!r}, environment='test')])\n"
+    )
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("loom-dagster")), "refresh", "-f", str(location)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 2, done.stderr
+    assert MASKED_DSN in done.stderr and S not in done.stdout + done.stderr
 
 
 # --------------------------------------------------------------------------- through Dagster, for real

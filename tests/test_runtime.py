@@ -27,6 +27,7 @@ from loom_dagster.redact import redact_text as redact
 from loom_dagster.runtime.status import (
     EXIT_BAD_INPUT,
     EXIT_DRAIN_TIMEOUT,
+    EXIT_FLOW_FAILED,
     EXIT_STARTUP_FAILED,
     EXIT_STOPPED,
     JobStatus,
@@ -453,8 +454,9 @@ def test_cluster_signalled_partly_gives_up_after_drain_timeout(
     tmp_path: Path, broker: Any, start_job: Callable[..., Job]
 ) -> None:
     """Only one process of a cluster signalled: it cannot finish its drain alone (bytewax waits for
-    its peer), so the watchdog ends it with exit 4; the peer, stopped later, must still leave a final
-    record and a non-zero exit code instead of hanging."""
+    its peer), so the watchdog ends it with exit 4; the peer, stopped later, cannot drain either (its
+    link to the dead process panics): it exits 1 with a final record saying so, instead of hanging or
+    claiming a clean stop."""
     from loom_dagster.dev.kafka import pick_free_ports
 
     bootstrap = broker.bootstrap_servers
@@ -474,7 +476,10 @@ def test_cluster_signalled_partly_gives_up_after_drain_timeout(
     first = jobs[0].status()
     assert first is not None and first.state == "failed" and first.exit_code == EXIT_DRAIN_TIMEOUT
     assert "exit 4" in jobs[0].our_lines()[-1]
+    assert jobs[1].proc.poll() is None, "the peer must still run until it is signalled"
     code = jobs[1].stop(signal.SIGTERM, timeout=30)
     second = jobs[1].status()
-    assert second is not None and second.is_final and second.exit_code == code
-    assert code != EXIT_STOPPED or sorted(delta_ids(tmp_path / "delta")) == list(range(40))
+    assert code == EXIT_FLOW_FAILED, (code, second)
+    assert second is not None and second.state == "failed" and second.exit_code == EXIT_FLOW_FAILED
+    assert second.error is not None and second.error.startswith("failed while draining after SIGTERM"), second
+    assert "exit 1" in jobs[1].our_lines()[-1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +27,14 @@ from loom_dagster.dev.produce import produce
 from loom_dagster.runtime.cli import parse_options
 from loom_dagster.runtime.http_server import ProbeServer, liveness, readiness, reporter_source
 from loom_dagster.runtime.reporter import StatusReporter
-from loom_dagster.runtime.status import EXIT_BAD_INPUT, EXIT_STOPPED, JobStatus, SinkStatus, read_status
+from loom_dagster.runtime.status import (
+    EXIT_BAD_INPUT,
+    EXIT_STARTUP_FAILED,
+    EXIT_STOPPED,
+    JobStatus,
+    SinkStatus,
+    read_status,
+)
 from tests.conftest import make_topics, ticks_config
 from tests.flows.delta_only import Tick
 from tests.support.helpers import wait_for
@@ -218,6 +226,72 @@ def test_server_stop_frees_the_port() -> None:
     assert get(url, timeout=2) == (None, "")
 
 
+def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send *data* as is and read the whole answer (the server closes the connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_server_speaks_only_get_and_head(served: tuple[ProbeServer, FakeSource]) -> None:
+    server, source = served
+    source.status = _running(heartbeat_at=time.time(), last_poll_at=time.time())
+    head = raw_request(server.port, b"HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n"), head
+    assert b"Content-Length: 6\r\n" in head and b"Connection: close\r\n" in head
+    post = raw_request(server.port, b"POST /readyz HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    assert post.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD" in post, post
+    assert raw_request(server.port, b"hello\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    huge = b"GET /readyz HTTP/1.1\r\nX-Pad: " + b"a" * 10_000 + b"\r\n\r\n"
+    assert raw_request(server.port, huge).startswith(b"HTTP/1.1 431 ")
+    assert raw_request(server.port, b"GET /livez HTTP/1.0\n\n").endswith(b"\r\n\r\nalive\n")
+
+
+def test_slow_clients_are_capped_and_cut_off_while_probes_answer() -> None:
+    """No thread per connection: 50 clients that never finish their request leave the server's thread
+    count as it was, at most ``max_connections`` stay open, each for at most ``request_timeout_s``, and a
+    probe is answered meanwhile."""
+    server = ProbeServer(
+        FakeSource(_status(heartbeat_at=time.time())),
+        host="127.0.0.1",
+        port=0,
+        live_timeout_s=3600,
+        max_connections=4,
+        request_timeout_s=1.0,
+    ).start()
+    slow: list[socket.socket] = []
+    try:
+        threads = threading.active_count()
+        for _ in range(50):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"GET /readyz HTTP/1.1\r\n")  # and never the blank line
+            slow.append(sock)
+        assert get(f"http://127.0.0.1:{server.port}/livez", timeout=2) == (200, "alive\n")
+        assert threading.active_count() == threads
+        wait_for(lambda: server.open_connections <= 4, 5, "at most 4 open connections")
+
+        def closed(sock: socket.socket) -> bool:
+            try:
+                sock.settimeout(0.02)
+                return sock.recv(1) == b""
+            except TimeoutError:
+                return False
+            except OSError:
+                return True
+
+        started = time.monotonic()
+        wait_for(lambda: all(closed(s) for s in slow), 5, "the slow clients to be cut off")
+        assert time.monotonic() - started < 2.5
+        assert server.open_connections == 0
+    finally:
+        for sock in slow:
+            sock.close()
+        server.stop()
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -258,9 +332,14 @@ def test_process_id_refusals_exit_2(
 
 
 def test_http_flags_and_env(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.delenv("LOOM_DAGSTER_HTTP_PORT", raising=False)
+    for name in ("LOOM_DAGSTER_HTTP_PORT", "LOOM_DAGSTER_HTTP_HOST", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(name, raising=False)
     options = parse_options(BASE_ARGS)
-    assert (options.http_port, options.http_host, options.live_timeout_s) == (None, "0.0.0.0", None)
+    assert (options.http_port, options.http_host, options.live_timeout_s) == (None, "127.0.0.1", None)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")  # in a pod: the kubelet probes the pod IP
+    assert parse_options(BASE_ARGS).http_host == "0.0.0.0"
+    monkeypatch.setenv("LOOM_DAGSTER_HTTP_HOST", "127.0.0.2")
+    assert parse_options(BASE_ARGS).http_host == "127.0.0.2"
     monkeypatch.setenv("LOOM_DAGSTER_HTTP_PORT", "8080")
     assert parse_options(BASE_ARGS).http_port == 8080
     options = parse_options([*BASE_ARGS, "--http-port", "0", "--http-host", "::", "--live-timeout", "30"])
@@ -293,7 +372,8 @@ def _job_args(config: Path, status_file: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_port_in_use_refuses_to_start(tmp_path: Path) -> None:
+def test_port_in_use_fails_the_start_retryably(tmp_path: Path) -> None:
+    """A port taken now may be free at the next start: exit 3 (retryable), not 2 (bad input)."""
     blocker = ProbeServer(FakeSource(None), host="127.0.0.1", port=0).start()
     try:
         done = subprocess.run(
@@ -307,9 +387,9 @@ def test_port_in_use_refuses_to_start(tmp_path: Path) -> None:
         )
     finally:
         blocker.stop()
-    assert done.returncode == EXIT_BAD_INPUT, done.stderr
+    assert done.returncode == EXIT_STARTUP_FAILED, done.stderr
     status = read_status(tmp_path / "s.json")
-    assert status is not None and status.state == "failed" and status.exit_code == EXIT_BAD_INPUT
+    assert status is not None and status.state == "failed" and status.exit_code == EXIT_STARTUP_FAILED
     assert status.error is not None and "cannot serve HTTP on 127.0.0.1:" in status.error
 
 

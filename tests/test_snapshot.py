@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from loom_dagster import build_loom_asset_graph
 from loom_dagster.checks import RESTART_TAG
+from loom_dagster.deployments import DeploymentStore
 from loom_dagster.dev.kafka import KafkaBroker
 from loom_dagster.launchers import procfs
 from loom_dagster.sensors.health import build_job_health_sensor
@@ -82,3 +84,26 @@ def test_in_place_config_edit_breaking_the_broker(bench: DeployBench) -> None:
     lost = set(bench.produced) - set(ids)
     duplicated = {i for i in bench.produced if ids[i] > 1}
     assert not lost and not duplicated, (len(lost), len(duplicated))
+
+
+def test_snapshots_are_private_and_durable_whatever_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copies may hold secrets as the originals do: every directory on the way 0700 (the state dir,
+    flows/, the flow's, snapshots/, the snapshot's), every copy 0600 and fsynced before it is used."""
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    before = os.umask(0o022)
+    try:
+        store = DeploymentStore(tmp_path / "state")
+        (copy,) = store.snapshot_config("ticks", [("00-base.yaml", b"password: hunter2\n")], "abc")
+    finally:
+        os.umask(before)
+    path = Path(copy)
+    assert path.read_bytes() == b"password: hunter2\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    for directory in (path.parent, *path.parent.parents):
+        if directory == tmp_path:
+            break
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    assert any(p.startswith(f"{path.parent}/.00-base.yaml.") for p in synced) and str(path.parent) in synced

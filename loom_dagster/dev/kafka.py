@@ -299,8 +299,14 @@ def new_cluster_id() -> str:
             return cid
 
 
-def server_properties(log_dir: Path, port: int, controller_port: int) -> str:
-    """``server.properties`` for a combined broker+controller node on loopback only."""
+def server_properties(
+    log_dir: Path, port: int, controller_port: int, initial_rebalance_delay_ms: int | None = 0
+) -> str:
+    """``server.properties`` for a combined broker+controller node on loopback only.
+
+    ``initial_rebalance_delay_ms``: the broker's ``group.initial.rebalance.delay.ms``, 0 for tests (an
+    empty group's first join is not delayed); ``None`` keeps Kafka's default (3000).
+    """
     settings = {
         "process.roles": "broker,controller",
         "node.id": "1",
@@ -320,12 +326,13 @@ def server_properties(log_dir: Path, port: int, controller_port: int) -> str:
         "transaction.state.log.num.partitions": "1",
         "share.coordinator.state.topic.replication.factor": "1",
         "share.coordinator.state.topic.min.isr": "1",
-        "group.initial.rebalance.delay.ms": "0",
         "num.network.threads": "2",
         "num.io.threads": "2",
         "num.recovery.threads.per.data.dir": "1",
         "log.retention.hours": "168",
     }
+    if initial_rebalance_delay_ms is not None:
+        settings["group.initial.rebalance.delay.ms"] = str(initial_rebalance_delay_ms)
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 
 
@@ -602,6 +609,8 @@ class KafkaBroker:
     ``bootstrap`` (or ``$LOOM_DAGSTER_KAFKA_BOOTSTRAP``) selects an existing broker instead.
     ``data_dir`` defaults to a fresh temp dir that ``stop()`` removes unless ``keep_data``.
     ``port``/``controller_port`` default to free loopback ports picked at start.
+    ``initial_rebalance_delay_ms`` is the broker's ``group.initial.rebalance.delay.ms`` (0 here; ``None``
+    keeps Kafka's default, 3000).
     """
 
     def __init__(
@@ -616,8 +625,10 @@ class KafkaBroker:
         bootstrap: str | None = None,
         version: str = KAFKA_VERSION,
         die_with_parent: bool = True,
+        initial_rebalance_delay_ms: int | None = 0,
     ) -> None:
         self.die_with_parent = die_with_parent
+        self.initial_rebalance_delay_ms = initial_rebalance_delay_ms
         self.external_bootstrap = bootstrap or os.environ.get(ENV_BOOTSTRAP) or None
         self.data_dir: Path | None = Path(data_dir).resolve() if data_dir is not None else None
         self._owns_data_dir = data_dir is None
@@ -768,7 +779,7 @@ class KafkaBroker:
         _require_free([self.port, self.controller_port])
         log_dir = self.data_dir / "kraft-logs"
         (self.data_dir / "server.properties").write_text(
-            server_properties(log_dir, self.port, self.controller_port)
+            server_properties(log_dir, self.port, self.controller_port, self.initial_rebalance_delay_ms)
         )
         (self.data_dir / "log4j2.properties").write_text(LOG4J2_PROPERTIES)
         if not (log_dir / "meta.properties").exists():

@@ -11,11 +11,10 @@ all in flight at once, i.e. one ``FindCoordinator`` + one ``OffsetFetch`` per gr
 
 On a single-broker cluster that is 4 requests + 2 per group (6 for one flow, 404 for 200, 2,004 for 1,000;
 librdkafka sometimes adds a bootstrap ``Metadata``). A batched wire-protocol fetch (one ``OffsetFetch``
-for every group, KIP-709) kept it at 7 whatever the number of groups, but saved only 20-70 ms per tick
-at 200-1,000 groups (``bench/lag_sensor.py``, 2026-11-29) and worked on PLAINTEXT clusters only: removed.
-The count is measured, not assumed: librdkafka's own per-broker request counters (its statistics, ``tx``).
-Not counted: one TCP connect per cluster that fails fast on a closed port before any Kafka client is
-created.
+for every group, KIP-709) kept it at 7 whatever the number of groups but served PLAINTEXT clusters only:
+removed. The count is measured, not assumed: librdkafka's own per-broker request counters (its
+statistics, ``tx``). Not counted: one TCP connect per cluster that fails fast on a closed port before any
+Kafka client is created.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import msgspec
 
 from loom_dagster.kafka.admin import Committed, StatsMeter, describe_topics, group_offsets, list_offsets
 from loom_dagster.kafka.cluster import PROBE_TIMEOUT_S, KafkaCluster, LagTarget, probe
+from loom_dagster.kafka.isolation import in_child_process
 
 
 class PartitionOffsets(msgspec.Struct, frozen=True):
@@ -113,13 +113,31 @@ def fetch_offsets(targets: Sequence[LagTarget], *, timeout_s: float = 10.0) -> L
 def _fetch_cluster(
     cluster: KafkaCluster, targets: list[LagTarget], timeout_s: float
 ) -> tuple[ClusterFetch, list[TargetOffsets]]:
+    """One cluster's fetch: a TCP probe here (a closed port answers at once), the Kafka requests in a
+    child process (``loom_dagster.kafka.isolation``: the group offsets are coordinator requests)."""
+    started = time.perf_counter()
+    refused = probe(cluster, min(timeout_s, PROBE_TIMEOUT_S))
+    if refused is not None:
+        return _unreachable(cluster, targets, refused, started, len({t.group for t in targets}))
+    return _fetch_cluster_requests(cluster, targets, timeout_s)
+
+
+def _client_died(
+    reason: str, cluster: KafkaCluster, targets: list[LagTarget], timeout_s: float
+) -> tuple[ClusterFetch, list[TargetOffsets]]:
+    """Every target unreachable, with why the child process running the Kafka client died."""
+    del timeout_s
+    return _unreachable(cluster, targets, reason, time.perf_counter(), len({t.group for t in targets}))
+
+
+@in_child_process(on_crash=_client_died, retries=1)
+def _fetch_cluster_requests(
+    cluster: KafkaCluster, targets: list[LagTarget], timeout_s: float
+) -> tuple[ClusterFetch, list[TargetOffsets]]:
     """Metadata, committed offsets, then end offsets (so that lag is never negative) for one cluster."""
     started = time.perf_counter()
     deadline = time.monotonic() + timeout_s
     groups = len({t.group for t in targets})
-    refused = probe(cluster, min(timeout_s, PROBE_TIMEOUT_S))
-    if refused is not None:
-        return _unreachable(cluster, targets, refused, started, groups)
     from confluent_kafka.admin import AdminClient
 
     meter = StatsMeter()

@@ -11,6 +11,7 @@ import msgspec
 
 from loom_dagster.kafka.admin import describe_topics, group_offsets, list_offsets
 from loom_dagster.kafka.cluster import PROBE_TIMEOUT_S, KafkaCluster, probe
+from loom_dagster.kafka.isolation import in_child_process
 
 
 class OffsetSnapshot(msgspec.Struct, frozen=True):
@@ -32,13 +33,18 @@ class OffsetSnapshotError(ConnectionError):
     """The cluster could not be reached, or did not answer for every partition within the timeout."""
 
 
+def _client_died(reason: str, *args: Any, **kwargs: Any) -> OffsetSnapshot:
+    raise OffsetSnapshotError(reason)
+
+
+@in_child_process(on_crash=_client_died, retries=1)
 def snapshot_offsets(
     cluster: KafkaCluster, topics: Sequence[str], groups: Sequence[str], *, timeout_s: float = 10.0
 ) -> OffsetSnapshot:
     """Low and high watermarks of every partition of *topics* and the committed offsets of *groups* there.
 
     Uses the AdminClient only (``describe_topics``, ``list_offsets``, ``list_consumer_group_offsets``):
-    no consumer, no group membership. Everything is bounded by *timeout_s* (plus a fast TCP probe that
+    no consumer, no group membership, in a child process (``loom_dagster.kafka.isolation``). Everything is bounded by *timeout_s* (plus a fast TCP probe that
     fails at once on a closed port). Partition errors (a fresh topic without a leader yet) are retried
     until the deadline. Raises ``OffsetSnapshotError`` (the cluster's bootstrap is NOT in the text: the
     caller names the brokers, redacted) when unreachable or when a partition never answered.

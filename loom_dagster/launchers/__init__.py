@@ -4,11 +4,16 @@ long-running job can live.
 
 ``LocalProcessLauncher`` is imported on first use (``loom_dagster.launchers.local`` imports this
 package back), so importing the interface never loads the local launcher.
+
+A deployment record names its launcher; tools that rebuild it from the record (the ``loom-dagster``
+CLI) build only the built-in launchers and those registered under the entry point group
+``loom_dagster.launchers`` (``register_launcher`` in one process): a record is data, never code.
 """
 
 from typing import TYPE_CHECKING, Any
 
 from loom_dagster.launchers.base import (
+    LAUNCHER_ENTRY_POINT_GROUP,
     LOCAL_LAUNCHER,
     JobProcess,
     JobReport,
@@ -18,7 +23,11 @@ from loom_dagster.launchers.base import (
     LauncherRef,
     LaunchRequest,
     RuntimeProcess,
+    UnregisteredLauncherWarning,
+    launcher_from_record,
     load_launcher,
+    register_launcher,
+    registered_launchers,
 )
 
 if TYPE_CHECKING:
@@ -26,6 +35,7 @@ if TYPE_CHECKING:
     from loom_dagster.launchers.local import LocalProcessLauncher
 
 __all__ = [
+    "LAUNCHER_ENTRY_POINT_GROUP",
     "LOCAL_LAUNCHER",
     "JobProcess",
     "JobReport",
@@ -37,7 +47,11 @@ __all__ = [
     "LauncherRef",
     "LocalProcessLauncher",
     "RuntimeProcess",
+    "UnregisteredLauncherWarning",
+    "launcher_from_record",
     "load_launcher",
+    "register_launcher",
+    "registered_launchers",
 ]
 
 

@@ -16,7 +16,8 @@ import sys
 def main() -> int:
     """Spawn the job described on stdin, print its pid, exit."""
     request = json.load(sys.stdin)
-    with open(request["log_path"], "ab", buffering=0) as log:
+    log_fd = os.open(request["log_path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(log_fd, "ab", buffering=0) as log:
         proc = subprocess.Popen(
             request["argv"],
             stdin=subprocess.DEVNULL,

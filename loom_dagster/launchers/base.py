@@ -2,6 +2,12 @@
 
 The records are frozen ``msgspec`` structs: a deployment record is their JSON form
 (``msgspec.json.encode``), and records written before they were structs load unchanged.
+
+A record is data, never code: the launcher a record names (:class:`LauncherRef`) is built only from
+an allow-list, the built-in launchers (``local``, ``kubernetes``) and those registered under the
+Python entry point group :data:`LAUNCHER_ENTRY_POINT_GROUP` (or, in one process, with
+:func:`register_launcher`). A record naming anything else is refused; no module named by a record is
+ever imported and its ``sys_path`` is never put on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -9,10 +15,10 @@ from __future__ import annotations
 import abc
 import contextlib
 import importlib
-import sys
+import importlib.metadata
+import warnings
 from collections.abc import Iterator, Mapping
 from enum import StrEnum
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -29,10 +35,21 @@ KUBERNETES_LAUNCHER = "kubernetes"
 """Alias of :data:`KUBERNETES_LAUNCHER_PATH`."""
 KUBERNETES_LAUNCHER_PATH = "loom_dagster.launchers.kubernetes.launcher:KubernetesLauncher"
 _ALIASES = {LOCAL_LAUNCHER: LOCAL_LAUNCHER_PATH, KUBERNETES_LAUNCHER: KUBERNETES_LAUNCHER_PATH}
+LAUNCHER_ENTRY_POINT_GROUP = "loom_dagster.launchers"
+"""The entry point group of the launchers a deployment record (and the CLI) may name: ``name =
+"package.module:Class"``."""
 
 
 class LaunchRequest(msgspec.Struct, frozen=True):
-    """Everything needed to start one flow's job; no secrets (those come from env or config files)."""
+    """Everything needed to start one flow's job; no secrets in its argv (those come from env or
+    config files).
+
+    ``env`` is the flow's extra environment (``LoomFlowSpec.env``, where secrets may go). A stored
+    record never holds its values: ``env_ref`` then says where they are kept (``file:env/<id>.json``
+    under the flow's directory of the local store, read back with the record; ``Secret/<name>``, a
+    Kubernetes Secret the pods reference) and ``env`` keeps the names with empty values. The repr shows
+    names only.
+    """
 
     flow_name: str
     import_path: str
@@ -46,6 +63,23 @@ class LaunchRequest(msgspec.Struct, frozen=True):
     env: tuple[tuple[str, str], ...] = ()
     run_id: str | None = None
     cwd: str | None = None
+    env_ref: str = ""
+
+    def __repr__(self) -> str:
+        fields = {name: getattr(self, name) for name in self.__struct_fields__}
+        fields["env"] = tuple((key, "***") for key, _ in self.env)
+        return f"LaunchRequest({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+    def job_env(self) -> dict[str, str]:
+        """The env values to start the job with; ``DeploymentError`` when they are kept elsewhere
+        (``env_ref``) and were not read back (the file or Secret is gone)."""
+        if self.env_ref:
+            raise DeploymentError(
+                f"the env values of flow {self.flow_name!r} ({', '.join(k for k, _ in self.env)}) are kept "
+                f"in {self.env_ref!r}, which could not be read back here; nothing was started. Materialize "
+                "the flow to deploy it again with its env."
+            )
+        return dict(self.env)
 
 
 class JobProcess(msgspec.Struct, frozen=True):
@@ -119,8 +153,10 @@ class LauncherRef(msgspec.Struct, frozen=True):
     """Which launcher ran a job, recorded with the deployment so a tool without the Dagster resource
     (the ``loom-dagster`` CLI) builds the same launcher again.
 
-    ``path`` is ``local`` or ``package.module:Class``; ``config`` its JSON-safe keyword arguments;
-    ``sys_path`` the directory the class was imported from (tried when it does not import as is).
+    ``path`` is the launcher's registered name (``local``, ``kubernetes``, an entry point's name) or,
+    in records of launchers that were not registered, ``package.module:Class``; ``config`` its JSON-safe
+    keyword arguments. ``sys_path`` is read from older records and ignored: a record never decides
+    what is imported (:func:`launcher_from_record`).
 
     Example:
         >>> LauncherRef().build().name
@@ -132,12 +168,18 @@ class LauncherRef(msgspec.Struct, frozen=True):
     sys_path: tuple[str, ...] = ()
 
     def build(self) -> Launcher:
-        """The launcher, constructed with ``config``; ``DeploymentError`` when it cannot be."""
-        return load_launcher(self.path, self.config, self.sys_path)
+        """The launcher, constructed with ``config``, if ``path`` names an allowed launcher
+        (:func:`launcher_from_record`); ``DeploymentError`` otherwise."""
+        return launcher_from_record(self.path, self.config)
 
     def same_class(self, launcher: Launcher) -> bool:
         """True when *launcher* is an instance of the class this reference names."""
-        return canonical_path(self.path) == class_path(type(launcher))
+        cls = type(launcher)
+        if canonical_path(self.path) == class_path(cls):
+            return True
+        if ":" in self.path or self.path in _ALIASES:  # another class, or another built-in
+            return False
+        return registered_name(cls) == self.path
 
 
 class Launcher(abc.ABC):
@@ -186,7 +228,7 @@ class Launcher(abc.ABC):
     def ref(self) -> LauncherRef:
         """How a deployment record names this launcher."""
         cls = type(self)
-        return LauncherRef(class_path(cls), self.config(), _module_root(cls.__module__))
+        return LauncherRef(registered_name(cls) or class_path(cls), self.config())
 
     def deployment_store(self, state_dir: str | None = None) -> DeploymentStore:
         """Where deployments run by this launcher are recorded (default: files under *state_dir*)."""
@@ -230,49 +272,179 @@ def canonical_path(path: str) -> str:
     return _ALIASES.get(path, path)
 
 
-def load_launcher(
-    path: str, config: Mapping[str, Any] | None = None, sys_path: tuple[str, ...] = ()
-) -> Launcher:
-    """Build the launcher ``path`` names (``local`` or ``package.module:Class``) with *config* as
-    keyword arguments; *sys_path* entries are tried when the module does not import as is.
+class UnregisteredLauncherWarning(UserWarning):
+    """A launcher built from code is not registered: tools that rebuild it from a deployment record
+    (the ``loom-dagster`` CLI) will refuse its records."""
+
+
+_registered: dict[str, type[Launcher]] = {}
+_names: dict[type, str] = {}  # registered_name's answers found so far (entry points: a scan is ~10 ms)
+
+
+def register_launcher(cls: type[Launcher], name: str | None = None) -> str:
+    """Allow deployment records naming *cls* (by *name*, default ``cls.name``, or by its
+    ``module:Class`` path) to build it in this process; returns the name records will use.
+
+    For every process (the ``loom-dagster`` CLI, the Dagster daemon, run workers), register it instead
+    as an entry point of your package, which needs no code to run first::
+
+        [project.entry-points."loom_dagster.launchers"]
+        my_launcher = "my_pkg.launchers:MyLauncher"
+
+    Example:
+        >>> class Mine(Launcher):  # doctest: +SKIP
+        ...     name = "mine"
+        >>> register_launcher(Mine)  # doctest: +SKIP
+        'mine'
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Launcher)):
+        raise DeploymentError(f"register_launcher: {cls!r} is not a Launcher subclass")
+    name = name or cls.name
+    if not name or ":" in name:
+        raise DeploymentError(f"register_launcher: {name!r} is not a launcher name (no ':' allowed)")
+    if name in _ALIASES and _ALIASES[name] != class_path(cls):
+        raise DeploymentError(f"register_launcher: {name!r} is a built-in launcher")
+    _registered[name] = cls
+    _names.pop(cls, None)
+    return name
+
+
+def registered_launchers() -> dict[str, str]:
+    """Every launcher a record may name here, ``name -> "module:Class"``: the built-ins, the entry
+    points of :data:`LAUNCHER_ENTRY_POINT_GROUP` and :func:`register_launcher`'s (nothing is imported)."""
+    found = {ep.name: ep.value for ep in _entry_points() if ep.name not in _ALIASES}
+    found.update({name: class_path(cls) for name, cls in _registered.items()})
+    return {**found, **_ALIASES}
+
+
+def registered_name(cls: type) -> str | None:
+    """The name *cls* is registered under (``local`` for the local launcher), or ``None``."""
+    path = class_path(cls)
+    for name, target in _ALIASES.items():
+        if target == path:
+            return name
+    for name, registered in _registered.items():
+        if registered is cls:
+            return name
+    if cls in _names:
+        return _names[cls]
+    entries = [ep for ep in _entry_points() if ep.name not in _ALIASES]
+    found = next((ep.name for ep in entries if _ep_target(ep) == path), None)
+    for ep in entries if found is None else ():  # registered under a path that re-exports it
+        with contextlib.suppress(Exception):
+            if ep.load() is cls:
+                found = ep.name
+                break
+    if found is not None:
+        _names[cls] = found
+    return found
+
+
+def launcher_from_record(path: str, config: Mapping[str, Any] | None = None) -> Launcher:
+    """Build the launcher a deployment record (or the CLI's ``--launcher``) names, only if it is a
+    built-in, an entry point of :data:`LAUNCHER_ENTRY_POINT_GROUP` or registered in this process;
+    anything else is refused with ``DeploymentError`` and nothing is imported.
+
+    Example:
+        >>> launcher_from_record("local").name
+        'local'
+    """
+    cls = _allowed(path)
+    if cls is None:
+        known = ", ".join(sorted(registered_launchers()))
+        raise DeploymentError(
+            f"launcher {path!r} is not a registered launcher: a deployment record (or --launcher) may only "
+            f"name one of: {known}. Nothing was imported. To use a custom launcher, register its class "
+            f"as an entry point of the package that provides it, in its pyproject.toml: "
+            f'[project.entry-points."{LAUNCHER_ENTRY_POINT_GROUP}"] my_launcher = '
+            f'"my_pkg.launchers:MyLauncher", and reinstall that package where the records are read '
+            f"(or call loom_dagster.launchers.register_launcher(MyLauncher) in the process first)"
+        )
+    return _construct(cls, path, config)
+
+
+def load_launcher(path: str, config: Mapping[str, Any] | None = None) -> Launcher:
+    """Build the launcher *code* names (a resource's ``launcher``): a registered name (``local``,
+    ``kubernetes``, an entry point's name) or ``package.module:Class``, with *config* as keyword
+    arguments. Never call it with a path read from a record: use :func:`launcher_from_record`.
+
+    A class that is not registered still builds here, with an :class:`UnregisteredLauncherWarning`:
+    the CLI will refuse the records of its jobs until it is registered.
 
     Example:
         >>> load_launcher("local", {"heartbeat_timeout_s": 5}).heartbeat_timeout_s
         5
     """
-    module_name, _, attribute = canonical_path(path).partition(":")
-    if not module_name or not attribute:
-        raise DeploymentError(f"launcher {path!r}: expected 'local', 'kubernetes' or 'package.module:Class'")
-    cls = getattr(_import(module_name, sys_path, path), attribute, None)
-    if not isinstance(cls, type) or not issubclass(cls, Launcher):
-        raise DeploymentError(f"launcher {path!r} is not a Launcher subclass")
+    cls = _allowed(path)
+    if cls is None:
+        module_name, _, attribute = path.partition(":")
+        if not module_name or not attribute:
+            raise DeploymentError(
+                f"launcher {path!r}: expected 'local', 'kubernetes', a registered launcher's name or "
+                "'package.module:Class'"
+            )
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise DeploymentError(f"launcher {path!r} does not import: {exc}") from exc
+        found = getattr(module, attribute, None)
+        if not isinstance(found, type) or not issubclass(found, Launcher):
+            raise DeploymentError(f"launcher {path!r} is not a Launcher subclass")
+        cls = found
+        if registered_name(cls) is None:
+            warnings.warn(
+                f"launcher {path!r} is not registered under the entry point group "
+                f"{LAUNCHER_ENTRY_POINT_GROUP!r}: the loom-dagster CLI will refuse to build it from the "
+                "records of its jobs (status, logs, stop); register it in the pyproject.toml of its package",
+                UnregisteredLauncherWarning,
+                stacklevel=2,
+            )
+    return _construct(cls, path, config)
+
+
+def _construct(cls: type[Launcher], path: str, config: Mapping[str, Any] | None) -> Launcher:
     try:
         return cls(**dict(config or {}))
     except TypeError as exc:
         raise DeploymentError(f"launcher {path!r} does not take this config: {exc}") from exc
 
 
-def _import(module_name: str, sys_path: tuple[str, ...], path: str) -> Any:
-    try:
-        return importlib.import_module(module_name)
-    except ImportError as first:
-        missing = [entry for entry in sys_path if entry not in sys.path]
-        if not missing:
-            raise DeploymentError(f"launcher {path!r} does not import: {first}") from first
-        sys.path[:0] = missing
-        try:
-            return importlib.import_module(module_name)
-        except ImportError as exc:
-            raise DeploymentError(f"launcher {path!r} does not import: {exc}") from exc
+def _allowed(path: str) -> type[Launcher] | None:
+    """The class of an allowed launcher named *path* (by name or ``module:Class``), or ``None``.
+
+    Built-ins come first and cannot be shadowed; only modules named by this package or by installed
+    entry points are imported."""
+    path = path.strip()
+    builtin = _ALIASES.get(path) or (path if path in _ALIASES.values() else None)
+    if builtin is not None:
+        module_name, _, attribute = builtin.partition(":")
+        return _checked(getattr(importlib.import_module(module_name), attribute), path)
+    for name, cls in _registered.items():
+        if path in (name, class_path(cls)):
+            return cls
+    for ep in _entry_points():
+        if ep.name not in _ALIASES and path in (ep.name, _ep_target(ep)):
+            try:
+                loaded = ep.load()
+            except Exception as exc:
+                raise DeploymentError(
+                    f"launcher {path!r} (entry point {ep.name} = {ep.value!r}) does not import: {exc}"
+                ) from exc
+            return _checked(loaded, path)
+    return None
 
 
-def _module_root(module_name: str) -> tuple[str, ...]:
-    """The sys.path entry *module_name* was imported from (empty when unknown)."""
-    module = sys.modules.get(module_name)
-    file = getattr(module, "__file__", None)
-    if not file:
-        return ()
-    path = Path(file).resolve().parent
-    for _ in range(module_name.count(".") + (1 if Path(file).name == "__init__.py" else 0)):
-        path = path.parent
-    return (str(path),)
+def _checked(found: Any, path: str) -> type[Launcher]:
+    if not isinstance(found, type) or not issubclass(found, Launcher):
+        raise DeploymentError(f"launcher {path!r} is not a Launcher subclass")
+    return found
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The entry points of :data:`LAUNCHER_ENTRY_POINT_GROUP` (installed metadata only; imports nothing)."""
+    return list(importlib.metadata.entry_points(group=LAUNCHER_ENTRY_POINT_GROUP))
+
+
+def _ep_target(ep: importlib.metadata.EntryPoint) -> str:
+    """``module:attr`` of an entry point (its extras dropped)."""
+    return ep.value.split("[", 1)[0].replace(" ", "")

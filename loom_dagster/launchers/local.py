@@ -1,15 +1,30 @@
-"""``LocalProcessLauncher``: runs a flow's job as detached processes on this host (the default)."""
+"""``LocalProcessLauncher``: runs a flow's job as detached processes on this host (the default).
+
+A recorded process is signalled only once ``/proc`` shows it is this flow's runtime as launched: the
+same start time, the same boot (the boot id recorded at launch), a command line ``python -m
+loom_dagster.runtime ... --flow-name <flow>`` and this user as its owner (:func:`check_process`);
+anything else is refused, naming what did not match. The job's process group is signalled only when
+that verified process leads it. Orphan detection (:func:`scan_runtime_processes`) sees only this
+user's runtime processes.
+
+A job serves its HTTP probes only where its own environment asks for it: the daemon's
+``LOOM_DAGSTER_HTTP_PORT`` is not inherited (one port cannot serve every job of the host), and a
+local job binds loopback (``127.0.0.1``) unless its request sets ``LOOM_DAGSTER_HTTP_HOST``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +53,9 @@ from loom_dagster.runtime.status import FINAL_STATES, JobStatus, describe_exit_c
 
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30.0
 RUNTIME_MODULE = "loom_dagster.runtime"
+HTTP_PORT_ENV = "LOOM_DAGSTER_HTTP_PORT"  # loom_dagster.runtime.cli.HTTP_PORT_ENV (no runtime import here)
+HTTP_HOST_ENV = "LOOM_DAGSTER_HTTP_HOST"  # loom_dagster.runtime.cli.HTTP_HOST_ENV
+LOCAL_HTTP_HOST = "127.0.0.1"
 
 
 class LocalProcessLauncher(Launcher):
@@ -86,7 +104,8 @@ class LocalProcessLauncher(Launcher):
 
     def uptime(self, job: LaunchedJob) -> float | None:
         """Seconds since the youngest live process started, from ``/proc``."""
-        alive = [p for p in job.processes if procfs.is_alive(p.pid, p.start_ticks)]
+        boot = launch_boot_id(job)
+        alive = [p for p in job.processes if check_process(p, job.flow_name, boot).ours]
         uptimes = [procfs.uptime_seconds(p.pid) for p in alive]
         if not uptimes or None in uptimes:
             return None
@@ -101,14 +120,19 @@ class LocalProcessLauncher(Launcher):
         return follow_lines(job.log_path)
 
     def runtime_processes(self) -> list[RuntimeProcess]:
-        """Every live ``python -m loom_dagster.runtime`` process of this host, from ``/proc``."""
+        """Every live ``python -m loom_dagster.runtime`` process of this user on this host, from ``/proc``."""
         return scan_runtime_processes()
 
     def launch(self, request: LaunchRequest, log_dir: str) -> LaunchedJob:
         """Start every process of the job and return their PIDs and start times."""
-        directory = Path(log_dir) / time.strftime("%Y%m%dT%H%M%S") / f"{time.time_ns() % 10**9:09d}"
-        directory.mkdir(parents=True, exist_ok=True)
+        from loom_dagster.deployments import open_private, private_dir
+
+        request.job_env()  # env values kept elsewhere and not read back: refuse before anything starts
+        directory = private_dir(
+            Path(log_dir) / time.strftime("%Y%m%dT%H%M%S") / f"{time.time_ns() % 10**9:09d}"
+        )
         log_path = directory / "job.log"
+        os.close(open_private(log_path, os.O_WRONLY))  # 0600 before the job appends to it
         addresses = _cluster_addresses(request.processes)
         started_at = time.time()
         procs: list[JobProcess] = []
@@ -122,8 +146,10 @@ class LocalProcessLauncher(Launcher):
                 procs.append(JobProcess(pid, ticks or 0, process_id, str(status_path), tuple(argv)))
         except Exception:
             for proc in procs:
-                _signal(proc, signal.SIGKILL)
+                with contextlib.suppress(DeploymentError):
+                    _signal(proc, signal.SIGKILL, request.flow_name, None)
             raise
+        boot = procfs.boot_id()
         return LaunchedJob(
             flow_name=request.flow_name,
             launcher=self.name,
@@ -132,7 +158,7 @@ class LocalProcessLauncher(Launcher):
             log_path=str(log_path),
             started_at=started_at,
             request=request,
-            extra={"addresses": list(addresses)},
+            extra={"addresses": list(addresses), **({"boot_id": boot} if boot else {})},
         )
 
     def job_argv(
@@ -155,7 +181,9 @@ class LocalProcessLauncher(Launcher):
         return argv
 
     def _spawn_detached(self, argv: list[str], log_path: Path, request: LaunchRequest) -> int:
-        env = {**os.environ, **dict(request.env)}
+        own = request.job_env()
+        env = {**os.environ, **own}
+        http_env(env, own)
         env["PYTHONPATH"] = os.pathsep.join([*request.sys_path, env.get("PYTHONPATH", "")]).strip(os.pathsep)
         # the runtime rotates job.log itself; what it prints before that is appended to job.log here
         env.update(LogSettings(log_path, self.log_max_bytes, self.log_max_files).env())
@@ -182,14 +210,21 @@ class LocalProcessLauncher(Launcher):
         alive = 0
         problems: list[str] = []
         connected = 0
+        boot = launch_boot_id(job)
         for proc in job.processes:
-            running = procfs.is_alive(proc.pid, proc.start_ticks)
+            check = check_process(proc, job.flow_name, boot)
+            running = check.ours
             alive += running
             status = read_status(Path(proc.status_path)) if proc.status_path else None
             if status is not None:
                 statuses.append(status.to_dict())
                 connected += status.connected
-            if not running:
+            if check.mismatch:
+                problems.append(
+                    f"process {proc.process_id} (pid {proc.pid}) is not running: {check.mismatch} "
+                    "(nothing will signal it)"
+                )
+            elif not running:
                 problems.append(f"process {proc.process_id} (pid {proc.pid}) {_how_it_ended(status)}")
             elif status is not None and status.is_stale(self.heartbeat_timeout_s):
                 problems.append(
@@ -209,17 +244,28 @@ class LocalProcessLauncher(Launcher):
         return JobReport(state=state, reason=reason, alive_processes=alive, statuses=tuple(statuses))
 
     def stop(self, job: LaunchedJob, timeout_s: float) -> float:
-        """SIGTERM (the runtime drains and flushes), wait up to *timeout_s*, then SIGKILL the rest."""
+        """SIGTERM (the runtime drains and flushes), wait up to *timeout_s*, then SIGKILL the rest.
+
+        Every live process is verified first (:func:`check_process`): when one is not this flow's
+        runtime of this user, ``DeploymentError`` says what did not match and nothing is signalled."""
         started = time.monotonic()
+        boot = launch_boot_id(job)
+        checks = [check_process(p, job.flow_name, boot, signalled=True) for p in job.processes]
+        refused = [c.mismatch for c in checks if c.mismatch]
+        if refused:
+            raise DeploymentError(
+                f"refusing to signal the job of flow {job.flow_name!r}: {'; '.join(refused)}. "
+                "Nothing was signalled."
+            )
         for proc in job.processes:
-            _signal(proc, signal.SIGTERM)
+            _signal(proc, signal.SIGTERM, job.flow_name, boot)
         deadline = started + timeout_s
         while time.monotonic() < deadline:
             if not any(procfs.is_alive(p.pid, p.start_ticks) for p in job.processes):
                 return time.monotonic() - started
             time.sleep(0.05)
         for proc in job.processes:
-            _signal(proc, signal.SIGKILL)
+            _signal(proc, signal.SIGKILL, job.flow_name, boot)
         while any(procfs.is_alive(p.pid, p.start_ticks) for p in job.processes):
             if time.monotonic() > deadline + 10:
                 raise DeploymentError(f"job of flow {job.flow_name!r} survived SIGKILL")
@@ -235,7 +281,7 @@ class LocalProcessLauncher(Launcher):
         argv += ["--workers-per-process", str(request.workers_per_process)]
         for entry in request.sys_path:
             argv += ["--sys-path", entry]
-        env = {**os.environ, **dict(request.env)}
+        env = {**os.environ, **request.job_env()}
         try:
             done = subprocess.run(
                 argv, capture_output=True, text=True, env=env, cwd=request.cwd or None, timeout=timeout_s
@@ -268,22 +314,139 @@ def _how_it_ended(status: JobStatus | None) -> str:
     )
 
 
-def _signal(proc: JobProcess, sig: signal.Signals) -> None:
-    """Signal a job process only if it is still the process we started (same start time)."""
-    if not procfs.is_alive(proc.pid, proc.start_ticks):
+@dataclass(frozen=True)
+class ProcessCheck:
+    """What ``/proc`` says about a recorded job process.
+
+    ``alive``: a process with the recorded pid and start time runs; ``mismatch``: it runs, but is not
+    this flow's runtime as launched (or, when checked for a signal, not this user's), in words."""
+
+    alive: bool
+    mismatch: str | None = None
+
+    @property
+    def ours(self) -> bool:
+        """The recorded process runs and is the flow's runtime."""
+        return self.alive and self.mismatch is None
+
+
+def launch_boot_id(job: LaunchedJob) -> str | None:
+    """The boot id recorded when *job* was launched (``None`` in older records)."""
+    value = (job.extra or {}).get("boot_id")
+    return str(value) if value else None
+
+
+def check_process(
+    proc: JobProcess, flow_name: str, boot_id: str | None, *, signalled: bool = False
+) -> ProcessCheck:
+    """Whether *proc* still is the runtime of *flow_name* that was launched: same start time, same boot
+    (when *boot_id* was recorded), command line ``-m loom_dagster.runtime ... --flow-name <flow>`` and,
+    when *signalled*, run by this user (real and effective uid).
+
+    Example:
+        >>> check_process(JobProcess(pid=os.getpid(), start_ticks=1), "f", None)
+        ProcessCheck(alive=False, mismatch=None)
+    """
+    stat = procfs.read_stat(proc.pid)
+    if stat is None or stat.state in ("Z", "X", "x") or stat.start_ticks != proc.start_ticks:
+        return ProcessCheck(False)
+    now = procfs.boot_id()
+    if boot_id and now and boot_id != now:
+        return ProcessCheck(
+            True,
+            f"pid {proc.pid} is another process: the host rebooted since the job was launched "
+            f"(boot id {boot_id}, now {now})",
+        )
+    why = runtime_mismatch(procfs.cmdline(proc.pid), flow_name)
+    if why is not None:
+        return ProcessCheck(True, f"pid {proc.pid} {why}")
+    if signalled:
+        owner = procfs.owner(proc.pid)
+        if owner is None:
+            return ProcessCheck(True, f"the owner of pid {proc.pid} cannot be read from /proc")
+        if not owner.is_us():
+            return ProcessCheck(
+                True,
+                f"pid {proc.pid} runs as {owner.describe()}, not as uid {os.geteuid()} (this user): stop it "
+                "as the user that runs it",
+            )
+    return ProcessCheck(True)
+
+
+def runtime_mismatch(argv: Sequence[str], flow_name: str) -> str | None:
+    """Why *argv* is not ``python -m loom_dagster.runtime ... --flow-name <flow_name>`` (``None``: it is).
+
+    Example:
+        >>> runtime_mismatch(["python", "-m", "loom_dagster.runtime", "--flow-name", "f"], "f") is None
+        True
+        >>> runtime_mismatch(["sleep", "1000"], "f")
+        "is not a loom-dagster runtime: its command line is 'sleep 1000', not 'python -m loom_dagster.runtime ... --flow-name f'"
+    """
+    expected = f"python -m {RUNTIME_MODULE} ... --flow-name {flow_name}"
+    if not argv:
+        return f"has no readable command line, not {expected!r}"
+    if not _is_runtime_argv(argv):
+        shown = redact_text(shlex.join(argv))
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
+        return f"is not a loom-dagster runtime: its command line is {shown!r}, not {expected!r}"
+    name = _arg(argv, "--flow-name")
+    if name != flow_name:
+        return f"is the runtime of flow {name!r}, not of flow {flow_name!r}"
+    return None
+
+
+def _is_runtime_argv(argv: Sequence[str]) -> bool:
+    return "-m" in argv and RUNTIME_MODULE in argv and argv.index(RUNTIME_MODULE) == argv.index("-m") + 1
+
+
+def _signal(proc: JobProcess, sig: signal.Signals, flow_name: str, boot_id: str | None) -> None:
+    """Signal a job process only if it is still the runtime of *flow_name* we started, run by this user
+    (:func:`check_process`); its process group only when it leads that group. A process that is gone
+    is left alone; one that is not ours is refused (``DeploymentError``, nothing signalled)."""
+    check = check_process(proc, flow_name, boot_id, signalled=True)
+    if not check.alive:
         return
+    if check.mismatch:
+        raise DeploymentError(
+            f"refusing to signal pid {proc.pid} of flow {flow_name!r}: {check.mismatch}. Nothing was signalled."
+        )
+    stat = procfs.read_stat(proc.pid)
     try:
-        stat = procfs.read_stat(proc.pid)
         if stat is not None and stat.pgid == proc.pid:
-            os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, sig)  # the verified runtime leads its group (its own session)
         else:
             os.kill(proc.pid, sig)
     except ProcessLookupError:
         pass
+    except PermissionError as exc:
+        raise DeploymentError(
+            f"not permitted to signal pid {proc.pid} of flow {flow_name!r} ({exc.strerror}): run this as "
+            "the user that runs the job"
+        ) from exc
+
+
+def http_env(env: dict[str, str], own: Mapping[str, str]) -> None:
+    """The job's HTTP settings in its environment *env* (edited in place): the port only where the
+    flow's own env (*own*: ``LoomFlowSpec.env``) sets it, never inherited from this process (every
+    local job would try the same port), bound to loopback unless *own* sets ``LOOM_DAGSTER_HTTP_HOST``.
+
+    Example:
+        >>> env = {"LOOM_DAGSTER_HTTP_PORT": "8080", "PATH": "/bin"}
+        >>> http_env(env, {})
+        >>> env
+        {'PATH': '/bin', 'LOOM_DAGSTER_HTTP_HOST': '127.0.0.1'}
+    """
+    for name in (HTTP_PORT_ENV, HTTP_HOST_ENV):
+        if name in own:
+            env[name] = own[name]
+        else:
+            env.pop(name, None)
+    env.setdefault(HTTP_HOST_ENV, LOCAL_HTTP_HOST)
 
 
 def scan_runtime_processes() -> list[RuntimeProcess]:
-    """Every live ``loom_dagster.runtime`` process of this host (pid, start ticks, flow, status file)."""
+    """Every live ``loom_dagster.runtime`` process of this user on this host (pid, start ticks, flow,
+    status file); another user's are not ours to report or stop."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -295,12 +458,16 @@ def scan_runtime_processes() -> list[RuntimeProcess]:
 
 
 def runtime_process(pid: int) -> RuntimeProcess | None:
-    """*pid* as a runtime process of this host, or ``None`` (gone, a zombie, another program)."""
+    """*pid* as a runtime process of this user on this host, or ``None`` (gone, a zombie, another
+    program, another user's)."""
     argv = procfs.cmdline(pid)
-    if "-m" not in argv or RUNTIME_MODULE not in argv or argv.index(RUNTIME_MODULE) != argv.index("-m") + 1:
+    if not _is_runtime_argv(argv):
         return None
     stat = procfs.read_stat(pid)
     if stat is None or stat.state in ("Z", "X", "x"):
+        return None
+    owner = procfs.owner(pid)
+    if owner is None or not owner.is_us():
         return None
     return RuntimeProcess(
         pid,

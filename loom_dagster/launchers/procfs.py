@@ -1,4 +1,6 @@
-"""Process identity and liveness from ``/proc``: a PID plus its start time survives PID reuse."""
+"""Process identity and liveness from ``/proc``: a PID plus its start time survives PID reuse; the
+boot id tells a record written before a reboot (start times restart at 0) from a current one; the
+owner uids tell our processes from another user's."""
 
 from __future__ import annotations
 
@@ -55,6 +57,45 @@ def uptime_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return max(0.0, boot_uptime - stat.start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+class Owner(msgspec.Struct, frozen=True):
+    """The real and effective uid of a process (``/proc/<pid>/status``, line ``Uid:``)."""
+
+    real: int
+    effective: int
+
+    def is_us(self) -> bool:
+        """True when the process runs as this process's user (real and effective uid)."""
+        return self.real == os.getuid() and self.effective == os.geteuid()
+
+    def describe(self) -> str:
+        """``uid 65534`` (``uid 0/1000`` when real and effective differ)."""
+        if self.real == self.effective:
+            return f"uid {self.real}"
+        return f"uid {self.real}/{self.effective} (real/effective)"
+
+
+def owner(pid: int) -> Owner | None:
+    """Who *pid* runs as, or ``None`` when gone or unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (OSError, ProcessLookupError):
+        return None
+    for line in text.splitlines():
+        if line.startswith("Uid:"):
+            fields = line.split()[1:]
+            if len(fields) >= 2 and fields[0].isdigit() and fields[1].isdigit():
+                return Owner(int(fields[0]), int(fields[1]))
+    return None
+
+
+def boot_id() -> str | None:
+    """This boot's id (``/proc/sys/kernel/random/boot_id``), or ``None`` where the kernel has none."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def cmdline(pid: int) -> list[str]:

@@ -27,7 +27,10 @@ from loom_dagster.runtime.status import (
 PROG = "python -m loom_dagster.runtime"
 LOG_PREFIX = "loom-dagster runtime: "
 HTTP_PORT_ENV = "LOOM_DAGSTER_HTTP_PORT"
-DEFAULT_HTTP_HOST = "0.0.0.0"  # all interfaces: a kubelet probes the pod IP
+HTTP_HOST_ENV = "LOOM_DAGSTER_HTTP_HOST"
+DEFAULT_HTTP_HOST = "127.0.0.1"  # loopback: nothing off this host reaches a local job's probes
+POD_HTTP_HOST = "0.0.0.0"  # in a Kubernetes pod: all interfaces, the kubelet probes the pod IP
+POD_VARIABLE = "KUBERNETES_SERVICE_HOST"  # set by the kubelet in every pod
 AUTO_PROCESS_ID = "auto"
 _ORDINAL = re.compile(r"^.+-(?P<ordinal>[0-9]+)$")
 
@@ -133,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: ${HTTP_PORT_ENV}, else no server)",
     )
     probes.add_argument(
-        "--http-host", default=DEFAULT_HTTP_HOST, help=f"address to bind (default {DEFAULT_HTTP_HOST})"
+        "--http-host",
+        default=None,
+        help=f"address to bind (default: ${HTTP_HOST_ENV}, else {POD_HTTP_HOST} in a Kubernetes pod "
+        f"(${POD_VARIABLE} set), else {DEFAULT_HTTP_HOST})",
     )
     probes.add_argument(
         "--live-timeout",
@@ -178,7 +184,7 @@ def parse_options(argv: Sequence[str] | None = None) -> JobOptions:
         fence=args.fence,
         fence_timeout_s=args.fence_timeout,
         http_port=http_port,
-        http_host=args.http_host,
+        http_host=http_host(args.http_host),
         live_timeout_s=args.live_timeout,
     )
 
@@ -244,6 +250,20 @@ def _http_port(parser: argparse.ArgumentParser, flag: int | None) -> int | None:
     if not 0 <= port <= 65535:
         parser.error(f"--http-port {port} is not a port number (0 = any free port)")
     return port
+
+
+def http_host(flag: str | None) -> str:
+    """``--http-host``, else ``$LOOM_DAGSTER_HTTP_HOST``, else all interfaces in a Kubernetes pod (the
+    kubelet probes the pod IP), else loopback.
+
+    Example:
+        >>> http_host("::1")
+        '::1'
+    """
+    chosen = (flag or "").strip() or os.environ.get(HTTP_HOST_ENV, "").strip()
+    if chosen:
+        return chosen
+    return POD_HTTP_HOST if os.environ.get(POD_VARIABLE, "").strip() else DEFAULT_HTTP_HOST
 
 
 def _check_cluster(

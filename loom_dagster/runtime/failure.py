@@ -1,6 +1,7 @@
 """Turn an exception (often a chain of bytewax errors around the real cause) into one clean line.
 
-A reason is redacted, then capped at ``MAX_REASON_CHARS`` keeping its head *and* its tail (loom puts
+A reason is redacted as a whole (a PEM block or a YAML value spanning lines is recognized before the
+lines are joined), then capped at ``MAX_REASON_CHARS`` keeping its head *and* its tail (loom puts
 the remedy last, e.g. "list its id under checks.silenced"); a cut reason is logged in full first,
 so the job's log always has the whole (redacted) text.
 """
@@ -70,7 +71,8 @@ def one_line_reason(exc: BaseException) -> str:
         context = _BYTEWAX_LOCATION.sub("", str(chain[-2]).strip())
         if context and context not in reason:
             reason = f"{reason} (while: {context})"
-    reason = redact_text(" | ".join(part.strip() for part in reason.splitlines() if part.strip()))
+    # Redacted while still multi-line (a PEM block, a YAML value under a secret key span lines), then joined.
+    reason = " | ".join(part.strip() for part in redact_text(reason).splitlines() if part.strip())
     if len(reason) > MAX_REASON_CHARS:
         log.error(
             "failure reason in full (%d chars; the status record keeps head and tail): %s",

@@ -1,7 +1,10 @@
 """HTTP probes and metrics of a running job: ``/readyz``, ``/livez``, ``/status``, ``/metrics``.
 
 ``python -m loom_dagster.runtime ... --http-port 8080`` (or ``LOOM_DAGSTER_HTTP_PORT=8080``) serves
-them for a kubelet and a Prometheus scraper. The server starts right after the first status record,
+them for a kubelet and a Prometheus scraper, on loopback (``127.0.0.1``) unless told otherwise
+(``--http-host``; all interfaces by default only in a Kubernetes pod, where the kubelet probes the pod
+IP). There is no authentication: what is served is what the status file holds (redacted, no secrets)
+and the probes' verdicts; nothing can be changed through it. The server starts right after the first status record,
 before the flow is imported and compiled, so ``/livez`` answers at once and ``/readyz`` says
 ``starting`` meanwhile; it stops once the final record is written.
 
@@ -20,21 +23,28 @@ Every answer comes from the record the :class:`~loom_dagster.runtime.reporter.St
 wrote, kept in memory (:func:`reporter_source`): what the file says, without reading the file, and
 without refreshing it (a probe must not stand in for a heartbeat).
 
-Why the standard library's ``ThreadingHTTPServer`` and no web framework: four small GET endpoints at
-probe rate need no routing or async stack; a daemon thread shares nothing with bytewax's run loop or
-loom's async bridge, adds no dependency and is listening within milliseconds of start.
+The server is one daemon thread multiplexing every connection with :mod:`selectors` (no thread per
+connection): at most ``max_connections`` (16) are open at once, the oldest unfinished one is closed to
+make room for a new one, and each must send its request and take its answer within
+``request_timeout_s`` (5 s) of being accepted, or it is closed. A client that sends one byte every few
+seconds costs a socket for 5 s, never a thread; a probe that sends its request at once is answered
+however many slow clients there are. Why no web framework: four small GET endpoints at probe rate need
+no routing or async stack; one daemon thread shares nothing with bytewax's run loop or loom's async
+bridge, adds no dependency and is listening within milliseconds of start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from socketserver import TCPServer
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -64,6 +74,14 @@ StatusSource = Callable[[], JobStatus | None]
 
 LIVE_TIMEOUT_HEARTBEATS = 3.0
 """Default live timeout, in heartbeat intervals (``--live-timeout`` overrides it)."""
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_MAX_CONNECTIONS = 16
+"""Connections open at once; a new one beyond it closes the oldest unfinished one."""
+DEFAULT_REQUEST_TIMEOUT_S = 5.0
+"""Seconds a connection has, from its accept, to send its request and take the answer."""
+MAX_REQUEST_BYTES = 8192
+"""Request line + headers; a longer request is answered 431 and closed."""
+_ACCEPTS_PER_ROUND = 8  # a connection accepted in one round is read in the next before more arrive
 _MAX_REASON_CHARS = 300
 _ENCODER = msgspec.json.Encoder(order="sorted")  # the status file's encoding
 
@@ -289,7 +307,7 @@ def reporter_source(reporter: StatusReporter, lock_timeout_s: float = 0.25) -> S
 
 
 class ProbeServer:
-    """Serves ``/readyz``, ``/livez``, ``/status`` and ``/metrics`` from a daemon thread.
+    """Serves ``/readyz``, ``/livez``, ``/status`` and ``/metrics`` from one daemon thread.
 
     Example:
         >>> server = ProbeServer(lambda: JobStatus(flow="f", pid=1), port=0).start()
@@ -302,13 +320,19 @@ class ProbeServer:
         self,
         source: StatusSource,
         *,
-        host: str = "0.0.0.0",
+        host: str = DEFAULT_HOST,
         port: int = 0,
         live_timeout_s: float = LIVE_TIMEOUT_HEARTBEATS * DEFAULT_HEARTBEAT_S,
         clock: Callable[[], float] = time.time,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     ) -> None:
+        if max_connections < 1 or request_timeout_s <= 0:
+            raise ValueError("max_connections must be at least 1 and request_timeout_s above 0")
         self.host = host
         self.live_timeout_s = live_timeout_s
+        self.max_connections = max_connections
+        self.request_timeout_s = request_timeout_s
         self._requested_port = port
         self._source = source
         self._clock = clock
@@ -316,7 +340,7 @@ class ProbeServer:
         self._last_lock = threading.Lock()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatusCollector(self.current, clock))
-        self._httpd: _HTTPServer | None = None
+        self._loop: _Loop | None = None
         self._thread: threading.Thread | None = None
 
     def current(self) -> JobStatus | None:
@@ -339,9 +363,9 @@ class ProbeServer:
     @property
     def port(self) -> int:
         """The bound port (the chosen one when started with port 0)."""
-        if self._httpd is None:
+        if self._loop is None:
             raise RuntimeError("the probe server is not started")
-        return int(self._httpd.server_address[1])
+        return int(self._loop.listener.getsockname()[1])
 
     @property
     def url(self) -> str:
@@ -349,99 +373,229 @@ class ProbeServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def open_connections(self) -> int:
+        """Connections open right now (at most ``max_connections``)."""
+        return len(self._loop.conns) if self._loop is not None else 0
+
     def start(self) -> ProbeServer:
         """Bind and serve from a daemon thread; returns ``self``.
 
         Raises:
             OSError: if the address cannot be bound (port in use, unknown host).
         """
-        if self._httpd is not None:
+        if self._loop is not None:
             return self
-        server_class = _HTTPServer6 if ":" in self.host else _HTTPServer
-        httpd = server_class((self.host, self._requested_port), _Handler)
-        httpd.probes = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="loom-dagster-http", daemon=True
-        )
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host, self._requested_port))
+            listener.listen(64)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._loop = _Loop(self, listener)
+        self._thread = threading.Thread(target=self._loop.run, name="loom-dagster-http", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the socket (idempotent)."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
+        """Stop serving and close every socket (idempotent)."""
+        loop, self._loop = self._loop, None
+        if loop is None:
             return
-        httpd.shutdown()
-        httpd.server_close()
+        loop.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-
-class _HTTPServer(ThreadingHTTPServer):
-    """One thread per request (daemon threads: an exiting job never waits for a probe)."""
-
-    daemon_threads = True
-    probes: ProbeServer
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the bound address's FQDN (a DNS lookup); not needed here.
-        TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-
-class _HTTPServer6(_HTTPServer):
-    address_family = socket.AF_INET6
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _HTTPServer
-    timeout = 10  # a client that stalls mid-request gives its thread back
-    server_version = "loom-dagster"
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+    def answer(self, method: str, target: str, headers: dict[str, str]) -> tuple[int, bytes, str]:
+        """``(status code, body, content type)`` of one request (a probe never raises: 500)."""
+        if method not in ("GET", "HEAD"):
+            return 405, b"method not allowed: GET only\n", _TEXT
+        path = target.split("?", 1)[0].rstrip("/") or "/"
         try:
-            self._route(path)
-        except (BrokenPipeError, ConnectionResetError):
-            return  # the client hung up
-        except Exception as exc:  # a probe answers 500, it never kills the server thread
+            return self._route(path, headers)
+        except Exception as exc:  # a probe answers 500, it never kills the server
             log.warning("HTTP %s failed: %s", path, redact_text(str(exc)))
-            self._send(500, f"internal error: {type(exc).__name__}\n".encode(), "text/plain; charset=utf-8")
+            return 500, f"internal error: {type(exc).__name__}\n".encode(), _TEXT
 
-    def _route(self, path: str) -> None:
-        probes = self.server.probes
+    def _route(self, path: str, headers: dict[str, str]) -> tuple[int, bytes, str]:
         if path == "/readyz":
-            self._verdict(probes.readiness())
-        elif path == "/livez":
-            self._verdict(probes.liveness())
-        elif path == "/status":
-            self._status(probes.current())
-        elif path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            self._send(200, encoder(probes.registry), content_type)
-        else:
-            self._send(404, b"not found: try /readyz /livez /status /metrics\n", "text/plain; charset=utf-8")
+            return _verdict(self.readiness())
+        if path == "/livez":
+            return _verdict(self.liveness())
+        if path == "/status":
+            status = self.current()
+            if status is None:
+                return 503, b"no status record yet\n", _TEXT
+            return 200, _ENCODER.encode(status) + b"\n", "application/json"
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(headers.get("accept", ""))
+            return 200, encoder(self.registry), content_type
+        return 404, b"not found: try /readyz /livez /status /metrics\n", _TEXT
 
-    def _verdict(self, verdict: Verdict) -> None:
-        reason = redact_text(verdict.reason)[:_MAX_REASON_CHARS]
-        self._send(verdict.http_status, f"{reason}\n".encode(), "text/plain; charset=utf-8")
 
-    def _status(self, status: JobStatus | None) -> None:
-        if status is None:
-            self._send(503, b"no status record yet\n", "text/plain; charset=utf-8")
+_TEXT = "text/plain; charset=utf-8"
+
+
+def _verdict(verdict: Verdict) -> tuple[int, bytes, str]:
+    reason = redact_text(verdict.reason)[:_MAX_REASON_CHARS]
+    return verdict.http_status, f"{reason}\n".encode(), _TEXT
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One accepted connection: what it sent so far, what is left to send, when it must be done."""
+
+    sock: socket.socket
+    deadline: float
+    received: bytearray = field(default_factory=bytearray)
+    pending: bytes = b""
+    answered: bool = False
+
+
+class _Loop:
+    """The server thread: accepts, reads requests, writes answers, enforces the caps (no locks: only
+    this thread touches the connections)."""
+
+    def __init__(self, server: ProbeServer, listener: socket.socket) -> None:
+        self.server = server
+        self.listener = listener
+        self.conns: dict[socket.socket, _Conn] = {}  # in accept order: the first is the oldest
+        self.selector = selectors.DefaultSelector()
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+
+    def stop(self) -> None:
+        """Ask the thread to close everything and end."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`."""
+        self.selector.register(self.listener, selectors.EVENT_READ, "listener")
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                soonest = min((c.deadline for c in self.conns.values()), default=now + 1.0)
+                events = self.selector.select(timeout=max(0.0, min(1.0, soonest - now)))
+                accept = False
+                for key, mask in events:  # connections first: a request already sent is served
+                    if key.data == "listener":
+                        accept = True
+                    elif key.data == "wake":
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(64)
+                    elif isinstance(key.data, _Conn):
+                        self._serve(key.data, mask)
+                if accept:
+                    self._accept()
+                self._expire(time.monotonic())
+        except Exception as exc:  # never take the job down with the probes
+            log.error("HTTP server stopped: %s", redact_text(str(exc)))
+        finally:
+            for conn in list(self.conns.values()):
+                self._close(conn)
+            self.selector.close()
+            for sock in (self.listener, self._wake_r, self._wake_w):
+                sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPTS_PER_ROUND):
+            try:
+                sock, _address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: try again next round
+                log.warning("HTTP accept failed: %s", exc)
+                return
+            while len(self.conns) >= self.server.max_connections:
+                self._close(self._oldest())
+            sock.setblocking(False)
+            conn = _Conn(sock, time.monotonic() + self.server.request_timeout_s)
+            self.conns[sock] = conn
+            self.selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _oldest(self) -> _Conn:
+        """The connection to drop for a new one: the oldest still sending its request, else the oldest."""
+        unfinished = (c for c in self.conns.values() if not c.answered)
+        return next(unfinished, None) or next(iter(self.conns.values()))
+
+    def _expire(self, now: float) -> None:
+        for conn in [c for c in self.conns.values() if c.deadline <= now]:
+            self._close(conn)
+
+    def _serve(self, conn: _Conn, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_READ and not conn.answered:
+                data = conn.sock.recv(4096)
+                if not data:
+                    self._close(conn)
+                    return
+                conn.received += data
+                self._maybe_answer(conn)
+            if conn.answered and conn.pending:
+                sent = conn.sock.send(conn.pending)
+                conn.pending = conn.pending[sent:]
+            if conn.answered and not conn.pending:
+                self._close(conn)
+        except (BlockingIOError, InterruptedError):
             return
-        self._send(200, _ENCODER.encode(status) + b"\n", "application/json")
+        except OSError:  # reset, broken pipe: the client is gone
+            self._close(conn)
 
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
+    def _maybe_answer(self, conn: _Conn) -> None:
+        head, found, _rest = bytes(conn.received).partition(b"\r\n\r\n")
+        if not found:
+            head, found, _rest = bytes(conn.received).partition(b"\n\n")
+        if not found:
+            if len(conn.received) > MAX_REQUEST_BYTES:
+                self._respond(conn, 431, b"request header fields too large\n", _TEXT, head_only=False)
+            return
+        if len(head) > MAX_REQUEST_BYTES:
+            self._respond(conn, 431, b"request header fields too large\n", _TEXT, head_only=False)
+            return
+        lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+        parts = lines[0].split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            self._respond(conn, 400, b"bad request\n", _TEXT, head_only=False)
+            return
+        method, target, _version = parts
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        code, body, content_type = self.server.answer(method, target, headers)
+        self._respond(conn, code, body, content_type, head_only=method == "HEAD")
 
-    def log_message(self, format: str, *args: object) -> None:
-        """No access log: probes every few seconds would drown the job log."""
+    def _respond(self, conn: _Conn, code: int, body: bytes, content_type: str, *, head_only: bool) -> None:
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = ""
+        head = (
+            f"HTTP/1.1 {code} {phrase}\r\n"
+            f"Server: loom-dagster\r\n"
+            f"Date: {formatdate(usegmt=True)}\r\n"
+            f"Content-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\n"
+            "Connection: close\r\n" + ("Allow: GET, HEAD\r\n" if code == 405 else "") + "\r\n"
+        )
+        conn.pending = head.encode("latin-1") + (b"" if head_only else body)
+        conn.answered = True
+        self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+
+    def _close(self, conn: _Conn) -> None:
+        if self.conns.pop(conn.sock, None) is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
+        with contextlib.suppress(OSError):
+            conn.sock.close()

@@ -6,8 +6,9 @@ How a job ends, and what a launcher sees (exit code / final status record):
   (loom instantiates steps at compile time): exit 2, record ``failed`` with the reason. The record
   is written first thing, so a launcher always finds one unless the arguments themselves are bad
   (argparse error: exit 2, one stderr line, no record);
-- the dataflow fails before its first poll (unreachable broker: ~10 s, loom's metadata timeout):
-  exit 3, record ``failed``, ``connected_at`` null;
+- the dataflow fails before its first poll (unreachable broker: ~10 s, loom's metadata timeout), or
+  the HTTP probes cannot be served (``--http-port`` taken: a restart may find it free): exit 3,
+  record ``failed``, ``connected_at`` null;
 - it fails after connecting: exit 1; a signal: drain, final offset commit, exit 0, ``stopped``;
 - another job consumes the same consumer group (it holds the group's fence, see
   ``loom_dagster.fence``): exit 5 before the dataflow starts, the reason naming that job (host, pid,
@@ -83,7 +84,7 @@ class JobOptions:
     fence: bool = True
     fence_timeout_s: float = DEFAULT_FENCE_TIMEOUT_S
     http_port: int | None = None
-    http_host: str = "0.0.0.0"
+    http_host: str = "127.0.0.1"
     live_timeout_s: float | None = None
 
 
@@ -97,6 +98,10 @@ class Outcome:
 
 class _Refused(Exception):
     """The flow cannot start as given (import, config, compile): exit ``EXIT_BAD_INPUT``."""
+
+
+class _NotServing(Exception):
+    """The HTTP probes could not be served (the port is taken): exit ``EXIT_STARTUP_FAILED``, retryable."""
 
 
 class _NoFence(Exception):
@@ -129,6 +134,8 @@ def run_job(options: JobOptions) -> int:
         outcome = _execute(options, reporter, signals)
     except _Refused as exc:
         outcome = Outcome(EXIT_BAD_INPUT, str(exc))
+    except _NotServing as exc:
+        outcome = Outcome(EXIT_STARTUP_FAILED, f"failed before its first poll: {exc}")
     except KeyboardInterrupt:
         outcome = Outcome(EXIT_STOPPED)
     finally:
@@ -140,7 +147,8 @@ def run_job(options: JobOptions) -> int:
 
 
 def _serve_probes(options: JobOptions, reporter: StatusReporter) -> ProbeServer | None:
-    """Serve ``/readyz /livez /status /metrics`` (``--http-port``) before the slow import and compile."""
+    """Serve ``/readyz /livez /status /metrics`` (``--http-port``) before the slow import and compile;
+    ``_NotServing`` when the address cannot be bound (retryable), ``_Refused`` when the host is unknown."""
     if options.http_port is None:
         return None
     from loom_dagster.runtime.http_server import LIVE_TIMEOUT_HEARTBEATS, ProbeServer, reporter_source
@@ -154,15 +162,17 @@ def _serve_probes(options: JobOptions, reporter: StatusReporter) -> ProbeServer 
     )
     try:
         server.start()
-    except OSError as exc:
+    except socket.gaierror as exc:  # a host name that does not resolve: the arguments are wrong
         raise _Refused(f"cannot serve HTTP on {options.http_host}:{options.http_port}: {exc}") from exc
+    except OSError as exc:  # a port taken now may be free at the next start: not bad input
+        raise _NotServing(f"cannot serve HTTP on {options.http_host}:{options.http_port}: {exc}") from exc
     log.info("serving /readyz /livez /status /metrics on %s (live timeout %gs)", server.url, live_timeout_s)
     return server
 
 
 def _new_reporter(options: JobOptions) -> StatusReporter:
     """Create the status file's directory and write the first ``starting`` record."""
-    options.status_file.parent.mkdir(parents=True, exist_ok=True)
+    options.status_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     name = options.flow_name or options.import_path.rpartition(":")[2] or options.import_path
     status = JobStatus(flow=name, pid=os.getpid(), host=socket.gethostname(), process_id=options.process_id)
     reporter = StatusReporter(

@@ -7,8 +7,12 @@ How output gets there: the launcher starts the job with stdout/stderr appended t
 the settings in ``LOOM_DAGSTER_LOG_*``. First thing, the runtime (:func:`take_over_stdio`) starts a
 drainer, ``python -m loom_dagster.runtime.logs`` (its own session, deaf to SIGINT/SIGTERM/SIGHUP),
 and points fd 1 and 2 at a pipe the drainer reads. Everything written to fd 1/2 from then on
-(Python logging, ``print``, Rust panics, librdkafka) is redacted line by line and written to the
-rotated files; what was written before (interpreter start-up errors) is already in ``job.log``.
+(Python logging, ``print``, Rust panics, librdkafka) is redacted and written to the rotated files;
+what was written before (interpreter start-up errors) is already in ``job.log``. Redaction is by
+record, not by line: one :class:`~loom_dagster.redact.LineRedactor` sees the whole stream, so the
+body of a PEM private key and the indented lines of a YAML value under a secret key (``private_key:
+|``) are masked up to their end, however the output was cut into reads. Reading redacts again (the
+part written before the drainer started; a window starting inside a key block, up to its ``END``).
 The drainer is a process, not a thread, so output written right before a hard crash (an abort, a
 segfault) is not lost with the job: it reads to end-of-file after the job is gone.
 
@@ -31,7 +35,7 @@ from typing import BinaryIO
 
 import msgspec
 
-from loom_dagster.redact import redact_text
+from loom_dagster.redact import LineRedactor, redact_text
 
 ENV_LOG_FILE = "LOOM_DAGSTER_LOG_FILE"
 ENV_LOG_MAX_BYTES = "LOOM_DAGSTER_LOG_MAX_BYTES"
@@ -196,13 +200,19 @@ def _capped_lines(data: bytes, max_bytes: int) -> Iterator[bytes]:
         yield line
 
 
-def clean_lines(block: bytes, max_line_bytes: int = MAX_LINE_BYTES) -> bytes:
-    """Whole lines of output, each redacted and capped at *max_line_bytes*, newline-terminated."""
+def clean_lines(
+    block: bytes, max_line_bytes: int = MAX_LINE_BYTES, redactor: LineRedactor | None = None
+) -> bytes:
+    """Whole lines of output, each redacted and capped at *max_line_bytes*, newline-terminated.
+
+    *redactor* carries multi-line secrets over from the previous block of the same stream (a fresh
+    one when not given)."""
+    redactor = redactor or LineRedactor()
     text = block.decode("utf-8", errors="replace")
     lines = text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
     out = []
     for line in lines:
-        clean = redact_text(line).encode("utf-8", errors="replace")
+        clean = redactor(line).encode("utf-8", errors="replace")
         if len(clean) > max_line_bytes:
             clean = clean[: max_line_bytes - len(CUT_MARK)] + CUT_MARK.encode()
         out.append(clean + b"\n")
@@ -210,9 +220,10 @@ def clean_lines(block: bytes, max_line_bytes: int = MAX_LINE_BYTES) -> bytes:
 
 
 def drain(fd: int, log: RotatingLog) -> None:
-    """Copy *fd* to *log* until end-of-file, whole lines at a time, redacted."""
+    """Copy *fd* to *log* until end-of-file, whole lines at a time, redacted by record."""
     pending = b""
     limit = min(MAX_LINE_BYTES, log.settings.max_bytes)
+    redactor = LineRedactor()  # one for the stream: a key block spans reads
     while True:
         try:
             chunk = os.read(fd, _READ_CHUNK)
@@ -223,12 +234,12 @@ def drain(fd: int, log: RotatingLog) -> None:
         pending += chunk
         head, newline, pending = pending.rpartition(b"\n")
         if newline:
-            log.write(clean_lines(head + newline, limit))
+            log.write(clean_lines(head + newline, limit, redactor))
         if len(pending) > limit:  # an endless line: write what we have
-            log.write(clean_lines(pending, limit))
+            log.write(clean_lines(pending, limit, redactor))
             pending = b""
     if pending:
-        log.write(clean_lines(pending, limit))
+        log.write(clean_lines(pending, limit, redactor))
 
 
 def main() -> int:
@@ -332,8 +343,11 @@ class JobLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def read_tail(path: str | Path, window_bytes: int) -> tuple[bytes, bool]:
-    """The last *window_bytes* of the log across its files (oldest first) and whether it starts
-    mid-log (so its first line may be partial). Empty when there is no log."""
+    """The last *window_bytes* of the log across its files (oldest first), redacted as one text, and
+    whether it starts mid-log (so its first line may be partial). Empty when there is no log.
+
+    Redacted as a whole, not line by line: a key block is masked up to its end, also when the window
+    starts inside it (the lines above its ``END``)."""
     base = Path(path)
     chunks: list[bytes] = []
     remaining = window_bytes
@@ -357,13 +371,17 @@ def read_tail(path: str | Path, window_bytes: int) -> tuple[bytes, bool]:
             chunks.append(data)
             remaining -= len(data)
     chunks.reverse()
-    return b"".join(chunks), cut
+    data = b"".join(chunks)
+    text = data.decode("utf-8", errors="replace")
+    clean = redact_text(text)
+    return (data if clean == text else clean.encode("utf-8", errors="replace")), cut
 
 
 def follow_lines(
     path: str | Path, poll_s: float = 0.3, stop: Callable[[], bool] = lambda: False
 ) -> Iterator[str]:
-    """Yield the lines appended to the log from now on (redacted), through rotations, until *stop*.
+    """Yield the lines appended to the log from now on (redacted by record), through rotations, until
+    *stop*.
 
     After a rotation the rest of the file we were reading is read, then every newer file in order.
     """
@@ -373,13 +391,14 @@ def follow_lines(
 
 def _follow(base: Path, handle: BinaryIO | None, poll_s: float, stop: Callable[[], bool]) -> Iterator[str]:
     pending = b""
+    redactor = LineRedactor()
     while not stop():
         chunk = handle.read() if handle is not None else b""
         if chunk:
             pending += chunk
             head, newline, pending = pending.rpartition(b"\n")
             if newline:
-                yield from _decoded(head)
+                yield from _decoded(head, redactor)
             continue
         with _flock(base, fcntl.LOCK_SH, create=False):  # no rotation half done while we look
             newer = _newer_files(base, handle)
@@ -393,14 +412,14 @@ def _follow(base: Path, handle: BinaryIO | None, poll_s: float, stop: Callable[[
         if newer is None:
             time.sleep(poll_s)
     if pending:
-        yield from _decoded(pending)
+        yield from _decoded(pending, redactor)
     if handle is not None:
         handle.close()
 
 
-def _decoded(block: bytes) -> Iterator[str]:
+def _decoded(block: bytes, redactor: LineRedactor) -> Iterator[str]:
     for line in block.decode("utf-8", errors="replace").split("\n"):
-        yield redact_text(line)
+        yield redactor(line)
 
 
 def _open(path: Path) -> BinaryIO | None:

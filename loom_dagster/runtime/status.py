@@ -1,7 +1,7 @@
 """The status record a running flow job keeps on disk, and how to read it.
 
-Standard library and msgspec only: a launcher, a sensor or a health check imports this module
-without importing loom or bytewax. The records are ``msgspec.Struct``s (``to_dict`` / ``from_dict``
+Standard library, msgspec and :mod:`loom_dagster.redact` only: a launcher, a sensor or a health check
+imports this module without importing loom or bytewax. The records are ``msgspec.Struct``s (``to_dict`` / ``from_dict``
 for callers holding decoded JSON).
 
 The record is one small JSON object (keys sorted), rewritten atomically (temp file + ``os.replace``) at start,
@@ -25,6 +25,11 @@ The text is redacted and kept whole up to ``MAX_SINK_ERROR_CHARS`` (head and tai
 history when a later write to the same sink succeeds: ``recovered_at`` is then set (and cleared
 again by the next failure), so a reader treats an entry with ``recovered_at`` as resolved.
 
+The texts of a record (``error``, ``sink_error.error``) are redacted whatever wrote them: when a
+record is built or read (``JobStatus``/``SinkError`` redact them on construction and decoding) and
+when it is written (:func:`write_status`). So a status file, the ``/status`` endpoint, the CLI and
+the sensors show no secret, even from a record an older version wrote.
+
 Exit codes of ``python -m loom_dagster.runtime`` (also written to ``exit_code``):
 
 - ``EXIT_STOPPED`` (0): stopped on request (SIGTERM or SIGINT) after draining.
@@ -47,6 +52,7 @@ A process killed by a signal (SIGKILL, or SIGTERM before the handler is installe
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Mapping
@@ -54,6 +60,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import msgspec
+
+from loom_dagster.redact import redact_text
 
 EXIT_STOPPED = 0
 EXIT_FLOW_FAILED = 1
@@ -107,6 +115,9 @@ class SinkError(msgspec.Struct):
     count: int = 1
     first_at: float | None = None
     recovered_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.error = _redacted(self.error)
 
     @property
     def active(self) -> bool:
@@ -167,6 +178,8 @@ class JobStatus(msgspec.Struct):
     def __post_init__(self) -> None:
         if self.state not in STATES:
             raise ValueError(f"unknown state {self.state!r}")
+        if self.error:
+            self.error = _redacted(self.error)
 
     @property
     def is_final(self) -> bool:
@@ -210,6 +223,23 @@ class JobStatus(msgspec.Struct):
             raise ValueError(f"not a loom-dagster job status record: {exc}") from exc
 
 
+@functools.lru_cache(maxsize=64)
+def _redacted(text: str) -> str:
+    """``redact_text``, remembered: a heartbeat rewrites the same error text every second."""
+    return redact_text(text)
+
+
+def _redacted_status(status: JobStatus) -> JobStatus:
+    """*status* with its texts redacted (itself when they are clean; a caller may have set them)."""
+    error = _redacted(status.error) if status.error else status.error
+    sink_error = status.sink_error
+    if sink_error is not None and _redacted(sink_error.error) != sink_error.error:
+        sink_error = msgspec.structs.replace(sink_error, error=_redacted(sink_error.error))
+    if error == status.error and sink_error is status.sink_error:
+        return status
+    return msgspec.structs.replace(status, error=error, sink_error=sink_error)
+
+
 _SINK_ERROR_DEFAULTED = ("error", "count")
 _STATUS_DEFAULTED = ("host", "records_in", "records_out", "errors")
 _SINK_STATUS_DEFAULTED = ("records", "failed_writes")
@@ -245,11 +275,12 @@ _DECODER = msgspec.json.Decoder()
 def write_status(path: str | os.PathLike[str], status: JobStatus, *, durable: bool = False) -> None:
     """Atomically replace the status file with ``status`` (temp file in the same directory).
 
-    ``durable`` also fsyncs the file, for the final record that must survive a host crash.
+    ``durable`` also fsyncs the file, for the final record that must survive a host crash. The
+    record's texts are written redacted.
     """
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    payload = _ENCODER.encode(status)
+    payload = _ENCODER.encode(_redacted_status(status))
     with open(tmp, "wb") as handle:
         handle.write(payload)
         if durable:

@@ -11,7 +11,7 @@ Deterministic failures are not restarted at all:
   sensor requested) that failed, e.g. because the relaunched job died before its health gate or a
   pre-launch check refused it. Errors are compared by :func:`error_signature` (first line, digits
   masked). Deaths without an error (SIGKILL) or before the first poll (exit 3: broker unreachable,
-  often transient) never count, and keep the backoff/cap behaviour.
+  the job's HTTP port taken; often transient) never count, and keep the backoff/cap behaviour.
 
 Both halts hold until a new deployment (a materialization that succeeds) replaces the failed one.
 """
@@ -248,7 +248,7 @@ def job_metadata(deployment: Deployment, report: JobReport, uptime_s: float | No
                 entry["last_write_at"] = last
     metadata: dict[str, Any] = {
         "loom/state": report.state.value,
-        "loom/reason": report.reason,
+        "loom/reason": redact_text(report.reason),
         "loom/pids": ", ".join(str(p.pid) for p in job.processes),
         "loom/alive_processes": dg.MetadataValue.int(report.alive_processes),
         "loom/restarts": dg.MetadataValue.int(deployment.restarts),

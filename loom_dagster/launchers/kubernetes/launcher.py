@@ -13,6 +13,7 @@ Kubernetes cannot recover (its StatefulSet deleted out of band) is relaunched by
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import threading
 import time
@@ -42,7 +43,7 @@ from loom_dagster.launchers.kubernetes.manifests import (
     workload_name,
 )
 from loom_dagster.launchers.kubernetes.settings import KubernetesSettings, PodSettings
-from loom_dagster.redact import redact_text
+from loom_dagster.redact import LineRedactor, redact_text
 from loom_dagster.runtime.status import EXIT_BAD_INPUT, describe_exit_code
 
 BROKEN_WAITING_REASONS = frozenset(
@@ -109,7 +110,8 @@ class KubernetesLauncher(Launcher):
         return flow_manifests(settings, request)
 
     def launch(self, request: LaunchRequest, log_dir: str) -> LaunchedJob:
-        """Apply the Service (multi-process jobs) and the StatefulSet with the new template."""
+        """Apply the flow's env Secret, the Service (multi-process jobs) and the StatefulSet with the new
+        template; the job's request comes back with its env values replaced by the Secret's name."""
         return self._apply(request, self.settings.pod_for(request.flow_name))
 
     def relaunch(self, job: LaunchedJob, log_dir: str) -> LaunchedJob:
@@ -119,7 +121,9 @@ class KubernetesLauncher(Launcher):
         return self._apply(job.request, pod)
 
     def _apply(self, request: LaunchRequest, pod: PodSettings) -> LaunchedJob:
-        self._check_env(request)
+        from loom_dagster.launchers.kubernetes.store import env_in_secret
+
+        request = env_in_secret(self.api, self.settings, request)  # the template references it
         name = workload_name(self.settings, request.flow_name)
         generation = 0
         for manifest in self.manifests(request, pod):
@@ -145,16 +149,6 @@ class KubernetesLauncher(Launcher):
                 "pod": msgspec.to_builtins(pod),
             },
         )
-
-    def _check_env(self, request: LaunchRequest) -> None:
-        """Refuse a literal secret in the flow's env (it would land in the pod template)."""
-        leaks = [key for key, value in request.env if redact_text(f"{key}={value}") != f"{key}={value}"]
-        if leaks:
-            raise DeploymentError(
-                f"flow {request.flow_name!r} sets {', '.join(sorted(leaks))} in its env: on Kubernetes a "
-                "secret goes in a Secret listed in the launcher's pod.env_from_secrets, never in the pod "
-                "template. Nothing was deployed."
-            )
 
     def _apply_service(self, manifest: dict[str, Any]) -> None:
         name = manifest["metadata"]["name"]
@@ -323,7 +317,7 @@ class KubernetesLauncher(Launcher):
             return ""  # no log yet, or no kubelet serves it: the termination message still says why
         if not text:
             return ""
-        return "\n".join(redact_text(line) for line in str(text).splitlines()[-lines:])
+        return "\n".join(redact_text(str(text)).splitlines()[-lines:])  # by record: PEM, YAML blocks
 
     def follow_logs(self, job: LaunchedJob) -> Iterator[str]:
         """Lines pod 0 writes from now on, redacted, until interrupted."""
@@ -339,9 +333,15 @@ class KubernetesLauncher(Launcher):
             )
         except Exception as exc:
             raise api_error(exc, f"follow the log of pod {name!r}") from exc
+        redactor, pending = LineRedactor(), ""  # one redactor: a multi-line secret spans lines and chunks
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for raw in response.stream():
-            for line in raw.decode(errors="replace").splitlines():
-                yield redact_text(line)
+            pending += decoder.decode(raw)
+            *complete, pending = pending.split("\n")
+            for line in complete:
+                yield redactor(line)
+        if pending:
+            yield redactor(pending)
 
 
 class _Listed:

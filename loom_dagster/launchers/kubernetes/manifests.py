@@ -1,9 +1,10 @@
 """The Kubernetes objects of one flow's job, as plain dicts (what ``kubectl apply`` would take).
 
 Per flow: a StatefulSet (one pod per Bytewax process), a headless Service when the job has more than one
-process (the pods' stable DNS names are the cluster's addresses), and a ConfigMap per config snapshot
-(the loom config files the deployment runs, mounted read-only). No client here: the same functions
-serve the launcher and ``loom-dagster manifests``.
+process (the pods' stable DNS names are the cluster's addresses), a ConfigMap per config snapshot
+(the loom config files the deployment runs, mounted read-only) and a Secret per distinct ``env`` of the
+flow (``LoomFlowSpec.env``: the pod template references its keys, never holds a value). No client here:
+the same functions serve the launcher and ``loom-dagster manifests``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
+from loom_dagster.deployments import keyed_digest
 from loom_dagster.launchers.base import LaunchRequest
 from loom_dagster.launchers.kubernetes.settings import (
     DEFAULT_CONFIG_ROOT,
@@ -30,6 +34,13 @@ FLOW_ANNOTATION = "loom-dagster.io/flow-name"
 PLAN_HASH_ANNOTATION = "loom-dagster.io/plan-hash"
 CONFIG_HASH_ANNOTATION = "loom-dagster.io/config-hash"
 RUN_ID_ANNOTATION = "loom-dagster.io/run-id"
+ENV_LABEL = "loom-dagster.io/env"
+"""The label of a flow's env Secret: the keyed digest of its values (pruning selects by it)."""
+SECRET_REF = "Secret/"
+"""``LaunchRequest.env_ref`` prefix of an env kept in a Secret: ``Secret/<name>``."""
+HASH_KEY_SECRET = "loom-dagster-config-hash-key"
+"""The Secret holding the installation's config-hash key (``key``): every Dagster pod's
+``LOOM_DAGSTER_CONFIG_HASH_KEY``."""
 CONTAINER = "job"
 _MAX_NAME = 40  # StatefulSet names longer than 52 break the controller-revision-hash label
 
@@ -41,7 +52,7 @@ def dns_name(text: str, limit: int = _MAX_NAME) -> str:
         >>> dns_name("orders-enrich")
         'orders-enrich'
         >>> dns_name("Orders_Enrich")
-        'orders-enrich-36c8b1d9'
+        'orders-enrich-01e05713'
     """
     cleaned = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-") or "flow"
     if cleaned == text and len(cleaned) <= limit:
@@ -104,6 +115,45 @@ def config_map_manifest(
     }
 
 
+def env_id(env: Sequence[tuple[str, str]]) -> str:
+    """A keyed digest of env values (10 hex): the same env gets the same Secret; it reveals nothing."""
+    return keyed_digest(msgspec.json.encode(dict(env), order="sorted"), 10)
+
+
+def env_secret_name(settings: KubernetesSettings, flow_name: str, env: Sequence[tuple[str, str]]) -> str:
+    """The Secret holding a flow's env values."""
+    return f"{workload_name(settings, flow_name)}-env-{env_id(env)}"
+
+
+def env_secret_of(settings: KubernetesSettings, request: LaunchRequest) -> str | None:
+    """The Secret *request*'s env is (or, with its values still in it, will be) kept in; ``None``
+    without env."""
+    if request.env_ref.startswith(SECRET_REF):
+        return request.env_ref[len(SECRET_REF) :]
+    if request.env and not request.env_ref:
+        return env_secret_name(settings, request.flow_name, request.env)
+    return None
+
+
+def env_secret_manifest(
+    settings: KubernetesSettings, flow_name: str, name: str, env: Sequence[tuple[str, str]]
+) -> dict[str, Any]:
+    """The immutable Secret of a flow's env values (created by the launcher, never printed)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": {**flow_labels(settings, flow_name), ENV_LABEL: name.rsplit("-", 1)[-1]},
+            "annotations": {FLOW_ANNOTATION: flow_name},
+        },
+        "type": "Opaque",
+        "immutable": True,
+        "stringData": dict(env),
+    }
+
+
 def service_manifest(settings: KubernetesSettings, flow_name: str) -> dict[str, Any]:
     """The headless Service that gives each pod of a multi-process job a stable DNS name."""
     name = workload_name(settings, flow_name)
@@ -140,7 +190,7 @@ def job_args(settings: KubernetesSettings, request: LaunchRequest) -> list[str]:
     for config in request.config_files:
         args += ["--config", config]
     args += ["--environment", request.environment, "--status-file", f"{DEFAULT_STATUS_DIR}/status.json"]
-    args += ["--flow-name", request.flow_name, "--http-port", str(settings.http_port)]
+    args += ["--flow-name", request.flow_name, "--http-port", str(settings.http_port), "--http-host", "0.0.0.0"]
     args += ["--drain-timeout", f"{settings.drain_timeout_s:g}"]
     args += ["--live-timeout", f"{settings.heartbeat_timeout_s:g}"]  # /livez: heartbeats and polls
     if request.run_id:
@@ -157,6 +207,7 @@ def statefulset_manifest(settings: KubernetesSettings, request: LaunchRequest) -
     """The flow's StatefulSet: ``replicas`` = the job's processes, started together (``Parallel``).
 
     Annotations carry the plan hash, config hash and run id; the pod's grace period covers the drain.
+    The flow's env reaches the container by reference to its Secret (``secretKeyRef``), never by value.
     """
     flow = request.flow_name
     pod = settings.pod_for(flow)
@@ -168,14 +219,20 @@ def statefulset_manifest(settings: KubernetesSettings, request: LaunchRequest) -
         CONFIG_HASH_ANNOTATION: request.config_hash,
         **({RUN_ID_ANNOTATION: request.run_id} if request.run_id else {}),
     }
-    env = {**dict(request.env), **(pod.env or {}), "PYTHONPATH": settings.python_path}
+    secret = env_secret_of(settings, request)
+    env: dict[str, dict[str, Any]] = {
+        key: {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        for key, _ in request.env
+    }
+    for key, value in {**(pod.env or {}), "PYTHONPATH": settings.python_path}.items():
+        env[key] = {"name": key, "value": value}
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": pod.image,
         "command": [settings.python],
         "args": job_args(settings, request),
         "workingDir": settings.working_dir,
-        "env": [{"name": key, "value": value} for key, value in sorted(env.items())],
+        "env": [env[key] for key in sorted(env)],
         "ports": [{"name": "http", "containerPort": settings.http_port}]
         + ([{"name": "bytewax", "containerPort": settings.cluster_port}] if request.processes > 1 else []),
         "readinessProbe": _probe("/readyz", settings.http_port, period=2, failures=3),

@@ -6,15 +6,24 @@ The webserver, the daemon, run pods and the CLI anywhere read one truth:
   deployments, newest last), updated with optimistic concurrency (``resourceVersion``);
 - ``<workload>-config-<hash>`` ConfigMaps: the config snapshot each deployment runs (immutable, checked
   free of secrets: a literal password belongs in a Secret, referenced as ``${oc.env:VAR}``);
+- ``<workload>-env-<id>`` Secrets: the flow's ``env`` values (one immutable Secret per distinct env,
+  named by a keyed digest), referenced by the pods (``secretKeyRef``); the records keep the names and
+  ``env_ref = "Secret/<name>"``, never a value; those no record references are deleted on each record;
+- ``loom-dagster-config-hash-key`` Secret: the installation's config-hash key, created by the first
+  deploy; a process hashing with another key is refused (set ``LOOM_DAGSTER_CONFIG_HASH_KEY`` from it
+  in every Dagster pod);
 - ``<workload>-deploy`` Lease: held around drain -> launch -> record, renewed while held, taken over
   only once expired (a deploy that died holding it).
 
-Records hold no secret: the launch request names config files and env values already checked.
+Records hold no secret: the launch request names config files (checked free of literal secrets) and
+the env Secret.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import logging
 import os
 import re
 import socket
@@ -23,21 +32,40 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from loom_dagster.deployments import ConfigFile, Deployment, DeploymentStore, scratch_copy
+import msgspec
+
+from loom_dagster.deployments import (
+    HASH_KEY_VARIABLE,
+    ConfigFile,
+    Deployment,
+    DeploymentStore,
+    UnreadableRecord,
+    installation_key,
+    scratch_copy,
+)
 from loom_dagster.errors import DeploymentError
+from loom_dagster.launchers.base import LaunchRequest
 from loom_dagster.launchers.kubernetes.client import KubeApi, api_error, is_conflict, is_not_found
 from loom_dagster.launchers.kubernetes.manifests import (
+    ENV_LABEL,
     FLOW_ANNOTATION,
+    HASH_KEY_SECRET,
+    MANAGED_BY,
+    SECRET_REF,
     config_map_manifest,
     config_map_name,
     config_map_of,
     config_mount,
+    env_secret_manifest,
+    env_secret_name,
     flow_labels,
     label_selector,
     workload_name,
 )
 from loom_dagster.launchers.kubernetes.settings import KubernetesSettings
 from loom_dagster.redact import redact_text
+
+_log = logging.getLogger(__name__)
 
 STATE_LABEL = "loom-dagster.io/state"
 _KEPT_HISTORY = 50
@@ -57,6 +85,7 @@ class KubernetesDeploymentStore(DeploymentStore):
         super().__init__(state_dir)
         self.settings = settings
         self.api = api
+        self._key_checked = False
 
     @property
     def namespace(self) -> str:
@@ -83,8 +112,8 @@ class KubernetesDeploymentStore(DeploymentStore):
         state = self._read_state(flow_name)
         return _decode(state, flow_name) if state is not None else None
 
-    def all(self) -> list[Deployment]:
-        """Every flow's current record in the namespace (one list request; unreadable ones skipped)."""
+    def scan(self) -> tuple[list[Deployment], list[UnreadableRecord]]:
+        """Every flow's current record in the namespace, and those that cannot be read (one list request)."""
         try:
             found = self.api.core.list_namespaced_config_map(
                 self.namespace, label_selector=f"{STATE_LABEL}=deployment"
@@ -92,14 +121,18 @@ class KubernetesDeploymentStore(DeploymentStore):
         except Exception as exc:
             raise api_error(exc, "list deployment records") from exc
         records = []
+        unreadable = []
         for item in sorted(found.items, key=lambda i: i.metadata.name):
             try:
                 record = _decode(item, item.metadata.name)
-            except DeploymentError:
+            except DeploymentError as exc:
+                flow = (item.metadata.annotations or {}).get(FLOW_ANNOTATION) or item.metadata.name
+                where = f"ConfigMap {self.namespace}/{item.metadata.name} (deployment.json)"
+                unreadable.append(UnreadableRecord(flow, where, str(exc.__cause__ or exc)))
                 continue
             if record is not None:
                 records.append(record)
-        return records
+        return records, unreadable
 
     def current_many(self, flow_names: Iterable[str]) -> dict[str, Deployment | None]:
         """The current record of each flow, from one list request (a sensor tick reads every flow)."""
@@ -107,16 +140,21 @@ class KubernetesDeploymentStore(DeploymentStore):
         return {name: by_name.get(name) for name in flow_names}
 
     def save(self, deployment: Deployment, *, history: bool = True) -> None:
-        """Write the current record (and append it to the history), retrying lost races."""
+        """Write the current record (and append it to the history, the last 50 kept), retrying lost
+        races. Env values go to the flow's env Secret (the record keeps names and the Secret's name),
+        also those of history entries written by an older version; env Secrets no record references
+        any more are deleted."""
         name = self._state_name(deployment.flow_name)
-        encoded = deployment.encode(indent=2).decode()
+        stored = self._in_secret(deployment)
+        encoded = stored.encode(indent=2).decode()
         for _ in range(10):
             state = self._read_state(deployment.flow_name)
             data = dict(state.data or {}) if state is not None else {}
             data["deployment.json"] = encoded
             if history:
-                lines = (data.get("history.jsonl") or "").splitlines()[-(_KEPT_HISTORY - 1) :]
-                data["history.jsonl"] = "\n".join([*lines, deployment.encode().decode()]) + "\n"
+                kept = _history_records(data.get("history.jsonl") or "", warn=False)[-(_KEPT_HISTORY - 1) :]
+                lines = [self._in_secret(record).encode().decode() for record in kept]
+                data["history.jsonl"] = "\n".join([*lines, stored.encode().decode()]) + "\n"
             body = {
                 "metadata": {
                     "name": name,
@@ -132,6 +170,7 @@ class KubernetesDeploymentStore(DeploymentStore):
                 else:
                     body["metadata"]["resourceVersion"] = state.metadata.resource_version
                     self.api.core.replace_namespaced_config_map(name, self.namespace, body)
+                self._prune_env_secrets(deployment.flow_name, data)
                 return
             except Exception as exc:
                 if is_conflict(exc):
@@ -142,10 +181,81 @@ class KubernetesDeploymentStore(DeploymentStore):
         )
 
     def history(self, flow_name: str) -> list[Deployment]:
-        """The flow's recorded deployments, oldest first (the last 50)."""
+        """The flow's recorded deployments, oldest first (the last 50; an unreadable line skipped with
+        a warning)."""
         state = self._read_state(flow_name)
         text = (state.data or {}).get("history.jsonl", "") if state is not None else ""
-        return [Deployment.decode(line) for line in text.splitlines() if line]
+        return _history_records(text, warn=True, where=f"ConfigMap {self._state_name(flow_name)}")
+
+    def _in_secret(self, deployment: Deployment) -> Deployment:
+        """*deployment* as recorded: its env values in the flow's env Secret."""
+        request = env_in_secret(self.api, self.settings, deployment.job.request)
+        return deployment if request is deployment.job.request else deployment.with_request(request)
+
+    def _prune_env_secrets(self, flow_name: str, data: dict[str, str]) -> None:
+        """Delete the flow's env Secrets no record in *data* (current, history) references."""
+        records = _history_records(data.get("history.jsonl") or "", warn=False)
+        current = data.get("deployment.json")
+        if current:
+            try:
+                records.append(Deployment.decode(current))
+            except ValueError:
+                return  # cannot tell what is referenced: keep everything
+        used = sorted(
+            r.job.request.env_ref.rsplit("-", 1)[-1]
+            for r in records
+            if r.job.request.env_ref.startswith(SECRET_REF)
+        )
+        selector = f"{label_selector(flow_labels(self.settings, flow_name))},{ENV_LABEL}"
+        if used:
+            selector += f",{ENV_LABEL} notin ({','.join(dict.fromkeys(used))})"
+        try:
+            self.api.core.delete_collection_namespaced_secret(self.namespace, label_selector=selector)
+        except Exception as exc:  # housekeeping: never fail a record over it
+            _log.debug("could not prune the env Secrets of flow %r: %s", flow_name, exc)
+
+    def check_hash_key(self) -> None:
+        """Make sure this process hashes configs with the installation's key kept in the cluster (the
+        ``loom-dagster-config-hash-key`` Secret, created from this process's key when absent): config
+        hashes name ConfigMaps and are compared by the redeploy schedule, so every process of one
+        installation must share the key. ``DeploymentError`` saying how, when it does not."""
+        if self._key_checked:
+            return
+        key = installation_key()
+        try:
+            secret = self.api.core.read_namespaced_secret(HASH_KEY_SECRET, self.namespace)
+        except Exception as exc:
+            if not is_not_found(exc):
+                raise api_error(exc, f"read the config-hash key (Secret {HASH_KEY_SECRET!r})") from exc
+            secret = None
+        if secret is None:
+            body = {
+                "metadata": {
+                    "name": HASH_KEY_SECRET,
+                    "namespace": self.namespace,
+                    "labels": {"app.kubernetes.io/managed-by": MANAGED_BY},
+                },
+                "type": "Opaque",
+                "stringData": {"key": key.decode()},
+            }
+            try:
+                self.api.core.create_namespaced_secret(self.namespace, body)
+                self._key_checked = True
+                return
+            except Exception as exc:
+                if not is_conflict(exc):
+                    raise api_error(exc, f"create the config-hash key (Secret {HASH_KEY_SECRET!r})") from exc
+                secret = self.api.core.read_namespaced_secret(HASH_KEY_SECRET, self.namespace)
+        stored = base64.b64decode((secret.data or {}).get("key") or b"")
+        if stored.strip() != key:
+            raise DeploymentError(
+                f"this process hashes configs with another key than the installation's, kept in Secret "
+                f"{HASH_KEY_SECRET!r} of namespace {self.namespace!r}: config hashes (ConfigMap names, "
+                "annotations, the redeploy schedule's comparison) would differ between processes. Set "
+                f"${HASH_KEY_VARIABLE} from that Secret (key 'key') in every Dagster pod (code server, "
+                "daemon, run workers) and where the CLI runs. Nothing was deployed."
+            )
+        self._key_checked = True
 
     def snapshot_config(self, flow_name: str, files: Sequence[ConfigFile], label: str) -> tuple[str, ...]:
         """An immutable ConfigMap holding the config files; returns their paths in the pod.
@@ -154,6 +264,7 @@ class KubernetesDeploymentStore(DeploymentStore):
         namespace's config, so secrets go to a Secret (``env_from_secrets``) and ``${oc.env:VAR}``.
         """
         texts = checked_texts(flow_name, files)
+        self.check_hash_key()
         name = config_map_name(self.settings, flow_name, label)
         manifest = config_map_manifest(self.settings, flow_name, name, texts, label)
         try:
@@ -318,6 +429,40 @@ def _expired(lease: Any) -> bool:
     renewed = lease.spec.renew_time or lease.spec.acquire_time
     duration = lease.spec.lease_duration_seconds or LEASE_SECONDS
     return renewed is None or (dt.datetime.now(dt.UTC) - renewed).total_seconds() >= duration
+
+
+def env_in_secret(api: KubeApi, settings: KubernetesSettings, request: LaunchRequest) -> LaunchRequest:
+    """*request* with its env values moved to the flow's env Secret (created when absent: it is named by
+    a keyed digest of the values, so an existing one holds them): names and ``Secret/<name>`` remain."""
+    if not request.env or request.env_ref.startswith(SECRET_REF):
+        return request
+    if request.env_ref:
+        request.job_env()  # a reference this store cannot follow: refused, naming it
+    name = env_secret_name(settings, request.flow_name, request.env)
+    manifest = env_secret_manifest(settings, request.flow_name, name, request.env)
+    try:
+        api.core.create_namespaced_secret(settings.namespace, manifest)
+    except Exception as exc:
+        if not is_conflict(exc):
+            raise api_error(exc, f"create the env Secret {name!r} of flow {request.flow_name!r}") from exc
+    names = tuple((key, "") for key, _ in request.env)
+    return msgspec.structs.replace(request, env=names, env_ref=SECRET_REF + name)
+
+
+def _history_records(text: str, *, warn: bool, where: str = "history") -> list[Deployment]:
+    """The readable records of a ``history.jsonl`` text, oldest first (others skipped, warned)."""
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(Deployment.decode(line))
+        except ValueError as exc:
+            if warn:
+                _log.warning(
+                    "deployment history in %s: line %d is unreadable and skipped (%s)", where, number, exc
+                )
+    return records
 
 
 def _decode(config_map: Any, what: str) -> Deployment | None:
