@@ -389,6 +389,27 @@ def _decode_reason(data: bytes, exc: Exception) -> str:
     return f"{exc} ({len(data)} bytes)"
 
 
+def history_records(data: bytes | str, *, warn: bool, where: str = "history") -> list[Deployment]:
+    """The readable records of a ``history.jsonl`` text, oldest first; a line that does not decode (a
+    write cut short by a crash) is skipped, with a warning naming *where* when *warn*."""
+    records = []
+    lines = data.encode() if isinstance(data, str) else data
+    for number, line in enumerate(lines.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(Deployment.decode(line))
+        except ValueError as exc:
+            if warn:
+                _log.warning(
+                    "deployment history %s: line %d is unreadable and skipped (%s)",
+                    where,
+                    number,
+                    _decode_reason(line, exc),
+                )
+    return records
+
+
 class DeploymentStore:
     """Reads and writes deployment records for the flows of one private state directory.
 
@@ -516,21 +537,7 @@ class DeploymentStore:
             data = path.read_bytes()
         except FileNotFoundError:
             return []
-        records = []
-        for number, line in enumerate(data.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(Deployment.decode(line))
-            except ValueError as exc:
-                if warn:
-                    _log.warning(
-                        "deployment history %s: line %d is unreadable and skipped (%s)",
-                        path,
-                        number,
-                        _decode_reason(line, exc),
-                    )
-        return records
+        return history_records(data, warn=warn, where=str(path))
 
     def _append_history(self, directory: Path, stored: Deployment) -> None:
         """Append *stored* on a line of its own (after a torn last line too), fsynced; past

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -31,7 +30,7 @@ from loom_dagster.dev.kafka import KafkaBroker
 from loom_dagster.launchers import procfs
 from loom_dagster.runtime.status import EXIT_STOPPED, read_status
 from tests.conftest import ticks_config
-from tests.support.deploy_env import TICKS, DeployBench, bench_fixture, runtime_pids_for
+from tests.support.deploy_env import DeployBench, bench_fixture, runtime_argv, runtime_pids_for
 from tests.support.helpers import step_failure_message, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -251,20 +250,7 @@ class HandJob:
         directory.mkdir(parents=True, exist_ok=True)
         self.status_file = directory / f"{name}.json"
         self.log_path = directory / f"{name}.log"
-        argv = [
-            sys.executable,
-            "-m",
-            "loom_dagster.runtime",
-            "--import-path",
-            TICKS,
-            "--config",
-            str(bench.config),
-            "--environment",
-            "test",
-            "--status-file",
-            str(self.status_file),
-            *extra,
-        ]
+        argv = runtime_argv(bench.config, self.status_file, *extra)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ from loom_dagster.orphans import FenceTarget, find_orphans
 from loom_dagster.runtime.status import EXIT_FENCED, read_status
 from loom_dagster.sensors.health import build_job_health_sensor
 from loom_dagster.sensors.settings import JobHealthSettings
-from tests.support.deploy_env import TICKS, DeployBench, bench_fixture, runtime_pids_for
+from tests.support.deploy_env import DeployBench, bench_fixture, runtime_argv, runtime_pids_for
 from tests.support.helpers import run_cli
 from tests.support.helpers import step_failure_message as failure_message
 
@@ -90,16 +89,7 @@ def start_runtime(bench: DeployBench, directory: Path, name: str) -> tuple[subpr
     """Start ``python -m loom_dagster.runtime`` by hand with the bench's config (its own session)."""
     directory.mkdir(parents=True, exist_ok=True)
     status = directory / f"{name}.json"
-    argv = [
-        sys.executable,
-        "-m",
-        "loom_dagster.runtime",
-        "--import-path",
-        TICKS,
-        "--config",
-        str(bench.config),
-    ]
-    argv += ["--environment", "test", "--status-file", str(status), "--flow-name", "ticks", "--run-id", name]
+    argv = runtime_argv(bench.config, status, "--flow-name", "ticks", "--run-id", name)
     log = open(directory / f"{name}.log", "wb")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, status

@@ -41,10 +41,10 @@ from loom_dagster.launchers.base import JobProcess, JobState, LaunchedJob, Launc
 from loom_dagster.launchers.local import LocalProcessLauncher
 from loom_dagster.runtime.status import EXIT_STARTUP_FAILED, EXIT_STOPPED, read_status
 from tests.conftest import make_topics, ticks_config
+from tests.support.deploy_env import TICKS, runtime_argv
 from tests.support.helpers import ROOT, run_cli, wait_for
 
 NOBODY = 65534
-TICKS = "tests.flows.delta_only:ticks_flow"
 FLOW = f"sec-ticks-{os.getpid()}"
 """The flow name of every job and record here: unique, so that no ``stop`` here or in another test run
 on this host (all as root) takes the other's jobs for orphans of its flow."""
@@ -295,17 +295,7 @@ def test_a_runtime_of_another_user_is_no_orphan_and_never_signalled(
         (shared / "delta").chmod(0o777)
         status_file = shared / "status-0.json"
         argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
-        argv += [
-            sys.executable,
-            "-m",
-            "loom_dagster.runtime",
-            "--import-path",
-            TICKS,
-            "--config",
-            str(config),
-        ]
-        argv += ["--environment", "test", "--status-file", str(status_file), "--flow-name", FLOW]
-        argv += ["--sys-path", str(ROOT)]
+        argv += runtime_argv(config, status_file, "--flow-name", FLOW, "--sys-path", str(ROOT))
         env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_DAGSTER_HTTP")}
         env["HOME"] = str(shared)
         with (shared / "job.log").open("wb") as log:

@@ -8,16 +8,16 @@ ListConsumerGroupOffsets, AlterConsumerGroupOffsets: librdkafka#4605, fix unrele
 be caught. Two ways out were measured side by side (``bench/broker_restart.py``):
 
 * a pure-Python client for these requests (kafka-python 3, which batches every group into one
-  OffsetFetch) was the fastest: a lag fetch of 200 groups in 0.10 s, against 0.26 s for librdkafka in
-  this process and 0.53 s in a child (2026-12-06, a loaded 2-core machine). But it would be a second
-  client behind every secured cluster, with a second translation of librdkafka's security settings
-  (SASL mechanisms and OIDC, PEM strings, keystores) to keep in step, for requests a sensor makes once
-  per tick;
+  OffsetFetch) was the fastest: a lag fetch of 200 groups in 0.05 s, against 0.17 s for librdkafka in
+  this process and 0.34 s in a child (2026-12-06, ``bench/broker_restart.py`` with kafka-python
+  installed). But it would be a second client behind every secured cluster, with a second translation of
+  librdkafka's security settings (SASL mechanisms and OIDC, PEM strings, keystores) to keep in step, for
+  requests a sensor makes once per tick;
 * a child process keeps the one client and its config exactly as the jobs use them, for one interpreter
-  start plus the ``confluent_kafka`` import per call (~0.25 s measured, per sensor tick or deploy check,
-  never per message). Its abort becomes :class:`KafkaClientCrashed` (a ``ConnectionError``: "brokers
-  unreachable", retried on the next tick). Chosen: the added cost is small against a 30-s tick, and no
-  security setting can behave differently in the sensors than in the jobs.
+  start plus the ``confluent_kafka`` import per call (0.13-0.17 s measured, per sensor tick or deploy
+  check, never per message). Its abort becomes :class:`KafkaClientCrashed` (a ``ConnectionError``:
+  "brokers unreachable", retried on the next tick). Chosen: the added cost is small against a 30-s tick,
+  and no security setting can behave differently in the sensors than in the jobs.
 
 The request travels on the child's stdin (pickled: it carries the cluster's SASL password, which must
 never be in argv) and the answer on its stdout; the child only runs functions registered with

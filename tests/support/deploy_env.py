@@ -3,6 +3,7 @@ for what the flow wrote (Delta ids, output-topic messages). Every job it deploye
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +21,25 @@ from tests.conftest import make_topics, ticks_config
 from tests.flows.delta_only import Tick
 
 TICKS = "tests.flows.delta_only:ticks_flow"
+
+
+def runtime_argv(config: Path, status_file: Path, *extra: str) -> list[str]:
+    """``python -m loom_dagster.runtime`` for the ticks flow with *config* in the ``test`` environment,
+    as a test starts it by hand (*extra*: more runtime flags)."""
+    return [
+        sys.executable,
+        "-m",
+        "loom_dagster.runtime",
+        "--import-path",
+        TICKS,
+        "--config",
+        str(config),
+        "--environment",
+        "test",
+        "--status-file",
+        str(status_file),
+        *extra,
+    ]
 
 
 @dataclass

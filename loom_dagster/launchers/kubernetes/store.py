@@ -40,6 +40,7 @@ from loom_dagster.deployments import (
     Deployment,
     DeploymentStore,
     UnreadableRecord,
+    history_records,
     installation_key,
     scratch_copy,
 )
@@ -152,7 +153,7 @@ class KubernetesDeploymentStore(DeploymentStore):
             data = dict(state.data or {}) if state is not None else {}
             data["deployment.json"] = encoded
             if history:
-                kept = _history_records(data.get("history.jsonl") or "", warn=False)[-(_KEPT_HISTORY - 1) :]
+                kept = history_records(data.get("history.jsonl") or "", warn=False)[-(_KEPT_HISTORY - 1) :]
                 lines = [self._in_secret(record).encode().decode() for record in kept]
                 data["history.jsonl"] = "\n".join([*lines, stored.encode().decode()]) + "\n"
             body = {
@@ -185,7 +186,7 @@ class KubernetesDeploymentStore(DeploymentStore):
         a warning)."""
         state = self._read_state(flow_name)
         text = (state.data or {}).get("history.jsonl", "") if state is not None else ""
-        return _history_records(text, warn=True, where=f"ConfigMap {self._state_name(flow_name)}")
+        return history_records(text, warn=True, where=f"ConfigMap {self._state_name(flow_name)}")
 
     def _in_secret(self, deployment: Deployment) -> Deployment:
         """*deployment* as recorded: its env values in the flow's env Secret."""
@@ -194,7 +195,7 @@ class KubernetesDeploymentStore(DeploymentStore):
 
     def _prune_env_secrets(self, flow_name: str, data: dict[str, str]) -> None:
         """Delete the flow's env Secrets no record in *data* (current, history) references."""
-        records = _history_records(data.get("history.jsonl") or "", warn=False)
+        records = history_records(data.get("history.jsonl") or "", warn=False)
         current = data.get("deployment.json")
         if current:
             try:
@@ -447,22 +448,6 @@ def env_in_secret(api: KubeApi, settings: KubernetesSettings, request: LaunchReq
             raise api_error(exc, f"create the env Secret {name!r} of flow {request.flow_name!r}") from exc
     names = tuple((key, "") for key, _ in request.env)
     return msgspec.structs.replace(request, env=names, env_ref=SECRET_REF + name)
-
-
-def _history_records(text: str, *, warn: bool, where: str = "history") -> list[Deployment]:
-    """The readable records of a ``history.jsonl`` text, oldest first (others skipped, warned)."""
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(Deployment.decode(line))
-        except ValueError as exc:
-            if warn:
-                _log.warning(
-                    "deployment history in %s: line %d is unreadable and skipped (%s)", where, number, exc
-                )
-    return records
 
 
 def _decode(config_map: Any, what: str) -> Deployment | None:
