@@ -111,7 +111,7 @@ def _flock(path: Path, operation: int, create: bool) -> Iterator[None]:
     """Hold ``flock(operation)`` on the log's lock file (skipped if it is absent and not *create*)."""
     flags = os.O_RDWR | (os.O_CREAT if create else 0)
     try:
-        fd = os.open(_lock_path(path), flags, 0o644)
+        fd = os.open(_lock_path(path), flags, 0o600)
     except OSError:
         yield
         return
@@ -168,7 +168,7 @@ class RotatingLog:
             if same:
                 return self._fd
             self.close()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         return self._fd
 
     def _rotate(self) -> None:

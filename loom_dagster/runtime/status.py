@@ -281,7 +281,7 @@ def write_status(path: str | os.PathLike[str], status: JobStatus, *, durable: bo
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     payload = _ENCODER.encode(_redacted_status(status))
-    with open(tmp, "wb") as handle:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:  # private
         handle.write(payload)
         if durable:
             handle.flush()
