@@ -56,10 +56,17 @@ class CliError(LoomDagsterError):
     """A user-facing CLI error (printed without a traceback, exit 2)."""
 
 
-def launcher_of(deployment: Deployment, built: dict[bytes, Launcher] | None = None) -> Launcher:
+def launcher_of(
+    deployment: Deployment, built: dict[bytes, Launcher] | None = None, cli: Launcher | None = None
+) -> Launcher:
     """The launcher that ran *deployment*, built again from its record (cached in *built*), only when
     the record names an allowed launcher (:meth:`LauncherRef.build`); ``CliError`` saying how to
-    register it otherwise."""
+    register it otherwise.
+
+    *cli* (the command's own ``--launcher``) is used instead when it is of the recorded class and reaches
+    the job: the operator's credentials, never a kubeconfig path or context the deployer recorded."""
+    if cli is not None and deployment.launcher.same_class(cli) and cli.owns(deployment.job):
+        return cli
     built = {} if built is None else built
     key = msgspec.json.encode(deployment.launcher, order="sorted")
     if key not in built:
@@ -217,19 +224,15 @@ def cli_launcher(args: argparse.Namespace) -> Launcher:
         raise CliError(str(exc)) from exc
 
 
-def cli_store(args: argparse.Namespace) -> DeploymentStore:
-    """The deployment records the command reads (see :func:`cli_launcher`)."""
-    return cli_launcher(args).deployment_store(args.state_dir)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    store = cli_store(args)
+    cli = cli_launcher(args)
+    store = cli.deployment_store(args.state_dir)
     recorded, unreadable = store.scan()
     deployments = [d for d in recorded if args.all or not d.stopped_on_purpose]
     built: dict[bytes, Launcher] = {}
-    launchers = [launcher_of(d, built) for d in deployments]
+    launchers = [launcher_of(d, built, cli) for d in deployments]
     with contextlib.ExitStack() as observing:  # each launcher reads where its jobs run once
-        for launcher in built.values():
+        for launcher in {id(launcher): launcher for launcher in launchers}.values():
             observing.enter_context(launcher.observation())
         rows = [
             flow_status(deployment, launcher, with_lag=not args.no_lag)
@@ -247,9 +250,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    deployment = _current(cli_store(args), args.flow)
+    cli = cli_launcher(args)
+    deployment = _current(cli.deployment_store(args.state_dir), args.flow)
     path = Path(deployment.job.log_path)
-    launcher = launcher_of(deployment)
+    launcher = launcher_of(deployment, cli=cli)
     if not launcher.owns(deployment.job):
         raise CliError(f"flow {args.flow!r} runs on host {deployment.host!r}; its log is there: {path}")
     followed = launcher.follow_logs(deployment.job) if args.follow else None  # from before the tail: no gap
@@ -267,7 +271,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     from loom_dagster.deploy import FlowDeployer
 
-    store = cli_store(args)
+    cli = cli_launcher(args)
+    store = cli.deployment_store(args.state_dir)
     local = LauncherRef().build()  # orphans are found in this host's process table
     names = [d.flow_name for d in store.all()] if args.all else [args.flow]
     if not args.all and args.flow is None:
@@ -275,7 +280,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     for name in names:
         orphans = [o for o in find_orphans(store, flows=[name], launcher=local).of(name) if o.local]
         deployment = store.current(name) if orphans else _current(store, name)
-        launcher = launcher_of(deployment) if deployment else local
+        launcher = launcher_of(deployment, cli=cli) if deployment else local
         deployer = FlowDeployer(launcher, store)
         if deployment is None:
             pass

@@ -218,8 +218,8 @@ class FlowDeployer:
         if self.options.preflight and (self._running(declared.name) or spec.processes > 1):
             # A running job needs protecting (without one, the health gate is the check); a cluster
             # shape is only validated by loom when the dataflow is prepared, so check it before launch.
-            self.launcher.preflight(request, self.options.preflight_timeout_s)
-            log("preflight passed: the new version imports, compiles and prepares in a fresh process")
+            ran = self.launcher.preflight(request, self.options.preflight_timeout_s)
+            log(f"preflight passed: {ran or f'launcher {self.launcher.name!r} found nothing wrong'}")
         with self.store.lock(declared.name, holder=f"run {run_id or '?'}"):
             result = self._replace_running(compiled, request, run_id, log, offsets, job_view)
             self.observer.deployed(result)
@@ -320,11 +320,13 @@ class FlowDeployer:
         progress_gate = self._progress_gate(watched, offsets)
         drain_seconds = None
         if previous is not None and previous_running:
+            self.store.ensure_held(name, "drain the running job")  # a lost lock: stop, changing nothing
             log(f"draining the running job ({previous.job.processes_text})")
             drain_seconds = self.reachable(previous).stop(previous.job, self.options.drain_timeout_s)
             log(f"previous job stopped in {drain_seconds:.2f}s")
         if progress_gate is not None:
             progress_gate.measure_start()
+        self.store.ensure_held(name, "launch the new version")
         job = self.launcher.launch(request, str(self.store.flow_dir(name)))
         log(f"launched job {job.processes_text}; waiting for it to become healthy")
         verdict = None
@@ -497,10 +499,12 @@ class FlowDeployer:
             previous = previous_deployment(self.store.history(flow_name), current)
             if previous is None:
                 raise DeploymentError(f"flow {flow_name!r} has no previous deployment to roll back to")
+            self.launcher.verify_record(previous.job)  # a record edited out of band starts nothing
             self.drain(current)
             try:
                 job, _ = self.relaunch_healthy(previous)
             except DeploymentError as failure:
+                self.store.ensure_held(flow_name, "start the current deployment again")
                 again = self.launcher.relaunch(current.job, str(self.store.flow_dir(flow_name)))
                 self.store.save(self.relaunched(current, again))
                 raise DeploymentError(
@@ -517,7 +521,9 @@ class FlowDeployer:
 
     def check_restart(self, current: Deployment, log: Log = print) -> None:
         """What a restart can check before it launches: the snapshot still compiles, its tables, topics
-        and fence are as a deploy requires. (Config edits are not picked up: the snapshot is what ran.)"""
+        and fence are as a deploy requires. (Config edits are not picked up: the snapshot is what ran.)
+        A record edited out of band is refused first (``Launcher.verify_record``)."""
+        self.launcher.verify_record(current.job)
         with recorded_spec(self.store, current) as spec:
             compiled = compile_spec(spec, current.job.request.environment)
         self.check_tables(compiled, log=log)
@@ -556,11 +562,13 @@ class FlowDeployer:
         ``DeploymentError`` when it runs out of this launcher's reach."""
         if not self._alive(deployment):
             return None
+        self.store.ensure_held(deployment.flow_name, "drain the running job")
         return self.reachable(deployment).stop(deployment.job, self.options.drain_timeout_s)
 
     def relaunch_healthy(self, deployment: Deployment) -> tuple[LaunchedJob, float]:
         """Start *deployment*'s job again as recorded and wait for its health gate (the job and the gate's
         seconds); a job that fails the gate is stopped and the ``DeploymentError`` raised."""
+        self.store.ensure_held(deployment.flow_name, f"start plan {deployment.plan_hash} again")
         job = self.launcher.relaunch(deployment.job, str(self.store.flow_dir(deployment.flow_name)))
         try:
             return job, self.wait_healthy(job)

@@ -423,6 +423,7 @@ class DeploymentStore:
     def __init__(self, state_dir: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(state_dir) if state_dir else default_state_dir()
         self._checked = False
+        self._held: dict[str, DeployLock] = {}  # the deploy locks this store holds, by flow
 
     def _ready(self, create: bool = False) -> bool:
         """Whether the state directory exists, refused (``StateDirectoryError``) if another user could
@@ -508,7 +509,9 @@ class DeploymentStore:
     def save(self, deployment: Deployment, *, history: bool = True) -> None:
         """Write the flow's current record atomically and durably (fsync of the file and the directory),
         and append it to its history (kept to the last ``KEPT_HISTORY``). The env values go to a 0600
-        file of their own; the record keeps their names and a reference."""
+        file of their own; the record keeps their names and a reference. Under the flow's lock, only
+        while it is still held (:meth:`ensure_held`)."""
+        self.ensure_held(deployment.flow_name, "record the deployment")
         directory = self.flow_dir(deployment.flow_name)
         stored = self._stored(deployment, directory)
         write_private_file(directory / "deployment.json", stored.encode(indent=2))
@@ -687,9 +690,27 @@ class DeploymentStore:
         """Those of *flow_names* whose lock is held now (a health tick asks for every flow)."""
         return {name for name in flow_names if self.lock_held(name)}
 
+    def ensure_held(self, flow_name: str, step: str) -> None:
+        """Before *step* (a change: drain, launch, record), make sure the flow's lock this store holds
+        is still held; ``DeployLockLost`` otherwise, saying what was and was not done. Nothing to check
+        when this store holds no lock of the flow."""
+        held = self._held.get(flow_name)
+        if held is not None:
+            held.ensure_held(step)
+
     @contextmanager
-    def lock(self, flow_name: str, holder: str) -> Iterator[None]:
-        """Hold the flow's deploy lock; fail at once, naming the holder, if another deploy holds it."""
+    def holding(self, held: DeployLock) -> Iterator[DeployLock]:
+        """Register *held* as this store's lock of its flow while the block runs (``ensure_held``)."""
+        self._held[held.flow_name] = held
+        try:
+            yield held
+        finally:
+            self._held.pop(held.flow_name, None)
+
+    @contextmanager
+    def lock(self, flow_name: str, holder: str) -> Iterator[DeployLock]:
+        """Hold the flow's deploy lock; fail at once, naming the holder, if another deploy holds it.
+        A flock on this host is never lost: the lock it yields is always held."""
         path = self.flow_dir(flow_name) / "lock"
         handle = os.fdopen(open_private(path, os.O_RDWR), "r+")
         try:
@@ -706,9 +727,40 @@ class DeploymentStore:
             handle.truncate()
             handle.write(f"{holder} (pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()})")
             handle.flush()
-            yield
+            with self.holding(DeployLock(flow_name, holder)) as held:
+                yield held
         finally:
             handle.close()
+
+
+class DeployLockLost(DeploymentError):
+    """A deploy, restart or stop lost its flow's lock (another holder took it over): it stopped before
+    its next change; the message says what it did and did not do."""
+
+
+class DeployLock:
+    """A flow's deploy lock as its holder sees it: ``ensure_held(step)`` before each change. This one
+    (a flock, :meth:`DeploymentStore.lock`) is never lost; the cluster's Lease can be
+    (``KubernetesDeploymentStore``), and then raises :class:`DeployLockLost`.
+
+    Example:
+        >>> DeployLock("orders", "run 1").ensure_held("launch the new version")
+    """
+
+    def __init__(self, flow_name: str, holder: str) -> None:
+        self.flow_name = flow_name
+        self.holder = holder
+        self.steps: list[str] = []
+        """The steps checked so far (each then done, or being done, under the lock)."""
+
+    @property
+    def lost(self) -> str | None:
+        """Why the lock is no longer held (``None``: held)."""
+        return None
+
+    def ensure_held(self, step: str) -> None:
+        """Raise :class:`DeployLockLost` before *step* when the lock is lost; else note the step."""
+        self.steps.append(step)
 
 
 def _holds_env_values(record: Deployment) -> bool:

@@ -3,7 +3,12 @@
 Like ``helm template``: nothing is applied and no cluster is contacted. The flow is compiled with the
 code location's own spec (so its config files, environment and processes are the deploy's), and the
 launcher settings come from ``--launcher-config`` or the location's ``LoomDeployResource``.
-``--rbac`` prints the Role the launcher needs instead.
+``--rbac`` prints the Role the launcher needs instead; ``--rbac --read-only`` the Role of those who only
+run ``status`` and ``logs`` (reads, no Secret, no write).
+
+Nothing printed holds a secret: the flow's ``env=`` values are kept in a Secret the objects reference (the
+Secret itself is created by the launcher, never printed); config files holding a literal secret and
+``pod.env`` values that look like one are refused, naming where, never the value.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ class ManifestsError(LoomDagsterError):
     """The manifests could not be rendered (printed without a traceback, exit 2)."""
 
 
-def rbac_role() -> str:
-    """The Role the Kubernetes launcher needs (``loom_dagster/launchers/kubernetes/rbac.yaml``)."""
-    return (files("loom_dagster.launchers.kubernetes") / "rbac.yaml").read_text()
+def rbac_role(read_only: bool = False) -> str:
+    """The Role the Kubernetes launcher needs (``loom_dagster/launchers/kubernetes/rbac.yaml``), or with
+    *read_only* the Role of ``status`` and ``logs`` only (``rbac-read-only.yaml``)."""
+    name = "rbac-read-only.yaml" if read_only else "rbac.yaml"
+    return (files("loom_dagster.launchers.kubernetes") / name).read_text()
 
 
 def add_manifests_parser(commands: Any) -> None:
@@ -52,14 +59,21 @@ def add_manifests_parser(commands: Any) -> None:
         help="KubernetesLauncher settings as JSON (default: the resource's)",
     )
     parser.add_argument("--rbac", action="store_true", help="print the Role the launcher needs")
+    parser.add_argument(
+        "--read-only",
+        action="store_true",
+        help="with --rbac: the Role for `status` and `logs` only (get/list/watch, no Secrets, no writes)",
+    )
     parser.set_defaults(run=cmd_manifests)
 
 
 def cmd_manifests(args: argparse.Namespace) -> int:
     """Print the objects as one YAML stream."""
     if args.rbac:
-        print(rbac_role(), end="")
+        print(rbac_role(read_only=args.read_only), end="")
         return 0
+    if args.read_only:
+        raise ManifestsError("--read-only goes with --rbac: loom-dagster manifests --rbac --read-only")
     if not args.flow or not (args.module or args.file):
         raise ManifestsError("name a flow and its code location: loom-dagster manifests FLOW -m MODULE")
     namespace, specs = _run_location(args.module, args.file)
@@ -140,7 +154,10 @@ def _settings(raw: str | None, namespace: dict[str, Any]) -> KubernetesSettings:
             if isinstance(resource, LoomDeployResource) and canonical_path(
                 resource.launcher
             ) == canonical_path(KUBERNETES_LAUNCHER):
-                return KubernetesSettings.from_config(dict(resource.launcher_config))
+                try:
+                    return KubernetesSettings.from_config(dict(resource.launcher_config))
+                except msgspec.ValidationError as exc:
+                    raise ManifestsError(f"the LoomDeployResource's launcher_config: {exc}") from None
     raise ManifestsError(
         "the code location's LoomDeployResource does not use the kubernetes launcher; pass its settings "
         'as --launcher-config \'{"namespace": ..., "pod": {"image": ...}}\''

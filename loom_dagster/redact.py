@@ -27,7 +27,8 @@ short words ``pass``/``pw`` after nothing or a separator: ``db_password``, ``sas
 ``max_tokens``, ``secretary``, ``author``, ``bypass`` and ``compass`` are not. A ``key: value`` line
 (YAML) whose key starts lower-case is masked to the end of the line (or a `` #`` comment).
 
-Accepted over-redaction: ``InvalidToken: the broker ...`` loses one word; ``pass: 3`` at the start of
+A key's value that is ``true``, ``false``, ``null``, ``none`` or ``~`` is left alone (it says whether
+a secret is used, it is not one). Accepted over-redaction: ``InvalidToken: the broker ...`` loses one word; ``pass: 3`` at the start of
 a line loses its value; a URL with a password (or a port right before a query) and an ``@`` further
 on (``http://u:p@h/db?to=me@x``, ``http://h:8123?to=me@x``) is masked up to that last ``@``: a
 password may hold ``@``, ``/`` and ``?``. Known limits: a URL password with a space is
@@ -40,10 +41,20 @@ imported (the job runtime uses this module).
 ``redact_text`` takes a whole text (a message, a log window); a stream of lines (a log being
 written or followed) goes through one :class:`LineRedactor`, which carries the multi-line state from
 line to line.
+
+What must never be a plain setting or a config literal (``secret_shape``, ``is_secret_name``): every
+shape above (in words: a URL with a password, a PEM private key, a JAAS login config with a password, a
+bearer token, the value of a key naming a secret) and a random-looking token (``random_token``): a run of 20 or
+more characters of the base64/hex alphabets that is 32+ hex digits (with letters and digits), or mixes
+lower and upper case with the character-class changes and uncommon letter pairs of random text (an
+identifier made of words, ``OrdersEnrichmentV2``, a host name or a path does not). Known limits of the
+token check: lower-case-only or upper-case-only tokens (other than hex) and tokens under 20 characters
+pass; a hex digest of 32+ digits (a commit id, a checksum) counts as a token; a UUID does not.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -87,7 +98,7 @@ _KEY_VALUE = re.compile(
     rf"(?P<dq>\")(?P<dqv>(?:[^\"\\\n]|\\.)*)(?:\"|{_END})"  # "value"
     rf"|(?P<eq>\\[\"'])(?P<eqv>(?:(?!(?P=eq))[^\n])*)(?:(?P=eq)|{_END})"  # \"value\" or \'value\' (escaped)
     rf"|(?P<sq>')(?P<sqv>(?:[^'\\\n]|\\.)*)(?:'|{_END})"  # 'value'
-    rf"|(?P<scheme>{_AUTH_SCHEME})(?P<plain>[^\s&,;'\"}})\]]+)"  # value, Bearer value
+    rf"|(?P<scheme>{_AUTH_SCHEME})(?P<plain>;?[^\s&,;'\"}})\]]+)"  # value (even ;value), Bearer value
     r")",
     re.IGNORECASE,
 )
@@ -120,6 +131,8 @@ _ORDINARY = frozenset(
     "argument prompt policy reset change changed none null".split()
 )
 _BEARER = re.compile(r"\bBearer[ \t]+(?P<token>[A-Za-z0-9\-._~+/]+=*)")
+_LITERALS = frozenset({"true", "false", "null", "none", "~"})
+"""Values that say a secret is off or absent (``automountServiceAccountToken: false``): left alone."""
 
 # PEM: a private (or secret, or encrypted) key block; its body lines; the RFC 1421 / PGP armor headers.
 _PEM_BEGIN = re.compile(r"-----BEGIN [A-Z0-9 ]*?(?:PRIVATE|SECRET|ENCRYPTED)[A-Z0-9 ]*?-----")
@@ -329,6 +342,7 @@ def _single_line(line: str) -> str:
     spans.extend(_value_span(match) for match in _KEY_VALUE.finditer(line))
     spans.extend(_value_span(match) for match in _SPACED.finditer(line) if _spaced_secret(match))
     spans.extend((*match.span("token"), "") for match in _BEARER.finditer(line))
+    spans = [span for span in spans if line[span[0] : span[1]].strip().lower() not in _LITERALS]
     return _masked(line, spans)
 
 
@@ -395,3 +409,124 @@ def redact_mapping(value: Any) -> Any:
     if isinstance(value, str):
         return redact_text(value)
     return value
+
+
+# ------------------------------------------------------------------ shapes a plain value must not have
+
+_SECRET_NAME_END = re.compile(
+    r"(?:^|[_.\-])(?:pw|pwd|pass|passwd|secrets?|tokens?|keys?|creds?|auth)$", re.IGNORECASE
+)
+_JAAS = re.compile(r"LoginModule|org\.apache\.kafka\.common\.security", re.IGNORECASE)
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9+/_\-.~]+={0,2}")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_SEGMENT = re.compile(r"[A-Za-z0-9]+")
+# Letter pairs covering 97% of those in identifiers and prose (measured on Python sources), and those
+# of this domain's words: a random text has many pairs outside them (``qz``, ``vk``), words very few.
+_COMMON_PAIRS = frozenset(
+    "ab ac ad af ag ai ak al am an ap ar as at au av ax ay ba be bi bj bl bo br bs bu by ca cc ce ch ci "
+    "ck cl co cr cs ct cu da dd de df di dl do dr ds dt du ea ec ed ee ef eg el em en ep eq er es et ev "
+    "ew ex ey fa fe ff fi fl fo fr ft fu ga ge gg gh gi gl gm gn go gr gs gu ha he hi ho ht ia ib ic id "
+    "ie if ig il im in io ip ir is it iv ix iz je ke ki la ld le lf li ll lo ls lt lu ly ma mb me mi mm "
+    "mn mo mp ms mu na nc nd ne nf ng ni nk nl nn no np ns nt nu nv ny oa ob oc od of og oi ok ol om on "
+    "oo op or os ot ou ov ow pa pd pe pi pl po pp pr ps pt pu py ql qu ra rc rd re rg ri rk rl rm rn ro "
+    "rr rs rt ru rv ry sa sc se sh si sk sl so sp sq ss st su sy ta tc te th ti tl to tp tr ts tt tu ty "
+    "ua ub uc ud ue uf ui ul um un up ur us ut va ve vi wa we wh wi wo wr xc xe xp xt yg yl yp ys yt yw "
+    "ze "
+    # and those of this domain's words (kafka, json, avro, yaml, jdbc, svc, gzip, zstd, jvm, aws, uuid ...)
+    "aw az bc cp db eh ek eu fk gc gk gz hm jd js jv ka kg kh ks kw lq ml mx nr pc pk rp rq sn sv td tg "
+    "uu vc vm vo vr ws xa xm ya zi zs zu".split()
+)
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable's (or a setting's) name names a secret: a secret key
+    (:func:`is_secret_key`: ``DB_PASSWORD``, ``CH_PW``, ``API_TOKEN``) or one ending in a short secret
+    word after a separator (``DB_PASS``, ``APP_SECRET``, ``SIGNING_KEY``, ``GH_TOKENS``, ``X_CREDS``).
+
+    Example:
+        >>> [is_secret_name(n) for n in ("CH_PW", "DB_PWD", "SIGNING_KEY", "LOG_LEVEL", "MONKEY")]
+        [True, True, True, False, False]
+    """
+    return is_secret_key(name) or _SECRET_NAME_END.search(name.strip()) is not None
+
+
+def secret_shape(value: str, reference: str | None = None) -> str | None:
+    """What kind of secret *value* holds, in words (``"a URL with a password"``), or ``None``: every
+    shape :func:`redact_text` masks, and a random-looking token (:func:`random_token`). *reference*:
+    a placeholder the caller put where a reference to a secret was (``${oc.env:PASSWORD}``); masking
+    exactly it is no finding.
+
+    Example:
+        >>> secret_shape("postgresql://app:hunter2@db/shop"), secret_shape("INFO")
+        ('a URL with a password', None)
+        >>> secret_shape("http://u:REF@ch:8123", reference="REF") is None
+        True
+    """
+    if not value:
+        return None
+    masked = redact_text(value)
+    if reference is not None:
+        masked = masked.replace(REDACTED, reference)
+    if masked != value:
+        return _shape_name(value)
+    token = random_token(value)
+    return f"a random-looking token ({len(token)} characters)" if token is not None else None
+
+
+def _shape_name(value: str) -> str:
+    """Which masked shape *value* holds, in words (the first that matches)."""
+    if _PEM_BEGIN.search(value) or _PEM_SECRET_END.search(value):
+        return "a PEM private key"
+    if _JAAS.search(value):
+        return "a JAAS login config with a password"
+    if ("://" in value and _USERINFO.search(value)) or ("@" in value and _BARE_USERINFO.search(value)):
+        return "a URL with a password"
+    if _BEARER.search(value):
+        return "a bearer token"
+    return "the value of a key naming a secret (key=value)"
+
+
+def random_token(text: str) -> str | None:
+    """The first random-looking token in *text* (see the module docstring), or ``None``.
+
+    Example:
+        >>> random_token("key Zx8Qm2LpV7rT4nWc9KdB3fHs") is not None
+        True
+        >>> random_token("broker-1.kafka.svc.cluster.local OrdersEnrichmentFlowV2") is None
+        True
+    """
+    for match in _TOKEN_RUN.finditer(text):
+        if len(match.group()) >= 20 and _random_looking(match.group().rstrip("=")):
+            return match.group()
+    return None
+
+
+def _random_looking(token: str) -> bool:
+    if len(token) < 20 or _UUID.fullmatch(token):
+        return False
+    if _HEX.fullmatch(token):
+        has_digit = any(c.isdigit() for c in token)
+        return len(token) >= 32 and has_digit and not token.isdigit() and _entropy(token) >= 3.0
+    if not (any(c.islower() for c in token) and any(c.isupper() for c in token)):
+        return False
+    segments = _SEGMENT.findall(token)
+    pairs = [(a, b) for segment in segments for a, b in zip(segment, segment[1:], strict=False)]
+    if not pairs:
+        return False
+    changes = sum(_char_class(a) != _char_class(b) for a, b in pairs) / len(pairs)
+    letters = [(a + b).lower() for a, b in pairs if a.isalpha() and b.isalpha()]
+    rare = sum(pair not in _COMMON_PAIRS for pair in letters) / max(1, len(letters))
+    return changes >= 0.15 and rare >= 0.1 and changes + rare >= 0.6 and _entropy(token) >= 3.5
+
+
+def _char_class(char: str) -> int:
+    return 0 if char.islower() else 1 if char.isupper() else 2
+
+
+def _entropy(text: str) -> float:
+    """Shannon entropy of *text*'s characters, bits per character."""
+    counts: dict[str, int] = {}
+    for char in text:
+        counts[char] = counts.get(char, 0) + 1
+    return -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())

@@ -595,6 +595,7 @@ def _apply(
         plan = measure_rewind(source, request, timeout_s=timeout)
         if plan.members:
             raise _members_error(plan, "the offsets were not changed")
+        store.ensure_held(flow, "reset the group's offsets")
         alter_offsets(source.cluster, source.group_id, plan.new_offsets(), timeout)
     except Exception as failure:
         if not relaunch:

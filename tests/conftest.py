@@ -211,4 +211,5 @@ def _no_leaked_defs_state_storage() -> Iterator[None]:
         yield
 
 
-from tests.support.k8s.fixtures import k8s_namespace, kube_cluster, kubelet_standin  # noqa: E402, F401
+from tests.support.k8s.fixtures import k8s_namespace, k8s_node, kube_cluster  # noqa: E402, F401
+from tests.support.k8s.job_image import job_image_fixture  # noqa: E402, F401

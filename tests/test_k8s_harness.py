@@ -1,9 +1,7 @@
-"""The Kubernetes test harness itself: a real control plane, KWOK fake nodes and the kubelet stand-in."""
+"""The Kubernetes test harness itself: a real control plane and KWOK fake nodes (the real node: ``test_k8s_node.py``)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import textwrap
 import time
 import uuid
@@ -13,24 +11,21 @@ from typing import Any
 
 import pytest
 
-from tests.support.k8s import KubeCluster, KubeletStandIn
-from tests.support.k8s.cluster import K8S_VERSION, free_port
+from tests.support.k8s import KubeCluster
+from tests.support.k8s.cluster import K8S_VERSION
 
 pytestmark = pytest.mark.k8s
 
 
-def wait_for(
-    check: Callable[[], Any], timeout: float = 30.0, what: str = "condition", kubelet: KubeletStandIn | None = None
-) -> Any:
-    """Poll ``check`` until it returns something truthy; return it (on timeout, describe the stand-in)."""
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy; return it."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            details = f"\n{kubelet.describe()}" if kubelet else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{details}")
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.1)
 
 
@@ -163,146 +158,3 @@ POD_SCRIPT = textwrap.dedent("""
     print("serving on", os.environ["PORT"], flush=True)
     server.serve_forever()
 """)
-
-
-def test_standin_runs_pod_with_mounts_probes_restart_and_sigterm(
-    kube_cluster: KubeCluster, k8s_namespace: str, kubelet_standin: KubeletStandIn
-) -> None:
-    from kubernetes import client
-
-    ns = k8s_namespace
-    api = kube_cluster.api_client()
-    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
-    core.create_namespaced_config_map(ns, {"metadata": {"name": "cfg"}, "data": {"greeting": "hello"}})
-    core.create_namespaced_secret(ns, {"metadata": {"name": "sec"}, "stringData": {"token": "s3cret"}})
-    port = free_port()
-    container = {
-        "name": "main",
-        "image": "example.invalid/loom:1",
-        "command": ["python", "-c", POD_SCRIPT],
-        "env": [
-            {"name": "PORT", "value": str(port)},
-            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "token"}}},
-            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        ],
-        "volumeMounts": [{"name": "cfg", "mountPath": "/etc/loom"}, {"name": "data", "mountPath": "/data"}],
-        "readinessProbe": {"httpGet": {"path": "/", "port": port}, "periodSeconds": 1},
-    }
-    volumes = [{"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "data", "emptyDir": {}}]
-    apps.create_namespaced_stateful_set(ns, statefulset("app", kubelet_standin.node_name, 1, container, volumes))
-
-    pod = wait_for(lambda: (p := read_pod(core, "app-0", ns)) and pod_ready(p) and p, 30, "app-0 Ready", kubelet_standin)
-    assert pod.spec.node_name == kubelet_standin.node_name
-    wait_for(lambda: apps.read_namespaced_stateful_set("app", ns).status.ready_replicas == 1, 10, "sts ready", kubelet_standin)
-    data = kubelet_standin.pod_dir("app-0", ns) / "volumes" / "data"
-    assert (data / "out.txt").read_text() == "hello:s3cret:app-0"
-    assert "serving on" in kubelet_standin.logs("app-0", ns)
-    assert "serving on" in core.read_namespaced_pod_log("app-0", ns)  # through the apiserver
-
-    first_pid = kubelet_standin.pid("app-0", ns)
-    assert first_pid is not None
-    os.kill(first_pid, signal.SIGKILL)
-
-    def restarted() -> Any:
-        p = read_pod(core, "app-0", ns)
-        status = (p.status.container_statuses or [None])[0]
-        return status and status.restart_count == 1 and pod_ready(p) and status
-
-    status = wait_for(restarted, 30, "restartCount 1 and Ready again", kubelet_standin)
-    assert status.last_state.terminated.exit_code == 128 + signal.SIGKILL
-    second_pid = kubelet_standin.pid("app-0", ns)
-    assert second_pid not in (None, first_pid)
-    old_uid = pod.metadata.uid
-
-    core.delete_namespaced_pod("app-0", ns)
-    sigterm = data / "sigterm"
-    handled = wait_for(lambda: sigterm.exists() and sigterm.read_text(), 15, "SIGTERM handled", kubelet_standin)
-    assert handled == str(second_pid)
-    # The stand-in finalized the pod, so the StatefulSet controller recreates it.
-    wait_for(lambda: (p := read_pod(core, "app-0", ns)) and p.metadata.uid != old_uid and pod_ready(p),
-             30, "app-0 recreated and Ready", kubelet_standin)
-
-
-def test_standin_reports_failed_and_completed_pods(
-    kube_cluster: KubeCluster, k8s_namespace: str, kubelet_standin: KubeletStandIn
-) -> None:
-    from kubernetes import client
-
-    ns = k8s_namespace
-    core = client.CoreV1Api(kube_cluster.api_client())
-
-    def pod(name: str, code: int) -> dict[str, Any]:
-        script = f"print('exiting {code}'); raise SystemExit({code})"
-        return {"metadata": {"name": name}, "spec": {
-            "nodeName": kubelet_standin.node_name, "restartPolicy": "Never",
-            "containers": [{"name": "c", "image": "x", "command": ["python3", "-c", script]}]}}
-
-    core.create_namespaced_pod(ns, pod("ok", 0))
-    core.create_namespaced_pod(ns, pod("bad", 3))
-    ok = wait_for(lambda: (p := read_pod(core, "ok", ns)) and p.status.phase == "Succeeded" and p, 20, "ok", kubelet_standin)
-    bad = wait_for(lambda: (p := read_pod(core, "bad", ns)) and p.status.phase == "Failed" and p, 20, "bad", kubelet_standin)
-    assert ok.status.container_statuses[0].state.terminated.reason == "Completed"
-    terminated = bad.status.container_statuses[0].state.terminated
-    assert (terminated.exit_code, terminated.reason) == (3, "Error")
-    assert kubelet_standin.logs("bad", ns).strip() == "exiting 3"
-
-
-LIVENESS_SCRIPT = textwrap.dedent("""
-    import http.server, os, pathlib
-
-    sick = pathlib.Path("/state/sick")
-    sick.unlink(missing_ok=True)
-    token = pathlib.Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-    print("greeting", os.environ["CFG_greeting"], os.environ["MESSAGE"], flush=True)
-    print("token", token.read_text().count(".") == 2, flush=True)
-
-    class Live(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(500 if sick.exists() else 200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Live).serve_forever()
-""")
-
-
-def test_standin_liveness_restart_envfrom_token_and_logs(
-    kube_cluster: KubeCluster, k8s_namespace: str, kubelet_standin: KubeletStandIn
-) -> None:
-    from kubernetes import client
-
-    ns = k8s_namespace
-    core = client.CoreV1Api(kube_cluster.api_client())
-    core.create_namespaced_config_map(ns, {"metadata": {"name": "cfg"}, "data": {"greeting": "hi"}})
-    port = free_port()
-    core.create_namespaced_pod(ns, {"metadata": {"name": "live"}, "spec": {
-        "nodeName": kubelet_standin.node_name,
-        "terminationGracePeriodSeconds": 2,
-        "containers": [{
-            "name": "c", "image": "x", "command": ["python", "-c", LIVENESS_SCRIPT],
-            "envFrom": [{"configMapRef": {"name": "cfg"}, "prefix": "CFG_"}],
-            "env": [{"name": "PORT", "value": str(port)}, {"name": "MESSAGE", "value": "$(CFG_greeting)-there"}],
-            "volumeMounts": [{"name": "state", "mountPath": "/state"}],
-            "livenessProbe": {"httpGet": {"path": "/", "port": port}, "initialDelaySeconds": 1, "periodSeconds": 1,
-                              "failureThreshold": 2},
-        }],
-        "volumes": [{"name": "state", "emptyDir": {}}],
-    }})
-    wait_for(lambda: (p := read_pod(core, "live", ns)) and pod_ready(p), 30, "live Ready", kubelet_standin)
-    wait_for(lambda: "token True" in kubelet_standin.logs("live", ns), 10, "first log lines", kubelet_standin)
-    assert core.read_namespaced_pod_log("live", ns, tail_lines=1).strip() == "token True"
-    assert kubelet_standin.logs("live", ns).startswith("greeting hi hi-there\n")
-
-    state = kubelet_standin.pod_dir("live", ns) / "volumes" / "state"
-    (state / "sick").write_text("1")
-
-    def restarted() -> Any:
-        p = read_pod(core, "live", ns)
-        return p.status.container_statuses[0].restart_count == 1 and pod_ready(p) and p
-
-    pod = wait_for(restarted, 30, "liveness restart", kubelet_standin)
-    wait_for(lambda: not (state / "sick").exists(), 10, "the restarted process to heal", kubelet_standin)
-    assert pod.status.container_statuses[0].last_state.terminated is not None
-    assert "greeting hi" in core.read_namespaced_pod_log("live", ns, previous=True)

@@ -18,6 +18,7 @@ from loom_dagster.launchers.kubernetes.manifests import (
     cluster_addresses,
     dns_name,
     flow_manifests,
+    preflight_pod_manifest,
     statefulset_manifest,
     workload_name,
 )
@@ -108,6 +109,95 @@ def test_multi_process_job_gets_a_headless_service_and_pod_addresses() -> None:
     assert args[args.index("--process-id") + 1] == "auto"
 
 
+def test_pods_meet_the_restricted_pod_security_level_by_default() -> None:
+    """Non-root, seccomp RuntimeDefault, no privilege escalation, no capabilities, a read-only root with
+    emptyDirs for what the job writes, no API token, requests when none are set; each one overridable."""
+    plain = KubernetesSettings.from_config({"namespace": "streaming", "pod": {"image": "flows:1"}})
+    pod = statefulset_manifest(plain, request())["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+    }
+    assert pod["automountServiceAccountToken"] is False
+    assert container["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"}}  # never BestEffort
+    empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert {mounts[name] for name in empty_dirs} == {"/var/run/loom", "/tmp"}
+    assert not any("hostPath" in v for v in pod["volumes"])
+    assert "networkpolicy" not in [o["kind"].lower() for o in flow_manifests(plain, request())]
+
+    custom = KubernetesSettings.from_config(
+        {
+            "pod": {
+                "security_context": {"runAsUser": 2000, "runAsNonRoot": True},
+                "container_security_context": {"readOnlyRootFilesystem": False},
+                "automount_service_account_token": True,
+            }
+        }
+    )
+    pod = statefulset_manifest(custom, request())["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {
+        "runAsUser": 2000,
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }  # keys over the defaults, not in place of them
+    assert pod["containers"][0]["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": False,
+    }
+    assert pod["automountServiceAccountToken"] is True
+
+
+def test_network_policy_admits_the_probe_port_from_its_sources_and_bytewax_between_the_flow_pods() -> None:
+    observers = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    settings = KubernetesSettings.from_config(
+        {"namespace": "streaming", "network_policy": {"probe_from": [observers]}}
+    )
+    objects = flow_manifests(settings, request(processes=2))
+    assert [o["kind"] for o in objects] == ["Service", "NetworkPolicy", "StatefulSet"]
+    policy, sts = objects[1], objects[2]
+    selector = sts["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": selector}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    probe, bytewax = policy["spec"]["ingress"]
+    assert probe == {"ports": [{"protocol": "TCP", "port": settings.http_port}], "from": [observers]}
+    assert bytewax == {
+        "ports": [{"protocol": "TCP", "port": settings.cluster_port}],
+        "from": [{"podSelector": {"matchLabels": selector}}],
+    }
+    (single,) = [o for o in flow_manifests(settings, request()) if o["kind"] == "NetworkPolicy"]
+    assert len(single["spec"]["ingress"]) == 1  # one process: no Bytewax port to open
+
+
+def test_preflight_pod_is_the_new_template_running_the_preflight() -> None:
+    """Same image, env references, mounts, service account and security context as the job's pods;
+    the preflight module instead of the runtime; never restarted; a deadline; not a job pod."""
+    sts = statefulset_manifest(SETTINGS, request(processes=2))
+    job_pod = sts["spec"]["template"]["spec"]
+    pod = preflight_pod_manifest(SETTINGS, request(processes=2), "loom-x-preflight-1", 90, 15)
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    (job,) = job_pod["containers"]
+    for key in ("image", "command", "env", "envFrom", "volumeMounts", "workingDir", "securityContext", "resources"):
+        assert container[key] == job[key], key
+    for key in ("volumes", "securityContext", "serviceAccountName", "nodeSelector", "tolerations"):
+        assert spec[key] == job_pod[key], key
+    assert container["args"][:2] == ["-m", "loom_dagster.launchers.preflight"]
+    args = container["args"]
+    assert args[args.index("--processes") + 1] == "2"
+    assert args[args.index("--connect-timeout") + 1] == "15"
+    assert "--sys-path" not in args  # the image's PYTHONPATH, as for the job
+    assert not {"ports", "readinessProbe", "livenessProbe"} & set(container)
+    assert spec["restartPolicy"] == "Never" and spec["activeDeadlineSeconds"] == 90
+    labels = pod["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "loom-preflight"
+    assert not set(sts["spec"]["selector"]["matchLabels"].items()) <= set(labels.items())
+
+
 def test_names_are_dns_labels_and_stable() -> None:
     for flow in ("orders_enrichment", "Orders.Enrichment", "x" * 90, "a--b"):
         name = workload_name(SETTINGS, flow)
@@ -159,7 +249,8 @@ def test_manifests_cli_prints_the_objects_without_secrets(tmp_path: Path) -> Non
     config_map, sts = objects
     assert config_map["immutable"] is True and config_map["data"]
     assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == "flows:9"
-    mounted = sts["spec"]["template"]["spec"]["volumes"][1]["configMap"]["name"]
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    mounted = volumes["config"]["configMap"]["name"]
     assert mounted == config_map["metadata"]["name"]
     assert redact_text(done.stdout) == done.stdout  # nothing a redactor would mask
     rbac = run_cli(tmp_path / "state", "manifests", "--rbac")

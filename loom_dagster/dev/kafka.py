@@ -269,12 +269,12 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def _require_free(ports: Iterable[int]) -> None:
+def _require_free(ports: Iterable[int], host: str = "127.0.0.1") -> None:
     """Raise KafkaPortInUseError naming the first taken port."""
     for port in ports:
-        if not port_is_free(port):
+        if not port_is_free(port, host):
             raise KafkaPortInUseError(
-                f"port 127.0.0.1:{port} is already in use; stop whatever listens there or choose another port"
+                f"port {host}:{port} is already in use; stop whatever listens there or choose another port"
             )
 
 
@@ -300,9 +300,14 @@ def new_cluster_id() -> str:
 
 
 def server_properties(
-    log_dir: Path, port: int, controller_port: int, initial_rebalance_delay_ms: int | None = 0
+    log_dir: Path,
+    port: int,
+    controller_port: int,
+    initial_rebalance_delay_ms: int | None = 0,
+    host: str = "127.0.0.1",
 ) -> str:
-    """``server.properties`` for a combined broker+controller node on loopback only.
+    """``server.properties`` for a combined broker+controller node listening (and advertised) on *host*
+    (loopback by default; a machine address lets containers on a local node reach it too).
 
     ``initial_rebalance_delay_ms``: the broker's ``group.initial.rebalance.delay.ms``, 0 for tests (an
     empty group's first join is not delayed); ``None`` keeps Kafka's default (3000).
@@ -310,9 +315,9 @@ def server_properties(
     settings = {
         "process.roles": "broker,controller",
         "node.id": "1",
-        "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "controller.quorum.voters": f"1@{host}:{controller_port}",
+        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -608,7 +613,8 @@ class KafkaBroker:
 
     ``bootstrap`` (or ``$LOOM_DAGSTER_KAFKA_BOOTSTRAP``) selects an existing broker instead.
     ``data_dir`` defaults to a fresh temp dir that ``stop()`` removes unless ``keep_data``.
-    ``port``/``controller_port`` default to free loopback ports picked at start.
+    ``port``/``controller_port`` default to free ports picked at start on ``host`` (loopback by default;
+    the broker listens and advertises there).
     ``initial_rebalance_delay_ms`` is the broker's ``group.initial.rebalance.delay.ms`` (0 here; ``None``
     keeps Kafka's default, 3000).
     """
@@ -626,7 +632,9 @@ class KafkaBroker:
         version: str = KAFKA_VERSION,
         die_with_parent: bool = True,
         initial_rebalance_delay_ms: int | None = 0,
+        host: str = "127.0.0.1",
     ) -> None:
+        self.host = host
         self.die_with_parent = die_with_parent
         self.initial_rebalance_delay_ms = initial_rebalance_delay_ms
         self.external_bootstrap = bootstrap or os.environ.get(ENV_BOOTSTRAP) or None
@@ -658,7 +666,7 @@ class KafkaBroker:
             return self.external_bootstrap
         if self.port is None or not self._started:
             raise KafkaDevError("KafkaBroker is not started")
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -735,7 +743,7 @@ class KafkaBroker:
         self.stop()
 
     def __repr__(self) -> str:
-        where = self.external_bootstrap or (f"127.0.0.1:{self.port}" if self.port else "not started")
+        where = self.external_bootstrap or (f"{self.host}:{self.port}" if self.port else "not started")
         return f"KafkaBroker({where}, pid={self.pid})"
 
     # ----- internals
@@ -773,13 +781,15 @@ class KafkaBroker:
         """Pick/check ports, write config, format storage if needed, launch and wait."""
         assert self.data_dir is not None
         if self.port is None or self.controller_port is None:
-            picked = pick_free_ports(2)
+            picked = pick_free_ports(2, self.host)
             self.port = self.port or picked[0]
             self.controller_port = self.controller_port or picked[1]
-        _require_free([self.port, self.controller_port])
+        _require_free([self.port, self.controller_port], self.host)
         log_dir = self.data_dir / "kraft-logs"
         (self.data_dir / "server.properties").write_text(
-            server_properties(log_dir, self.port, self.controller_port, self.initial_rebalance_delay_ms)
+            server_properties(
+                log_dir, self.port, self.controller_port, self.initial_rebalance_delay_ms, self.host
+            )
         )
         (self.data_dir / "log4j2.properties").write_text(LOG4J2_PROPERTIES)
         if not (log_dir / "meta.properties").exists():
@@ -827,7 +837,7 @@ class KafkaBroker:
         proc = self._proc
         assert proc is not None and self.port is not None
         self.timings["boot"] = wait_until_ready(
-            f"127.0.0.1:{self.port}", self.startup_timeout, lambda: proc.poll() is None, self.log_path
+            f"{self.host}:{self.port}", self.startup_timeout, lambda: proc.poll() is None, self.log_path
         )
 
     def _terminate(self, grace: float = DEFAULT_STOP_TIMEOUT) -> None:

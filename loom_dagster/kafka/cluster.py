@@ -113,3 +113,28 @@ def probe(cluster: KafkaCluster, timeout_s: float) -> str | None:
         except OSError as exc:
             errors.append(f"{host}:{port}: {exc.strerror or exc}")
     return "no bootstrap server accepts connections (" + "; ".join(errors) + ")"
+
+
+def unreachable_brokers(cluster: KafkaCluster, timeout_s: float) -> str | None:
+    """``None`` when the cluster answers a metadata request and every broker it advertises accepts a TCP
+    connection from here; else why not (a broker advertising ``localhost`` to a pod fails here).
+
+    A metadata request only: it never touches a group coordinator (librdkafka#4605).
+    """
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({**cluster.client_config(), "socket.timeout.ms": str(int(timeout_s * 1000))})
+    try:
+        brokers = admin.list_topics(timeout=timeout_s).brokers
+    except Exception as exc:  # KafkaException: the bootstrap servers did not answer
+        return f"{cluster.bootstrap}: no answer to a metadata request within {timeout_s:g}s ({exc})"
+    refused = []
+    for broker in brokers.values():
+        try:
+            with socket.create_connection((broker.host, broker.port), timeout=timeout_s):
+                pass
+        except OSError as exc:
+            refused.append(f"broker {broker.id} advertises {broker.host}:{broker.port}: {exc.strerror or exc}")
+    if refused:
+        return f"{cluster.bootstrap}: " + "; ".join(refused) + " (check the brokers' advertised.listeners)"
+    return None

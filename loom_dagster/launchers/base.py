@@ -212,14 +212,20 @@ class Launcher(abc.ABC):
         """Drain the job gracefully; kill it after *timeout_s*. Returns the seconds it took."""
 
     @abc.abstractmethod
-    def preflight(self, request: LaunchRequest, timeout_s: float) -> None:
+    def preflight(self, request: LaunchRequest, timeout_s: float) -> str | None:
         """Check, without touching a running job, that the new version imports and compiles where it
-        will run. Raises ``DeploymentError`` with the reason."""
+        will run. Raises ``DeploymentError`` with the reason; returns what ran, for the deploy log."""
 
     def relaunch(self, job: LaunchedJob, log_dir: str) -> LaunchedJob:
         """Start a recorded job again as it was (restart, rollback). Default: ``launch`` its request; a
         launcher whose job depends on more than the request (a pod template) starts that again too."""
         return self.launch(job.request, log_dir)
+
+    def verify_record(self, job: LaunchedJob) -> None:
+        """Refuse (``DeploymentError``, nothing started) a recorded *job* whose ``relaunch`` would start
+        something no deploy from here produced: a record edited where others can write it. Default:
+        nothing to check (the local records live in a private state directory; see ``local``)."""
+        return None
 
     def config(self) -> dict[str, Any]:
         """The JSON-safe keyword arguments that build this launcher again (default: none)."""

@@ -7,6 +7,13 @@ anything else is refused, naming what did not match. The job's process group is 
 that verified process leads it. Orphan detection (:func:`scan_runtime_processes`) sees only this
 user's runtime processes.
 
+A relaunch (restart, rollback, rewind) starts the record's request again (import path, config snapshot,
+sys.path, cwd, env read back from its 0600 file), unsealed (``Launcher.verify_record`` checks nothing
+here): the records live in the private state directory (0700, owned by this user, refused otherwise),
+beside the installation's key, so whoever can edit a record can run code as this user anyway and could
+re-seal it too; the Kubernetes launcher, whose records anyone allowed to write ConfigMaps may edit, seals
+them.
+
 A job serves its HTTP probes only where its own environment asks for it: the daemon's
 ``LOOM_DAGSTER_HTTP_PORT`` is not inherited (one port cannot serve every job of the host), and a
 local job binds loopback (``127.0.0.1``) unless its request sets ``LOOM_DAGSTER_HTTP_HOST``.
@@ -39,7 +46,7 @@ from loom_dagster.launchers.base import (
     LaunchRequest,
     RuntimeProcess,
 )
-from loom_dagster.launchers.preflight import failure_detail
+from loom_dagster.launchers.preflight import failure_detail, preflight_args
 from loom_dagster.redact import redact_text
 from loom_dagster.runtime.failure import MAX_REASON_CHARS, clip
 from loom_dagster.runtime.logs import (
@@ -272,16 +279,11 @@ class LocalProcessLauncher(Launcher):
             time.sleep(0.05)
         return time.monotonic() - started
 
-    def preflight(self, request: LaunchRequest, timeout_s: float) -> None:
+    def preflight(self, request: LaunchRequest, timeout_s: float) -> str:
         """Import + compile + prepare the new version in a fresh process with the job's environment."""
-        argv = [self.python, "-m", "loom_dagster.launchers.preflight", "--import-path", request.import_path]
-        for config in request.config_files:
-            argv += ["--config", config]
-        argv += ["--environment", request.environment, "--processes", str(request.processes)]
-        argv += ["--workers-per-process", str(request.workers_per_process)]
-        for entry in request.sys_path:
-            argv += ["--sys-path", entry]
+        argv = [self.python, *preflight_args(request)]
         env = {**os.environ, **request.job_env()}
+        started = time.monotonic()
         try:
             done = subprocess.run(
                 argv, capture_output=True, text=True, env=env, cwd=request.cwd or None, timeout=timeout_s
@@ -295,6 +297,8 @@ class LocalProcessLauncher(Launcher):
                 f"the new version of flow {request.flow_name!r} fails before start (nothing was stopped):\n"
                 f"{failure_detail(done.stderr or done.stdout)}"
             )
+        took = time.monotonic() - started
+        return f"the new version imports, compiles and prepares in a fresh local process ({took:.1f} s)"
 
 
 def _how_it_ended(status: JobStatus | None) -> str:

@@ -1,15 +1,19 @@
 """Preflight of a new version, in a fresh process with the job's environment: import, load config,
-compile and prepare the dataflow (cluster shape included), then exit. A running job is not touched.
+compile and prepare the dataflow (cluster shape included), then (``--connect-timeout``) reach every
+Kafka broker the plan uses from where the job runs, then exit. A running job is not touched.
 
 ``python -m loom_dagster.launchers.preflight --import-path M:A --config F [...] --environment E
-[--processes N --workers-per-process W] [--sys-path D]``; exit 0 when the job would start.
+[--processes N --workers-per-process W] [--sys-path D] [--connect-timeout S]``; exit 0 when the job
+would start, 2 (with the reason after :data:`MARKER` on stderr) when it would not.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
+from loom_dagster.launchers.base import LaunchRequest
 from loom_dagster.redact import redact_text
 from loom_dagster.runtime.failure import MAX_REASON_CHARS, clip
 
@@ -34,6 +38,21 @@ def describe_failure(exc: BaseException, flow_label: str) -> str:
     return f"{type(exc).__name__}: {redact_text(str(exc))}"
 
 
+def preflight_args(request: LaunchRequest, *, sys_path: bool = True, connect_timeout_s: float = 0) -> list[str]:
+    """The module's arguments for *request* (after ``python``): the same import, config files,
+    environment and cluster shape the job gets; *sys_path* adds the request's ``sys_path`` entries."""
+    args = ["-m", "loom_dagster.launchers.preflight", "--import-path", request.import_path]
+    for config in request.config_files:
+        args += ["--config", config]
+    args += ["--environment", request.environment, "--processes", str(request.processes)]
+    args += ["--workers-per-process", str(request.workers_per_process)]
+    for entry in request.sys_path if sys_path else ():
+        args += ["--sys-path", entry]
+    if connect_timeout_s > 0:
+        args += ["--connect-timeout", f"{connect_timeout_s:g}"]
+    return args
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="loom_dagster.launchers.preflight")
     parser.add_argument("--import-path", required=True)
@@ -42,6 +61,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--workers-per-process", type=int, default=1)
     parser.add_argument("--sys-path", action="append", default=[])
+    parser.add_argument("--connect-timeout", type=float, default=0.0)
     return parser.parse_args(argv)
 
 
@@ -68,7 +88,7 @@ def _check(args: argparse.Namespace) -> None:
 
     flow = import_flow(args.import_path)
     config = load_config(args.config, args.environment)
-    compile_plan(flow, config)
+    plan = compile_plan(flow, config)
     runner = StreamingRunner.from_context(flow, config=config, environment=args.environment)
     addresses = tuple(f"127.0.0.1:{20000 + i}" for i in range(args.processes)) if args.processes > 1 else None
     runtime = BytewaxRuntimeConfig(
@@ -82,6 +102,21 @@ def _check(args: argparse.Namespace) -> None:
         runner.prepare_run(runtime=runtime)
     finally:
         shutdown_runner(runner)
+    if args.connect_timeout > 0:
+        _connect(plan, args.connect_timeout)
+
+
+def _connect(plan: Any, timeout_s: float) -> None:
+    """Every Kafka cluster of the plan answers from here, and every broker it advertises accepts a
+    connection (a broker advertising an address this host cannot reach fails the job only later)."""
+    from loom_dagster.kafka.cluster import cluster_for, unreachable_brokers
+
+    sinks = [*plan.terminal_sinks.values(), *plan.error_routes.values()]
+    settings = [getattr(plan.source, "settings", None), *(getattr(sink, "settings", None) for sink in sinks)]
+    clusters = {cluster_for(s) for s in settings if s is not None and getattr(s, "brokers", None)}
+    problems = [p for p in (unreachable_brokers(c, timeout_s) for c in clusters) if p]
+    if problems:
+        raise ConnectionError("Kafka is not reachable from where the job runs: " + "; ".join(problems))
 
 
 if __name__ == "__main__":

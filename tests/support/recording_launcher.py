@@ -61,9 +61,9 @@ class RecordingLauncher(Launcher):
         self._note("stop", job.flow_name)
         return self.inner.stop(job, timeout_s)
 
-    def preflight(self, request: LaunchRequest, timeout_s: float) -> None:
+    def preflight(self, request: LaunchRequest, timeout_s: float) -> str | None:
         self._note("preflight", request.flow_name)
-        self.inner.preflight(request, timeout_s)
+        return self.inner.preflight(request, timeout_s)
 
     def owns(self, job: LaunchedJob) -> bool:
         self._note("owns", job.flow_name)

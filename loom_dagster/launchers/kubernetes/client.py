@@ -76,6 +76,13 @@ class KubeApi:
 
         return client.CoordinationV1Api(self.client)
 
+    @cached_property
+    def networking(self) -> Any:
+        """``NetworkingV1Api``: a flow's NetworkPolicy."""
+        from kubernetes import client
+
+        return client.NetworkingV1Api(self.client)
+
     @property
     def server(self) -> str:
         """The API server's URL."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import json
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -32,22 +34,31 @@ from loom_dagster.launchers.base import (
     Launcher,
     LaunchRequest,
 )
-from loom_dagster.launchers.kubernetes.client import KubeApi, api_error, is_not_found
+from loom_dagster.launchers.kubernetes.client import KubeApi, api_error, is_conflict, is_not_found
 from loom_dagster.launchers.kubernetes.manifests import (
     CONTAINER,
     EVERY_FLOW,
     INSTANCE_LABEL,
     flow_manifests,
     label_selector,
+    preflight_pod_manifest,
     selector_labels,
     workload_name,
 )
 from loom_dagster.launchers.kubernetes.settings import KubernetesSettings, PodSettings
+from loom_dagster.launchers.preflight import failure_detail
 from loom_dagster.redact import LineRedactor, redact_text
 from loom_dagster.runtime.status import EXIT_BAD_INPUT, describe_exit_code
 
 BROKEN_WAITING_REASONS = frozenset(
-    {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName"}
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "InvalidImageName",
+    }
 )
 """Waiting reasons that mean the container will not run without a change (or keeps crashing)."""
 
@@ -115,23 +126,35 @@ class KubernetesLauncher(Launcher):
         return self._apply(request, self.settings.pod_for(request.flow_name))
 
     def relaunch(self, job: LaunchedJob, log_dir: str) -> LaunchedJob:
-        """Apply the recorded job's own template again (its pod settings as recorded, not today's)."""
+        """Apply the recorded job's own template again (its pod settings as recorded, not today's), once
+        its seal proves a deploy of this installation recorded them (:meth:`verify_record`)."""
+        self.verify_record(job)
         recorded = job.extra.get("pod")
         pod = msgspec.convert(recorded, PodSettings) if recorded else self.settings.pod_for(job.flow_name)
         return self._apply(job.request, pod)
 
-    def _apply(self, request: LaunchRequest, pod: PodSettings) -> LaunchedJob:
-        from loom_dagster.launchers.kubernetes.store import env_in_secret
+    def verify_record(self, job: LaunchedJob) -> None:
+        """Refuse a recorded job whose seal (``store.seal_job``: an HMAC under the installation's key of
+        its pod settings and request) does not match: the state ConfigMap was edited, or an older
+        version wrote it. ``DeploymentError`` naming what changed; nothing is started."""
+        from loom_dagster.launchers.kubernetes.store import KubernetesDeploymentStore, check_seal
 
-        request = env_in_secret(self.api, self.settings, request)  # the template references it
+        check_seal(job, self.settings, KubernetesDeploymentStore(self.settings, self.api))
+
+    def _apply(self, request: LaunchRequest, pod: PodSettings) -> LaunchedJob:
+        from loom_dagster.launchers.kubernetes.store import seal_job
+
+        request = self._env_in_secret(request)  # the template references it
         name = workload_name(self.settings, request.flow_name)
         generation = 0
         for manifest in self.manifests(request, pod):
             if manifest["kind"] == "Service":
                 self._apply_service(manifest)
+            elif manifest["kind"] == "NetworkPolicy":
+                self._apply_network_policy(manifest)
             elif manifest["kind"] == "StatefulSet":
                 generation = self._apply_statefulset(manifest)
-        return LaunchedJob(
+        job = LaunchedJob(
             flow_name=request.flow_name,
             launcher=self.name,
             host=f"{self.settings.namespace}/{name}",
@@ -149,6 +172,7 @@ class KubernetesLauncher(Launcher):
                 "pod": msgspec.to_builtins(pod),
             },
         )
+        return seal_job(job)  # a relaunch applies it only with this seal (records grant nothing)
 
     def _apply_service(self, manifest: dict[str, Any]) -> None:
         name = manifest["metadata"]["name"]
@@ -157,6 +181,20 @@ class KubernetesLauncher(Launcher):
         except Exception as exc:
             if getattr(exc, "status", None) != 409:
                 raise api_error(exc, f"create Service {name!r}") from exc
+
+    def _apply_network_policy(self, manifest: dict[str, Any]) -> None:
+        """Create the flow's NetworkPolicy, or replace it (the Bytewax rule depends on the processes)."""
+        name, namespace = manifest["metadata"]["name"], self.settings.namespace
+        networking = self.api.networking
+        try:
+            networking.create_namespaced_network_policy(namespace, manifest)
+        except Exception as exc:
+            if not is_conflict(exc):
+                raise api_error(exc, f"create NetworkPolicy {name!r}") from exc
+            try:
+                networking.replace_namespaced_network_policy(name, namespace, manifest)
+            except Exception as exc2:
+                raise api_error(exc2, f"replace NetworkPolicy {name!r}") from exc2
 
     def _apply_statefulset(self, manifest: dict[str, Any]) -> int:
         """Create or replace the StatefulSet; return the generation the gate must see observed."""
@@ -183,6 +221,8 @@ class KubernetesLauncher(Launcher):
         (plus the pods' own grace), delete what is left without grace."""
         started = time.monotonic()
         name = _workload(job)
+        if name != workload_name(self.settings, job.flow_name):
+            self.verify_record(job)  # a record naming another StatefulSet must prove it was deployed so
         try:
             self.api.apps.patch_namespaced_stateful_set_scale(
                 name, self.settings.namespace, {"spec": {"replicas": 0}}
@@ -209,9 +249,72 @@ class KubernetesLauncher(Launcher):
             time.sleep(0.2)
         return time.monotonic() - started
 
-    def preflight(self, request: LaunchRequest, timeout_s: float) -> None:
-        """Nothing to check before launch here: the image runs the new version only in its pods, and a
-        pod that fails its start is caught by the health gate, which restores the previous template."""
+    def preflight(self, request: LaunchRequest, timeout_s: float) -> str:
+        """Run the new version's preflight in a one-off pod of the NEW template before anything is
+        drained: the image pulls, the code imports, compiles and prepares, and the brokers answer from a
+        pod. A bad image, an import error, an unschedulable template or *timeout_s* fails the deploy with
+        the reason and the pod's log tail; the pod is deleted either way."""
+        started = time.monotonic()
+        request = self._env_in_secret(request)
+        name = f"{workload_name(self.settings, request.flow_name)[:44]}-preflight-{secrets.token_hex(3)}"
+        manifest = preflight_pod_manifest(
+            self.settings, request, name, timeout_s, connect_timeout_s=min(15.0, timeout_s / 4)
+        )
+        image = manifest["spec"]["containers"][0]["image"]
+        try:
+            self.api.core.create_namespaced_pod(self.settings.namespace, manifest)
+        except Exception as exc:
+            refusal = _pod_security_refusal(exc)
+            if refusal:
+                raise DeploymentError(
+                    f"the namespace {self.settings.namespace!r} refuses the new pod template of flow "
+                    f"{request.flow_name!r} (Pod Security admission): {refusal}. Nothing was stopped or "
+                    "changed. Remove what weakens the pod from the launcher's pod settings "
+                    "(security_context, container_security_context) or deploy to a namespace whose "
+                    "pod-security.kubernetes.io/enforce level allows it."
+                ) from exc
+            raise api_error(exc, f"create the preflight pod of flow {request.flow_name!r}") from exc
+        try:
+            outcome = self._await_preflight(name, started + timeout_s)
+        finally:
+            with contextlib.suppress(Exception):  # gone already, or the API is away: it has a deadline
+                self.api.core.delete_namespaced_pod(name, self.settings.namespace, grace_period_seconds=0)
+        took = time.monotonic() - started
+        if outcome is not None:
+            raise DeploymentError(
+                f"the new version of flow {request.flow_name!r} fails its preflight in pod {name} (image "
+                f"{image}) after {took:.1f} s; nothing was stopped or changed: {outcome}"
+            )
+        return (
+            f"pod {name} of the new template (image {image}) imported, compiled and prepared the new "
+            f"version and reached its Kafka brokers in {took:.1f} s"
+        )
+
+    def _env_in_secret(self, request: LaunchRequest) -> LaunchRequest:
+        from loom_dagster.launchers.kubernetes.store import env_in_secret
+
+        return env_in_secret(self.api, self.settings, request)
+
+    def _await_preflight(self, name: str, deadline: float) -> str | None:
+        """``None`` once the preflight pod succeeds; else why it cannot (read from the real pod status)."""
+        last = "it was never scheduled"
+        while True:
+            try:
+                pod = self.api.core.read_namespaced_pod(name, self.settings.namespace)
+            except Exception as exc:
+                raise api_error(exc, f"read the preflight pod {name!r}") from exc
+            verdict, last = _preflight_verdict(pod, last)
+            if verdict == "ok":
+                return None
+            if verdict == "failed":
+                return self._with_log(name, last)
+            if time.monotonic() >= deadline:
+                return self._with_log(name, f"no result before the preflight timeout; {last}")
+            time.sleep(0.3)
+
+    def _with_log(self, name: str, reason: str) -> str:
+        log = self._pod_log(name, 30)
+        return f"{reason}\n--- log of pod {name} (last 30 lines)\n{log}" if log else reason
 
     # -- observation --------------------------------------------------------------------------------
 
@@ -429,3 +532,46 @@ def _pod_health(pod: Any) -> tuple[bool, str | None, dict[str, Any] | None]:
         if parts or restarts:
             return ready, f"pod {name} restarted {restarts} time(s); " + "; ".join(parts), status
     return ready, None, None
+
+
+def _preflight_verdict(pod: Any, last: str) -> tuple[str, str]:
+    """("ok" | "failed" | "waiting", what the pod says) for a preflight pod (*last*: the previous word)."""
+    status = pod.status
+    for container in status.container_statuses or ():
+        terminated = container.state.terminated if container.state else None
+        waiting = container.state.waiting if container.state else None
+        if terminated is not None:
+            code = int(terminated.exit_code) if terminated.exit_code is not None else None
+            if code == 0:
+                return "ok", "exit code 0"
+            message = failure_detail(terminated.message or "") if terminated.message else ""
+            meaning = describe_exit_code(code) if code is not None else "no exit code"
+            said = f": {message}" if message else ""
+            return "failed", f"exit code {code} ({terminated.reason or 'Error'}: {meaning}){said}"
+        if waiting is not None and waiting.reason in BROKEN_WAITING_REASONS:
+            detail = f" ({redact_text(waiting.message)})" if waiting.message else ""
+            return "failed", f"the container cannot start: {waiting.reason}{detail}"
+        if waiting is not None and waiting.reason:
+            last = f"its container is waiting: {waiting.reason}"
+        elif container.state is not None and container.state.running is not None:
+            last = "its container was still running"
+    if status.phase == "Succeeded":
+        return "ok", "succeeded"
+    if status.phase == "Failed":  # e.g. activeDeadlineSeconds: the kubelet killed it
+        return "failed", f"the pod failed: {status.reason or ''} {redact_text(status.message or '')}".strip()
+    for condition in status.conditions or ():
+        if condition.type == "PodScheduled" and condition.status == "False":
+            last = f"it is not scheduled ({condition.reason}: {condition.message})"
+    return "waiting", last
+
+
+def _pod_security_refusal(exc: Exception) -> str | None:
+    """What Pod Security admission said when it refused a pod (a 403 naming the violated level), else ``None``."""
+    if getattr(exc, "status", None) != 403:
+        return None
+    body = str(getattr(exc, "body", "") or "")
+    try:
+        message = str(json.loads(body).get("message", ""))
+    except ValueError:
+        message = body
+    return message if "violates PodSecurity" in message else None

@@ -20,9 +20,12 @@ from loom_dagster.deployments import keyed_digest
 from loom_dagster.launchers.base import LaunchRequest
 from loom_dagster.launchers.kubernetes.settings import (
     DEFAULT_CONFIG_ROOT,
+    DEFAULT_REQUESTS,
     DEFAULT_STATUS_DIR,
+    DEFAULT_TMP_DIR,
     KubernetesSettings,
 )
+from loom_dagster.launchers.preflight import preflight_args
 
 MANAGED_BY = "loom-dagster"
 FLOW_LABEL = "loom-dagster.io/flow"
@@ -203,22 +206,33 @@ def job_args(settings: KubernetesSettings, request: LaunchRequest) -> list[str]:
     return args
 
 
-def statefulset_manifest(settings: KubernetesSettings, request: LaunchRequest) -> dict[str, Any]:
-    """The flow's StatefulSet: ``replicas`` = the job's processes, started together (``Parallel``).
+POD_SECURITY_CONTEXT: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+"""The pod's default ``securityContext``: what the ``restricted`` Pod Security level requires of a pod."""
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+}
+"""The container's default ``securityContext``: ``restricted`` plus a read-only root (the job writes only
+to its emptyDirs: the status dir and ``/tmp``)."""
 
-    Annotations carry the plan hash, config hash and run id; the pod's grace period covers the drain.
-    The flow's env reaches the container by reference to its Secret (``secretKeyRef``), never by value.
-    """
-    flow = request.flow_name
-    pod = settings.pod_for(flow)
-    name = workload_name(settings, flow)
-    config_map = config_map_of(request.config_files)
-    annotations = {
-        FLOW_ANNOTATION: flow,
+
+def pod_annotations(request: LaunchRequest) -> dict[str, str]:
+    """What a flow's objects say about the deployment: flow name, plan and config hashes, run id."""
+    return {
+        FLOW_ANNOTATION: request.flow_name,
         PLAN_HASH_ANNOTATION: request.plan_hash,
         CONFIG_HASH_ANNOTATION: request.config_hash,
         **({RUN_ID_ANNOTATION: request.run_id} if request.run_id else {}),
     }
+
+
+def job_container(settings: KubernetesSettings, request: LaunchRequest) -> dict[str, Any]:
+    """The job's container: the runtime with its probes, env by Secret reference, the hardened context.
+
+    The flow's env reaches the container by reference to its Secret (``secretKeyRef``), never by value.
+    """
+    pod = settings.pod_for(request.flow_name)
     secret = env_secret_of(settings, request)
     env: dict[str, dict[str, Any]] = {
         key: {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
@@ -237,34 +251,66 @@ def statefulset_manifest(settings: KubernetesSettings, request: LaunchRequest) -
         + ([{"name": "bytewax", "containerPort": settings.cluster_port}] if request.processes > 1 else []),
         "readinessProbe": _probe("/readyz", settings.http_port, period=2, failures=3),
         "livenessProbe": _probe("/livez", settings.http_port, period=10, failures=3),
-        "volumeMounts": [{"name": "status", "mountPath": DEFAULT_STATUS_DIR}],
+        "volumeMounts": [
+            {"name": "status", "mountPath": DEFAULT_STATUS_DIR},
+            {"name": "tmp", "mountPath": DEFAULT_TMP_DIR},
+        ],
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "resources": pod.resources if pod.resources else {"requests": dict(DEFAULT_REQUESTS)},
+        "securityContext": {**CONTAINER_SECURITY_CONTEXT, **(pod.container_security_context or {})},
     }
     if pod.image_pull_policy:
         container["imagePullPolicy"] = pod.image_pull_policy
     if pod.env_from_secrets:
         container["envFrom"] = [{"secretRef": {"name": secret}} for secret in pod.env_from_secrets]
-    if pod.resources:
-        container["resources"] = pod.resources
-    volumes: list[dict[str, Any]] = [{"name": "status", "emptyDir": {}}]
+    config_map = config_map_of(request.config_files)
     if config_map:
-        container["volumeMounts"].append(
-            {"name": "config", "mountPath": config_mount(config_map), "readOnly": True}
-        )
+        mount = {"name": "config", "mountPath": config_mount(config_map), "readOnly": True}
+        container["volumeMounts"].append(mount)
+    container["volumeMounts"].extend(pod.volume_mounts or ())
+    return container
+
+
+def pod_spec(
+    settings: KubernetesSettings, request: LaunchRequest, container: dict[str, Any]
+) -> dict[str, Any]:
+    """The pod around *container*: its volumes, security context, service account and placement.
+
+    Shared by the StatefulSet and the preflight pod, so the preflight runs what the job will run.
+    """
+    pod = settings.pod_for(request.flow_name)
+    config_map = config_map_of(request.config_files)
+    volumes: list[dict[str, Any]] = [{"name": "status", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
+    if config_map:
         volumes.append({"name": "config", "configMap": {"name": config_map}})
-    pod_spec: dict[str, Any] = {
+    volumes.extend(pod.volumes or ())
+    spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
         # SIGTERM -> the runtime drains and commits within drain_timeout_s; then the kubelet kills
         "terminationGracePeriodSeconds": int(settings.drain_timeout_s) + 10,
         "restartPolicy": "Always",
+        "securityContext": {**POD_SECURITY_CONTEXT, **(pod.security_context or {})},
+        "automountServiceAccountToken": bool(pod.automount_service_account_token),
     }
     if pod.service_account:
-        pod_spec["serviceAccountName"] = pod.service_account
+        spec["serviceAccountName"] = pod.service_account
     if pod.node_selector:
-        pod_spec["nodeSelector"] = pod.node_selector
+        spec["nodeSelector"] = pod.node_selector
     if pod.tolerations:
-        pod_spec["tolerations"] = list(pod.tolerations)
+        spec["tolerations"] = list(pod.tolerations)
+    return spec
+
+
+def statefulset_manifest(settings: KubernetesSettings, request: LaunchRequest) -> dict[str, Any]:
+    """The flow's StatefulSet: ``replicas`` = the job's processes, started together (``Parallel``).
+
+    Annotations carry the plan hash, config hash and run id; the pod's grace period covers the drain.
+    """
+    flow = request.flow_name
+    pod = settings.pod_for(flow)
+    name = workload_name(settings, flow)
+    annotations = pod_annotations(request)
     labels = {**(pod.labels or {}), **flow_labels(settings, flow)}
     return {
         "apiVersion": "apps/v1",
@@ -282,9 +328,83 @@ def statefulset_manifest(settings: KubernetesSettings, request: LaunchRequest) -
             "selector": {"matchLabels": selector_labels(settings, flow)},
             "template": {
                 "metadata": {"labels": labels, "annotations": {**(pod.annotations or {}), **annotations}},
-                "spec": pod_spec,
+                "spec": pod_spec(settings, request, job_container(settings, request)),
             },
         },
+    }
+
+
+PREFLIGHT_NAME = "loom-preflight"
+"""``app.kubernetes.io/name`` of preflight pods: never selected as a flow's job pods (those are ``loom-flow``)."""
+
+
+def preflight_pod_manifest(
+    settings: KubernetesSettings, request: LaunchRequest, name: str, timeout_s: float, connect_timeout_s: float
+) -> dict[str, Any]:
+    """A one-off pod of the NEW template (image, env, mounts, service account, security context) that
+    runs the preflight module instead of the runtime: import, compile, prepare, reach the brokers.
+
+    No probes, no ports, never restarted, killed by the kubelet past *timeout_s* (``activeDeadlineSeconds``).
+    """
+    flow = request.flow_name
+    container = job_container(settings, request)
+    container["args"] = preflight_args(request, sys_path=False, connect_timeout_s=connect_timeout_s)
+    for key in ("ports", "readinessProbe", "livenessProbe"):
+        container.pop(key, None)
+    spec = pod_spec(settings, request, container)
+    spec.update(
+        restartPolicy="Never",
+        activeDeadlineSeconds=max(1, int(timeout_s)),
+        terminationGracePeriodSeconds=0,
+    )
+    pod = settings.pod_for(flow)
+    labels = {
+        **(pod.labels or {}),
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/name": PREFLIGHT_NAME,
+        FLOW_LABEL: dns_name(flow, 63),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": labels,
+            "annotations": {**(pod.annotations or {}), **pod_annotations(request)},
+        },
+        "spec": spec,
+    }
+
+
+def network_policy_manifest(settings: KubernetesSettings, flow_name: str, processes: int) -> dict[str, Any]:
+    """The flow's ingress NetworkPolicy (``network_policy`` set): the probe port from the configured
+    peers, the Bytewax port from the flow's own pods; everything else into its pods is refused."""
+    assert settings.network_policy is not None
+    selector = selector_labels(settings, flow_name)
+    rules: list[dict[str, Any]] = [
+        {
+            "ports": [{"protocol": "TCP", "port": settings.http_port}],
+            "from": list(settings.network_policy.probe_from),
+        }
+    ]
+    if processes > 1:
+        rules.append(
+            {
+                "ports": [{"protocol": "TCP", "port": settings.cluster_port}],
+                "from": [{"podSelector": {"matchLabels": selector}}],
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": workload_name(settings, flow_name),
+            "namespace": settings.namespace,
+            "labels": flow_labels(settings, flow_name),
+            "annotations": {FLOW_ANNOTATION: flow_name},
+        },
+        "spec": {"podSelector": {"matchLabels": selector}, "policyTypes": ["Ingress"], "ingress": rules},
     }
 
 
@@ -309,5 +429,7 @@ def flow_manifests(
         )
     if request.processes > 1:
         objects.append(service_manifest(settings, request.flow_name))
+    if settings.network_policy is not None:
+        objects.append(network_policy_manifest(settings, request.flow_name, request.processes))
     objects.append(statefulset_manifest(settings, request))
     return objects

@@ -12,40 +12,49 @@ The webserver, the daemon, run pods and the CLI anywhere read one truth:
 - ``loom-dagster-config-hash-key`` Secret: the installation's config-hash key, created by the first
   deploy; a process hashing with another key is refused (set ``LOOM_DAGSTER_CONFIG_HASH_KEY`` from it
   in every Dagster pod);
-- ``<workload>-deploy`` Lease: held around drain -> launch -> record, renewed while held, taken over
-  only once expired (a deploy that died holding it).
+- ``<workload>-deploy`` Lease: held around drain -> launch -> record (:class:`LeaseLock`: renewed by
+  read-check-replace while held, taken over only once expired; a holder that lost it stops before its
+  next change and never launches).
 
-Records hold no secret: the launch request names config files (checked free of literal secrets) and
-the env Secret.
+Records hold no secret: the launch request names config files (checked free of literal secrets, as YAML)
+and the env Secret. Records grant nothing: what a relaunch applies (pod settings, request) is sealed with
+an HMAC under the installation's key (:func:`seal_job`) and checked before any restart or rollback.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import hmac
 import logging
 import os
 import re
+import secrets
 import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import msgspec
+import yaml
 
 from loom_dagster.deployments import (
     HASH_KEY_VARIABLE,
     ConfigFile,
+    DeployLock,
+    DeployLockLost,
     Deployment,
     DeploymentStore,
     UnreadableRecord,
     history_records,
     installation_key,
+    keyed_digest,
     scratch_copy,
 )
 from loom_dagster.errors import DeploymentError
-from loom_dagster.launchers.base import LaunchRequest
+from loom_dagster.launchers.base import LaunchedJob, LaunchRequest
 from loom_dagster.launchers.kubernetes.client import KubeApi, api_error, is_conflict, is_not_found
 from loom_dagster.launchers.kubernetes.manifests import (
     ENV_LABEL,
@@ -63,16 +72,14 @@ from loom_dagster.launchers.kubernetes.manifests import (
     label_selector,
     workload_name,
 )
-from loom_dagster.launchers.kubernetes.settings import KubernetesSettings
-from loom_dagster.redact import redact_text
+from loom_dagster.launchers.kubernetes.settings import LEASE_SECONDS, KubernetesSettings
+from loom_dagster.redact import is_secret_key, redact_text, secret_shape
 
 _log = logging.getLogger(__name__)
 
 STATE_LABEL = "loom-dagster.io/state"
 _KEPT_HISTORY = 50
 _KEPT_SNAPSHOTS = 10
-LEASE_SECONDS = 120
-"""A held lock is renewed every third of this; one not renewed for this long is taken over."""
 
 
 class KubernetesDeploymentStore(DeploymentStore):
@@ -144,7 +151,8 @@ class KubernetesDeploymentStore(DeploymentStore):
         """Write the current record (and append it to the history, the last 50 kept), retrying lost
         races. Env values go to the flow's env Secret (the record keeps names and the Secret's name),
         also those of history entries written by an older version; env Secrets no record references
-        any more are deleted."""
+        any more are deleted. Under the flow's lock, only while it is still held (``ensure_held``)."""
+        self.ensure_held(deployment.flow_name, "record the deployment")
         name = self._state_name(deployment.flow_name)
         stored = self._in_secret(deployment)
         encoded = stored.encode(indent=2).decode()
@@ -351,79 +359,239 @@ class KubernetesDeploymentStore(DeploymentStore):
         return f"{workload_name(self.settings, flow_name)}-deploy"
 
     @contextmanager
-    def lock(self, flow_name: str, holder: str) -> Iterator[None]:
-        """Hold the flow's deploy Lease; fail at once, naming the holder, while another holds it."""
-        name = self._lease_name(flow_name)
-        identity = f"{holder} (pid {os.getpid()} on {socket.gethostname()})"
-        lease = self._acquire(flow_name, name, identity)
-        stop = threading.Event()
-        renewer = threading.Thread(target=self._renew, args=(name, lease, stop), daemon=True)
-        renewer.start()
+    def lock(self, flow_name: str, holder: str) -> Iterator[DeployLock]:
+        """Hold the flow's deploy Lease (:class:`LeaseLock`: renewed while held, its loss detected); fail
+        at once, naming the holder, while another holds it. On leaving, the Lease is deleted only if this
+        holder still holds it."""
+        identity = f"{holder} (pid {os.getpid()} on {socket.gethostname()}, lock {secrets.token_hex(3)})"
+        held = LeaseLock(self, flow_name, self._lease_name(flow_name), identity, holder)
+        held.acquire()
         try:
-            yield
+            with self.holding(held):
+                yield held
         finally:
-            stop.set()
-            renewer.join(timeout=5)
-            self._release(name, identity)
+            held.release()
 
-    def _release(self, name: str, identity: str) -> None:
-        """Delete the Lease if this holder still holds it (one taken over after expiry is not ours)."""
-        try:
-            held = self.api.coordination.read_namespaced_lease(name, self.namespace)
-            if held.spec.holder_identity != identity:
-                return
-            self.api.coordination.delete_namespaced_lease(
-                name,
-                self.namespace,
-                body={"preconditions": {"resourceVersion": held.metadata.resource_version}},
-            )
-        except Exception:  # gone already, or unreachable: it expires on its own
-            pass
 
-    def _acquire(self, flow_name: str, name: str, identity: str) -> dict[str, Any]:
-        now = _now()
-        body: dict[str, Any] = {
-            "metadata": {
-                "name": name,
-                "namespace": self.namespace,
-                "labels": flow_labels(self.settings, flow_name),
-            },
-            "spec": {
-                "holderIdentity": identity,
-                "leaseDurationSeconds": LEASE_SECONDS,
-                "acquireTime": now,
-                "renewTime": now,
-            },
-        }
+class LeaseLock(DeployLock):
+    """A flow's deploy lock held as a ``coordination.k8s.io`` Lease, honestly.
+
+    Renewal is a read-check-replace, every third of the lease (``lease_seconds``) and at each
+    ``ensure_held``: read the Lease, check that it still names this holder and carries the
+    ``resourceVersion`` of this holder's last write, then replace it with that ``resourceVersion`` (a
+    concurrent write fails it). A Lease someone else holds is never written or deleted. The lock is
+    *lost* when another holder (or anyone) changed the Lease, when it was deleted, or when no renewal
+    succeeded for a whole lease since the last one (others may take it over from then on): from then,
+    ``ensure_held`` raises :class:`DeployLockLost`, naming the flow, the new holder if known, the steps
+    done under the lock and the one not done.
+
+    Example:
+        >>> with store.lock("orders", holder="run 1") as held:  # doctest: +SKIP
+        ...     held.ensure_held("launch the new version")
+    """
+
+    def __init__(
+        self, store: KubernetesDeploymentStore, flow_name: str, name: str, identity: str, holder: str
+    ) -> None:
+        super().__init__(flow_name, holder)
+        self.store = store
+        self.name = name
+        self.identity = identity
+        self.duration = store.settings.lease_seconds
+        self.timeout = max(1.0, self.duration / 3)
+        """Seconds a Lease request may take: a hung connection never holds a renewal past the lease."""
+        self._mutex = threading.Lock()
+        self._version: str | None = None  # the resourceVersion of this holder's last write
+        self._renewed = 0.0  # time.monotonic() before the last successful write was sent
+        self._lost: str | None = None
+        self._taker: str | None = None
+        self._error: str | None = None  # the last failed renewal's error, while within the lease
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._run, daemon=True, name=f"renew {name}")
+
+    @property
+    def where(self) -> str:
+        """``Lease <namespace>/<name>``."""
+        return f"Lease {self.store.namespace}/{self.name}"
+
+    @property
+    def lost(self) -> str | None:
+        """Why this holder no longer holds the Lease (``None``: held)."""
+        with self._mutex:
+            self._check_deadline()
+            return self._lost
+
+    def acquire(self) -> None:
+        """Create the Lease, or take it over once expired (its holder died mid-deploy); start renewing.
+        ``DeploymentError`` naming the holder while another holds it."""
+        api, namespace = self.store.api.coordination, self.store.namespace
+        sent = time.monotonic()
+        body = self._body(acquired=_now())
         try:
-            self.api.coordination.create_namespaced_lease(self.namespace, body)
-            return body
+            created = api.create_namespaced_lease(namespace, body)
         except Exception as exc:
             if not is_conflict(exc):
-                raise api_error(exc, f"take the deploy lock (Lease {name!r}) of flow {flow_name!r}") from exc
-        held = self.api.coordination.read_namespaced_lease(name, self.namespace)
+                raise api_error(
+                    exc, f"take the deploy lock ({self.where}) of flow {self.flow_name!r}"
+                ) from exc
+            created = self._take_over(body)
+        self._version = created.metadata.resource_version
+        self._renewed = sent
+        self._renewer.start()
+
+    def _take_over(self, body: dict[str, Any]) -> Any:
+        api, namespace, flow = self.store.api.coordination, self.store.namespace, self.flow_name
+        try:
+            held = api.read_namespaced_lease(self.name, namespace)
+        except Exception as exc:
+            raise api_error(exc, f"read the deploy lock ({self.where}) of flow {flow!r}") from exc
         if not _expired(held):
             raise DeploymentError(
-                f"flow {flow_name!r} is being deployed or stopped by {held.spec.holder_identity}; this "
+                f"flow {flow!r} is being deployed or stopped by {held.spec.holder_identity}; this "
                 "request changed nothing. Wait for it to finish, then materialize again if needed."
             )
         body["metadata"]["resourceVersion"] = held.metadata.resource_version
-        try:  # expired: its holder died mid-deploy
-            self.api.coordination.replace_namespaced_lease(name, self.namespace, body)
+        try:  # expired: its holder died mid-deploy (or lost it, and stops before its next change)
+            return api.replace_namespaced_lease(self.name, namespace, body)
         except Exception as exc:
-            raise DeploymentError(
-                f"flow {flow_name!r}: another deploy took over its expired lock first; materialize again"
+            if is_conflict(exc):
+                raise DeploymentError(
+                    f"flow {flow!r}: another deploy took over its expired lock ({self.where}) first; this "
+                    "request changed nothing. Materialize again if needed."
+                ) from exc
+            raise api_error(
+                exc, f"take over the expired deploy lock ({self.where}) of flow {flow!r}"
             ) from exc
-        return body
 
-    def _renew(self, name: str, lease: dict[str, Any], stop: threading.Event) -> None:
-        while not stop.wait(LEASE_SECONDS / 3):
+    def _body(self, acquired: str, version: str | None = None) -> dict[str, Any]:
+        metadata: dict[str, Any] = {
+            "name": self.name,
+            "namespace": self.store.namespace,
+            "labels": flow_labels(self.store.settings, self.flow_name),
+        }
+        if version is not None:
+            metadata["resourceVersion"] = version
+        spec = {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": self.duration,
+            "acquireTime": acquired,
+            "renewTime": _now(),
+        }
+        return {"metadata": metadata, "spec": spec}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.duration / 3):
+            if not self.renew():
+                return
+
+    def renew(self) -> bool:
+        """One read-check-replace of the Lease; ``True`` while this holder still holds it (a failed
+        request within the lease keeps it held: nobody may take it over before it expires)."""
+        api, namespace = self.store.api.coordination, self.store.namespace
+        with self._mutex:
+            if self._lost is not None:
+                return False
+            sent = time.monotonic()
             try:
-                self.api.coordination.patch_namespaced_lease(
-                    name, self.namespace, {"spec": {"renewTime": _now()}}
+                current = api.read_namespaced_lease(self.name, namespace, _request_timeout=self.timeout)
+            except Exception as exc:
+                if is_not_found(exc):
+                    return self._lose("the Lease was deleted by someone else")
+                return self._failed(exc)
+            holder = current.spec.holder_identity
+            if holder != self.identity:
+                return self._lose(
+                    f"it is now held by {holder or 'nobody (its holder was cleared)'}", taker=holder
                 )
+            if current.metadata.resource_version != self._version:
+                return self._lose(
+                    f"the Lease was changed by someone else (resourceVersion "
+                    f"{current.metadata.resource_version}, this holder wrote {self._version})"
+                )
+            acquired = current.spec.acquire_time
+            body = self._body(_format(acquired) if acquired else _now(), version=self._version)
+            try:
+                replaced = api.replace_namespaced_lease(
+                    self.name, namespace, body, _request_timeout=self.timeout
+                )
+            except Exception as exc:
+                if is_conflict(exc):
+                    return self._lose(
+                        "the Lease changed while it was being renewed (a resourceVersion conflict)"
+                    )
+                return self._failed(exc)
+            self._version = replaced.metadata.resource_version
+            self._renewed = sent
+            self._error = None
+            return True
+
+    def _failed(self, exc: Exception) -> bool:
+        """A renewal that did not reach the API (or was refused): held until the lease runs out."""
+        self._error = str(api_error(exc, "renew the Lease"))
+        _log.debug("flow %r: %s", self.flow_name, self._error)
+        return self._check_deadline()
+
+    def _check_deadline(self) -> bool:
+        """Lose the lock once a whole lease passed since the last renewal; ``True`` while held."""
+        if self._lost is None and time.monotonic() - self._renewed >= self.duration:
+            why = f" (last error: {self._error})" if self._error else ""
+            self._lose(
+                f"it was not renewed for {time.monotonic() - self._renewed:.1f}s, a whole lease "
+                f"({self.duration}s){why}: another deploy may have taken it over since"
+            )
+        return self._lost is None
+
+    def _lose(self, why: str, taker: str | None = None) -> bool:
+        self._lost, self._taker = why, taker
+        _log.warning("flow %r: deploy lock (%s) lost: %s", self.flow_name, self.where, why)
+        return False
+
+    def ensure_held(self, step: str) -> None:
+        """Renew now (one read-check-replace); :class:`DeployLockLost` before *step* if the lock is lost."""
+        if not self.renew():
+            raise DeployLockLost(self._lost_message(step))
+        self.steps.append(step)
+
+    def _lost_message(self, step: str) -> str:
+        why, taker = self._lost, self._taker
+        if taker is None:  # lost by the deadline: who holds it now, if the API answers
+            try:
+                current = self.store.api.coordination.read_namespaced_lease(
+                    self.name, self.store.namespace, _request_timeout=self.timeout
+                )
+                other = current.spec.holder_identity
+                if other and other != self.identity:
+                    why = f"{why}; it is now held by {other}"
             except Exception:
-                continue
+                pass
+        done = "; ".join(self.steps) if self.steps else "nothing"
+        return (
+            f"flow {self.flow_name!r}: {self.holder} lost the flow's deploy lock ({self.where}): {why}. "
+            f"It stopped before it would {step}. Done under the lock before: {done}. Not done: {step}, nor "
+            "anything after it: this request never launches or records anything more (what runs is up "
+            "to the lock's holder now). Materialize again if needed once that one finished."
+        )
+
+    def release(self) -> None:
+        """Stop renewing; delete the Lease only if this holder still holds it (read-check-delete with
+        its ``resourceVersion``): a Lease another holder took over is never touched."""
+        self._stop.set()
+        if self._renewer.is_alive():
+            self._renewer.join(timeout=10)
+        api, namespace = self.store.api.coordination, self.store.namespace
+        with self._mutex:
+            try:
+                current = api.read_namespaced_lease(self.name, namespace, _request_timeout=self.timeout)
+                if current.spec.holder_identity != self.identity:
+                    return
+                api.delete_namespaced_lease(
+                    self.name,
+                    namespace,
+                    _request_timeout=self.timeout,
+                    body={"preconditions": {"resourceVersion": current.metadata.resource_version}},
+                )
+            except Exception:  # gone already, taken over meanwhile, or unreachable: it expires on its own
+                pass
 
 
 def _expired(lease: Any) -> bool:
@@ -450,6 +618,130 @@ def env_in_secret(api: KubeApi, settings: KubernetesSettings, request: LaunchReq
     return msgspec.structs.replace(request, env=names, env_ref=SECRET_REF + name)
 
 
+# --------------------------------------------------------------------------------------------------
+# Records grant nothing: the seal of what a relaunch applies
+# --------------------------------------------------------------------------------------------------
+
+SEAL = "seal"
+"""``LaunchedJob.extra`` key of a Kubernetes job's seal (see :func:`seal_job`)."""
+_SEAL_CONTEXT = b"loom-dagster kubernetes job record, seal v1\0"
+
+
+def seal_job(job: LaunchedJob) -> LaunchedJob:
+    """*job* with its seal: HMACs, under the installation's key (``keyed_digest``: the config-hash key,
+    kept in the cluster as Secret ``loom-dagster-config-hash-key``), of everything a relaunch of it
+    applies (:func:`sealed_fields`): one over all of it, and one per field (only to say, when the record
+    was edited, which field and from what).
+
+    Why: a restart by the health sensor, a rollback and a rewind start the job the state ConfigMap
+    records (its image, service account, env, volumes, the Secret its env comes from, its command),
+    and whoever may write ConfigMaps in the namespace may edit that record. Only a deploy from a
+    process holding the installation's key can seal it, so :func:`check_seal` refuses a record anyone
+    else edited (or an unsealed one, written by an older version) before anything is started.
+    """
+    fields = sealed_fields(job)
+    seal = {
+        "v": 1,
+        "mac": _mac(fields),
+        "fields": {key: _field_mac(job.flow_name, key, value) for key, value in fields.items()},
+    }
+    return msgspec.structs.replace(job, extra={**job.extra, SEAL: seal})
+
+
+def sealed_fields(job: LaunchedJob) -> dict[str, Any]:
+    """What a relaunch of *job* applies, by field, those at their default left out: its flow, namespace
+    and StatefulSet, its recorded pod settings (``pod.<field>``) and its launch request
+    (``request.<field>``; the env by name only: its values are in the Secret ``env_ref`` names)."""
+    fields: dict[str, Any] = {"flow_name": job.flow_name}
+    for key in ("namespace", "statefulset"):
+        if job.extra.get(key) is not None:
+            fields[key] = job.extra[key]
+    pod = job.extra.get("pod")
+    if isinstance(pod, dict):
+        fields.update({f"pod.{key}": value for key, value in pod.items() if value is not None})
+    elif pod is not None:
+        fields["pod"] = pod
+    request = msgspec.to_builtins(job.request)
+    request["env"] = [name for name, _ in job.request.env]
+    for field in msgspec.structs.fields(LaunchRequest):
+        value = request.get(field.name)
+        if field.default is msgspec.NODEFAULT or msgspec.to_builtins(field.default) != value:
+            fields[f"request.{field.name}"] = value
+    return fields
+
+
+def check_seal(job: LaunchedJob, settings: KubernetesSettings, store: KubernetesDeploymentStore) -> None:
+    """Refuse (``DeploymentError``: nothing was started) to relaunch a recorded *job* whose seal does not
+    prove that a deploy from this installation recorded exactly what it says (:func:`seal_job`),
+    naming what was changed (``image 'a' -> 'b'`` where the original is known: this launcher's own
+    setting), or that it has no seal."""
+    flow = job.flow_name
+    where = f"ConfigMap {store._state_name(flow)} of namespace {store.namespace!r}"
+    seal = job.extra.get(SEAL)
+    if not isinstance(seal, dict) or not isinstance(seal.get("mac"), str):
+        raise DeploymentError(
+            f"the record of flow {flow!r} ({where}) carries no seal: an older loom-dagster version wrote "
+            "it (or its seal was removed), so its pod settings (image, service account, env, ...) cannot "
+            "be told from ones edited there by anyone who may write ConfigMaps; nothing was started. "
+            "Redeploy by materializing the flow."
+        )
+    fields = sealed_fields(job)
+    if hmac.compare_digest(_mac(fields), seal["mac"]):
+        return
+    store.check_hash_key()  # another key than the installation's: say that, not "edited"
+    signed = seal.get("fields")
+    signed = signed if isinstance(signed, dict) else {}
+    changes = _changes(job, fields, signed, settings)
+    raise DeploymentError(
+        f"the record of flow {flow!r} ({where}) was changed outside loom-dagster: {'; '.join(changes)}; "
+        "nothing was started. Redeploy by materializing the flow."
+    )
+
+
+def _changes(
+    job: LaunchedJob, fields: dict[str, Any], signed: dict[str, Any], settings: KubernetesSettings
+) -> list[str]:
+    """What differs from the sealed record, field by field, from its original where that is known."""
+    flow = job.flow_name
+    known = {f"pod.{k}": v for k, v in msgspec.to_builtins(settings.pod_for(flow)).items()}
+    known.update(namespace=settings.namespace, statefulset=workload_name(settings, flow), flow_name=flow)
+    changes = []
+    for key in sorted(set(fields) | set(signed)):
+        mac = signed.get(key)
+        original = known.get(key)
+        proven = isinstance(mac, str) and original is not None and _field_mac(flow, key, original) == mac
+        if key not in signed:
+            changes.append(f"{_label(key)} {_shown(fields[key])} added")
+        elif key not in fields:
+            changes.append(f"{_label(key)} {_shown(original) + ' ' if proven else ''}removed")
+        elif not hmac.compare_digest(_field_mac(flow, key, fields[key]), str(mac)):
+            was = f"{_shown(original)} -> " if proven else "changed to "
+            changes.append(f"{_label(key)} {was}{_shown(fields[key])}")
+    return changes or ["its fields were put together from other records"]
+
+
+def _label(key: str) -> str:
+    group, _, name = key.partition(".")
+    if group == "pod" and name:
+        return name.replace("_", " ")
+    return f"request {name}" if group == "request" else key.replace("_", " ")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else msgspec.json.encode(value).decode()
+    text = redact_text(text)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _mac(fields: dict[str, Any]) -> str:
+    return keyed_digest(_SEAL_CONTEXT + msgspec.json.encode(fields, order="sorted"), 64)
+
+
+def _field_mac(flow_name: str, key: str, value: Any) -> str:
+    data = msgspec.json.encode([flow_name, key, value], order="sorted")
+    return keyed_digest(_SEAL_CONTEXT + b"field\0" + data, 16)
+
+
 def _decode(config_map: Any, what: str) -> Deployment | None:
     text = (config_map.data or {}).get("deployment.json")
     if not text:
@@ -461,34 +753,109 @@ def _decode(config_map: Any, what: str) -> Deployment | None:
 
 
 def checked_texts(flow_name: str, files: Sequence[ConfigFile]) -> dict[str, str]:
-    """The config snapshot's texts by file name, each checked free of literal secrets."""
+    """The config snapshot's texts by file name, each checked free of literal secrets (:func:`_text`)."""
     return {name: _text(flow_name, name, data) for name, data in files}
 
 
 def _text(flow_name: str, name: str, data: bytes) -> str:
-    """A config file's text, refused when it holds a literal secret (named by line, never shown)."""
-    text = data.decode()
-    leaks = [str(number) for number, line in enumerate(text.splitlines(), start=1) if _holds_secret(line)]
-    if leaks:
+    """A config file's text, refused when it holds a literal secret, named by file, key path and line,
+    never shown. The YAML is parsed and every scalar checked with its key path: a literal under a
+    secret-named key (``password``, ``sasl.password``, ``api_key``: anything but a reference,
+    ``${oc.env:VAR}`` or ``${other.key}``), a secret-shaped value under any key (``redact.secret_shape``:
+    a URL with a password, a PEM block, a JAAS password, a bearer or random-looking token), a literal
+    inside another resolver (``${oc.decode:'...'}``) alike; every line is checked as text too (a
+    comment). A file that is not YAML cannot be checked, so it is refused."""
+    refused = (
+        f"config file {name!r} of flow {flow_name!r}",
+        "Nothing was deployed.",
+    )
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise DeploymentError(f"{refused[0]} is not UTF-8 text ({exc.reason}); {refused[1]}") from None
+    found = {
+        line: f"line {line} (at {path}, {what})" for line, path, what in _yaml_findings(refused[0], text)
+    }
+    for number, line in enumerate(text.splitlines(), start=1):
+        if number not in found and _holds_secret(line):
+            found[number] = f"line {number}"
+    if found:
         raise DeploymentError(
-            f"config file {name!r} of flow {flow_name!r} holds a secret (line {', '.join(leaks)}); a "
-            "ConfigMap is no place for it. Put the value in a Kubernetes Secret, list the Secret in the "
-            "launcher's pod.env_from_secrets, and write the value as ${oc.env:VARIABLE} in the config. "
-            "Nothing was deployed."
+            f"{refused[0]} holds a literal secret at {', '.join(found[line] for line in sorted(found))}; "
+            "a ConfigMap is no place for it. Put the value in a Kubernetes Secret, list the Secret in the launcher's "
+            "pod.env_from_secrets, and write the value as ${oc.env:VARIABLE} in the config. "
+            f"{refused[1]}"
         )
     return text
 
 
-_INTERPOLATION = re.compile(r"\$\{[^{}]*\}")
-"""An omegaconf interpolation (``${oc.env:PASSWORD}``): a reference to a secret, not one."""
+_REFERENCE = re.compile(
+    r"\$\{(?:oc\.)?env:[ \t]*[A-Za-z_][A-Za-z0-9_]*[ \t]*(?:,[ \t]*(?:null|''|\"\")?[ \t]*)?\}"
+    r"|\$\{\.*[A-Za-z_][\w\-]*(?:\.[\w\-]+|\[\d+\])*\}"
+)
+"""A reference to a value held elsewhere: an environment variable (``${oc.env:PASSWORD}``, without a
+literal default) or another config key (``${kafka.password}``); any other interpolation
+(``${oc.decode:'...'}``, ``${oc.env:X,literal}``) holds a literal, checked as one."""
+_REFERENCED = "interpolated"
+
+
+def _yaml_findings(what: str, text: str) -> list[tuple[int, str, str]]:
+    """(line, key path, what kind of secret) for each scalar of the YAML *text* holding a secret;
+    ``DeploymentError`` when *text* is not YAML."""
+    try:
+        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise DeploymentError(
+            f"{what} is not valid YAML ({where}{problem}): it cannot be checked for secrets, so it is "
+            "refused (it would not load either). Nothing was deployed."
+        ) from None
+    found: list[tuple[int, str, str]] = []
+    seen: set[int] = set()
+
+    def walk(node: yaml.Node | None, path: str, secret_key: bool) -> None:
+        if node is None or id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+                walk(value, f"{path}.{name}" if path else name, is_secret_key(name))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, f"{path}[{index}]", secret_key)
+        elif isinstance(node, yaml.ScalarNode):
+            kind = _scalar_secret(node, secret_key)
+            if kind is not None:
+                found.append((node.start_mark.line + 1, path or "(the document)", kind))
+
+    for document in documents:
+        walk(document, "", False)
+    return found
+
+
+def _scalar_secret(node: yaml.ScalarNode, secret_key: bool) -> str | None:
+    """What secret a YAML scalar holds (under a secret-named key: any literal), or ``None``."""
+    value = str(node.value)
+    if node.tag in ("tag:yaml.org,2002:null", "tag:yaml.org,2002:bool") or not value.strip():
+        return None  # absent, or a switch (``sasl.password_required: false``): no secret
+    if secret_key and _REFERENCE.sub("", value).strip():
+        return "a literal value under a key naming a secret"
+    return secret_shape(_REFERENCE.sub(_REFERENCED, value), reference=_REFERENCED)
 
 
 def _holds_secret(line: str) -> bool:
-    """True when redaction would mask something in *line* other than an interpolation."""
-    placeholder = "interpolated"
-    line = _INTERPOLATION.sub(placeholder, line)
-    return redact_text(line).replace("***", placeholder) != line
+    """True when redaction would mask something in *line* other than a reference (:data:`_REFERENCE`)."""
+    line = _REFERENCE.sub(_REFERENCED, line)
+    return redact_text(line).replace("***", _REFERENCED) != line
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _format(dt.datetime.now(dt.UTC))
+
+
+def _format(moment: dt.datetime) -> str:
+    """A Lease's MicroTime."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -54,7 +54,12 @@ class KubeEnv:
         return config
 
     def resource(self, **overrides: Any) -> LoomDeployResource:
-        """The deploy resource on the kubernetes launcher (health gate *health_timeout_s*, default 60 s)."""
+        """The deploy resource on the kubernetes launcher (health gate *health_timeout_s*, default 60 s).
+
+        ``preflight`` defaults to off here: a KWOK node never runs (so never ends) the preflight pod.
+        The tests on the real node (``test_k8s_real_node.py``) preflight for real.
+        """
+        overrides.setdefault("preflight", False)
         launcher_config = self.launcher_config(**overrides.pop("launcher_config", {}))
         assert self.bench is not None, "a KubeEnv made without a deploy bench"
         return self.bench.resource(launcher="kubernetes", launcher_config=launcher_config, **overrides)
