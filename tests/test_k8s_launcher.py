@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,10 +29,10 @@ from loom_dagster.launchers.kubernetes.settings import KubernetesSettings
 from loom_dagster.redact import redact_text
 from loom_dagster.sensors.health import build_job_health_sensor
 from loom_dagster.settings import JobHealthSettings
-from tests.support.helpers import run_cli, wait_for
+from tests.support.helpers import Poller, run_cli, wait_for
 from tests.support.helpers import step_failure_message as _failure
 from tests.support.k8s.cluster import KubeCluster
-from tests.support.k8s.env import KubeEnv, kube_bench
+from tests.support.k8s.env import KubeEnv, kube_bench, kwok_bench
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kafka, pytest.mark.slow]
 FLOW_KEY = dg.AssetKey(["loom", "ticks"])
@@ -43,8 +42,7 @@ FLOW_KEY = dg.AssetKey(["loom", "ticks"])
 def kube_env(
     kube_cluster: KubeCluster, kafka: KafkaBroker, tmp_path: Path, topic_prefix: str
 ) -> Iterator[KubeEnv]:
-    with kube_bench(kube_cluster, kafka, tmp_path, topic_prefix) as env:
-        kube_cluster.add_fake_node(f"kwok-{env.namespace}", labels={"loom-test": env.namespace})
+    with kwok_bench(kube_cluster, kafka, tmp_path, topic_prefix) as env:
         yield env
 
 
@@ -69,34 +67,25 @@ def ready_pods(env: KubeEnv) -> list[Any]:
     ]
 
 
-class RevisionWatcher:
+class RevisionWatcher(Poller):
     """Watches the flow's pods; remembers the most template revisions that ever had a live pod at once."""
 
+    period_s = 0.05
+
     def __init__(self, env: KubeEnv) -> None:
+        super().__init__()
         self.env = env
         self.most_at_once = 0
         self.seen: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> RevisionWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            live = {
-                p.metadata.labels.get("controller-revision-hash", "?")
-                for p in pods(self.env)
-                if p.status.phase in ("Pending", "Running")
-            }
-            self.seen |= live
-            self.most_at_once = max(self.most_at_once, len(live))
-            self._stop.wait(0.05)
+    def poll(self) -> None:
+        live = {
+            p.metadata.labels.get("controller-revision-hash", "?")
+            for p in pods(self.env)
+            if p.status.phase in ("Pending", "Running")
+        }
+        self.seen |= live
+        self.most_at_once = max(self.most_at_once, len(live))
 
 
 def no_secret_anywhere(env: KubeEnv) -> None:

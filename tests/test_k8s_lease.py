@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,9 +25,9 @@ from loom_dagster.launchers.base import LaunchedJob, LaunchRequest
 from loom_dagster.launchers.kubernetes.launcher import KubernetesLauncher
 from loom_dagster.launchers.kubernetes.store import KubernetesDeploymentStore
 from loom_dagster.redact import redact_text
-from tests.support.helpers import step_failure_message, wait_for
+from tests.support.helpers import Poller, step_failure_message, wait_for
 from tests.support.k8s.cluster import KubeCluster
-from tests.support.k8s.env import KubeEnv, kube_bench
+from tests.support.k8s.env import KubeEnv, kwok_bench
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kafka, pytest.mark.slow]
 LEASE_S = 3
@@ -72,8 +71,7 @@ register_launcher(HookedLauncher)
 def kube_env(
     kube_cluster: KubeCluster, kafka: KafkaBroker, tmp_path: Path, topic_prefix: str
 ) -> Iterator[KubeEnv]:
-    with kube_bench(kube_cluster, kafka, tmp_path, topic_prefix) as env:
-        kube_cluster.add_fake_node(f"kwok-{env.namespace}", labels={"loom-test": env.namespace})
+    with kwok_bench(kube_cluster, kafka, tmp_path, topic_prefix) as env:
         try:
             yield env
         finally:
@@ -123,30 +121,20 @@ def take_over(env: KubeEnv, holder: str) -> None:
     coordination(env).replace_namespaced_lease(LEASE, env.namespace, current)
 
 
-class LeaseWatcher:
+class LeaseWatcher(Poller):
     """Polls the Lease every 0.1 s: (holder, renewTime, leaseDurationSeconds) as they come."""
 
     def __init__(self, env: KubeEnv) -> None:
+        super().__init__()
         self.env, self.seen = env, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> LeaseWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            current = lease(self.env)
-            if current is not None:
-                spec = current.spec
-                entry = (spec.holder_identity, spec.renew_time, spec.lease_duration_seconds)
-                if not self.seen or self.seen[-1] != entry:
-                    self.seen.append(entry)
+    def poll(self) -> None:
+        current = lease(self.env)
+        if current is not None:
+            spec = current.spec
+            entry = (spec.holder_identity, spec.renew_time, spec.lease_duration_seconds)
+            if not self.seen or self.seen[-1] != entry:
+                self.seen.append(entry)
 
 
 def test_a_held_lease_is_renewed_and_a_deploy_longer_than_the_lease_completes(kube_env: KubeEnv) -> None:

@@ -25,7 +25,7 @@ from loom_dagster.redact import redact_text
 from tests.conftest import ticks_config
 from tests.support.helpers import ROOT, run_cli
 from tests.support.k8s.cluster import KubeCluster
-from tests.support.k8s.env import KubeEnv, kube_bench
+from tests.support.k8s.env import KubeEnv, kwok_bench
 
 MARK = "Mk" + uuid.uuid4().hex[:6] + "7q"
 PEM_BODY = f"MIIEvQIBADANBgkqhkiG9w0BAQEFAASC{MARK}"
@@ -212,8 +212,7 @@ DENIED = [
 def kube_env(
     kube_cluster: KubeCluster, kafka: KafkaBroker, tmp_path: Path, topic_prefix: str
 ) -> Iterator[KubeEnv]:
-    with kube_bench(kube_cluster, kafka, tmp_path, topic_prefix) as env:
-        kube_cluster.add_fake_node(f"kwok-{env.namespace}", labels={"loom-test": env.namespace})
+    with kwok_bench(kube_cluster, kafka, tmp_path, topic_prefix) as env:
         yield env
 
 

@@ -78,3 +78,29 @@ def materialization_metadata(result: Any, node: str = "deploy_ticks") -> dict[st
     """The plain values of the one materialization *node* produced in *result*."""
     (materialization,) = result.asset_materializations_for_node(node)
     return {key: value.value for key, value in materialization.metadata.items()}
+
+
+class Poller:
+    """Calls ``poll()`` every *period_s* in a background thread while the ``with`` block runs
+    (subclasses keep what they see)."""
+
+    period_s = 0.1
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Any:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.poll()

@@ -152,3 +152,12 @@ def kube_bench(
     """A deploy bench (topics, config) in a fresh namespace of *cluster*; stops what it launched after."""
     for bench in bench_fixture(kafka, directory, prefix):
         yield make_env(cluster, bench, directory, drop)
+
+
+@contextmanager
+def kwok_bench(cluster: KubeCluster, kafka: Any, directory: Path, prefix: str) -> Iterator[KubeEnv]:
+    """:func:`kube_bench` with a KWOK node of the namespace's own (``loom-test=<namespace>``, where the
+    launcher config pins pods): API-only tests, where no pod must run."""
+    with kube_bench(cluster, kafka, directory, prefix) as env:
+        cluster.add_fake_node(f"kwok-{env.namespace}", labels={"loom-test": env.namespace})
+        yield env
