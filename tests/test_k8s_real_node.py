@@ -11,7 +11,9 @@ the API: every status is the kubelet's.
 - health from the kubelet: bad input (exit 2 with its termination message), OOMKilled under a memory
   limit, ErrImageNeverPull;
 - a two-process flow: two pods finding each other by the headless Service's DNS names, every partition
-  consumed between them, one killed mid-stream, nothing lost.
+  consumed between them, one killed mid-stream, nothing lost;
+- brokers this host reaches but a pod does not (loopback): every check on the Dagster side passes, the
+  preflight pod refuses the deploy before anything runs.
 """
 
 from __future__ import annotations
@@ -282,3 +284,24 @@ def _status(pod: Any) -> dict[str, Any]:
     url = f"http://{pod.status.pod_ip}:8080/status"
     with urllib.request.urlopen(url, timeout=5) as response:
         return dict(json.loads(response.read()))
+
+
+def test_brokers_reachable_here_but_not_from_a_pod_are_refused_by_the_preflight_pod(
+    kube_cluster: KubeCluster, kafka: KafkaBroker, tmp_path: Path, topic_prefix: str, image: JobImage
+) -> None:
+    """The session's broker listens on 127.0.0.1: the deploy's own checks (topics, offsets, fence) reach it
+    from this host and pass; a pod cannot, and the preflight pod (a two-process flow is preflighted even
+    on its first deploy) says so before any StatefulSet exists."""
+    with real_node_bench(kube_cluster, kafka, tmp_path, topic_prefix) as env:
+        bench = env.bench
+        assert bench is not None
+        spec = LoomFlowSpec(TICKS, config=bench.config, environment="test", processes=2)
+        with dg.instance_for_test() as instance:
+            result = bench.materialize(instance, resource=_resource(env, image, preflight_timeout_s=60), spec=spec)
+        assert not result.success
+        message = step_failure_message(result)
+        assert "Kafka is not reachable from where the job runs" in message, message
+        assert kafka.bootstrap_servers in message and "nothing was stopped" in message.lower(), message
+        apps, _ = env.admin()
+        assert not apps.list_namespaced_stateful_set(env.namespace).items
+        wait_for(lambda: not _preflight_pods(env), 30, "the preflight pod deleted")
