@@ -9,11 +9,8 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +34,8 @@ from loom_dagster.runtime.status import (
 )
 from tests.conftest import make_topics, ticks_config
 from tests.flows.delta_only import Tick
-from tests.support.helpers import wait_for
+from tests.support.deploy_env import runtime_argv
+from tests.support.helpers import http_get, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = 1_000_000.0
@@ -52,17 +50,6 @@ def _running(**fields: Any) -> JobStatus:
     return _status(
         **{"state": "running", "connected_at": NOW - 30, "last_poll_at": NOW, "partitions": 1, **fields}
     )
-
-
-def get(url: str, timeout: float = 5.0) -> tuple[int | None, str]:
-    """(HTTP status, body); (None, "") when nothing listens."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None, ""
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -164,14 +151,14 @@ def test_server_endpoints(served: tuple[ProbeServer, FakeSource]) -> None:
     server, source = served
     base = f"http://127.0.0.1:{server.port}"
     assert server.url == base
-    assert get(f"{base}/readyz") == (503, "starting: no status record yet\n")
-    assert get(f"{base}/status")[0] == 503
-    assert get(f"{base}/metrics")[0] == 200
+    assert http_get(f"{base}/readyz") == (503, "starting: no status record yet\n")
+    assert http_get(f"{base}/status")[0] == 503
+    assert http_get(f"{base}/metrics")[0] == 200
 
     now = time.time()
     source.status = _status(started_at=now - 1, heartbeat_at=now)
-    assert get(f"{base}/readyz") == (503, "starting: importing and compiling the flow\n")
-    assert get(f"{base}/livez") == (200, "alive\n")
+    assert http_get(f"{base}/readyz") == (503, "starting: importing and compiling the flow\n")
+    assert http_get(f"{base}/livez") == (200, "alive\n")
 
     sinks = {"orders_delta": SinkStatus(last_write_at=now, records=40, failed_writes=2)}
     source.status = _running(
@@ -182,13 +169,13 @@ def test_server_endpoints(served: tuple[ProbeServer, FakeSource]) -> None:
         records_in=42,
         sinks=sinks,
     )
-    assert get(f"{base}/readyz") == (200, "ready\n")
-    assert get(f"{base}/readyz?verbose=1") == (200, "ready\n")
-    assert get(f"{base}/livez") == (200, "alive\n")
-    code, body = get(f"{base}/status")
+    assert http_get(f"{base}/readyz") == (200, "ready\n")
+    assert http_get(f"{base}/readyz?verbose=1") == (200, "ready\n")
+    assert http_get(f"{base}/livez") == (200, "alive\n")
+    code, body = http_get(f"{base}/status")
     assert code == 200 and json.loads(body) == source.status.to_dict()
 
-    code, body = get(f"{base}/metrics")
+    code, body = http_get(f"{base}/metrics")
     samples = metric_samples(body)
     flow = (("flow", "orders"),)
     assert samples[("loom_dagster_records_in_total", flow)] == 42
@@ -209,21 +196,21 @@ def test_server_endpoints(served: tuple[ProbeServer, FakeSource]) -> None:
     )
 
     source.status = _running(heartbeat_at=time.time() - 10)
-    code, body = get(f"{base}/livez")
+    code, body = http_get(f"{base}/livez")
     assert code == 503 and body.startswith("no heartbeat for ")
     source.status = _status(state="failed", exit_code=1, error="failed at run time: password=hunter2 bad")
-    code, body = get(f"{base}/readyz")
+    code, body = http_get(f"{base}/readyz")
     assert code == 503 and "hunter2" not in body and body.startswith("failed (exit 1)")
-    assert get(f"{base}/nope")[0] == 404
+    assert http_get(f"{base}/nope")[0] == 404
 
 
 def test_server_stop_frees_the_port() -> None:
     server = ProbeServer(FakeSource(_status()), host="127.0.0.1", port=0).start()
     url = f"http://127.0.0.1:{server.port}/livez"
-    assert get(url)[0] == 503  # heartbeat at NOW: long ago
+    assert http_get(url)[0] == 503  # heartbeat at NOW: long ago
     server.stop()
     server.stop()
-    assert get(url, timeout=2) == (None, "")
+    assert http_get(url, timeout=2) == (None, "")
 
 
 def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
@@ -269,7 +256,7 @@ def test_slow_clients_are_capped_and_cut_off_while_probes_answer() -> None:
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
             sock.sendall(b"GET /readyz HTTP/1.1\r\n")  # and never the blank line
             slow.append(sock)
-        assert get(f"http://127.0.0.1:{server.port}/livez", timeout=2) == (200, "alive\n")
+        assert http_get(f"http://127.0.0.1:{server.port}/livez", timeout=2) == (200, "alive\n")
         assert threading.active_count() == threads
         wait_for(lambda: server.open_connections <= 4, 5, "at most 4 open connections")
 
@@ -353,32 +340,15 @@ def test_http_flags_and_env(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
 # --------------------------------------------------------------------------- real job processes
 
 
-def _job_args(config: Path, status_file: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "loom_dagster.runtime",
-        "--import-path",
-        "tests.flows.delta_only:ticks_flow",
-        "--config",
-        str(config),
-        "--environment",
-        "test",
-        "--status-file",
-        str(status_file),
-        "--sys-path",
-        str(REPO),
-        *extra,
-    ]
-
-
 def test_port_in_use_fails_the_start_retryably(tmp_path: Path) -> None:
     """A port taken now may be free at the next start: exit 3 (retryable), not 2 (bad input)."""
     blocker = ProbeServer(FakeSource(None), host="127.0.0.1", port=0).start()
     try:
         done = subprocess.run(
-            _job_args(
-                tmp_path, tmp_path / "s.json", "--http-host", "127.0.0.1", "--http-port", str(blocker.port)
+            runtime_argv(
+                tmp_path,
+                tmp_path / "s.json",
+                *("--sys-path", str(REPO), "--http-host", "127.0.0.1", "--http-port", str(blocker.port)),
             ),
             cwd=REPO,
             capture_output=True,
@@ -407,7 +377,7 @@ def job_process(tmp_path: Path) -> Iterator[list[subprocess.Popen[str]]]:
 def _watch_readyz(url: str, seen: list[tuple[int | None, str]], stop: threading.Event) -> None:
     """Record each distinct /readyz answer, from the job's first instants."""
     while not stop.is_set():
-        answer = get(url, timeout=2)
+        answer = http_get(url, timeout=2)
         if answer[0] is not None and (not seen or seen[-1] != answer):
             seen.append(answer)
         time.sleep(0.02)
@@ -427,7 +397,11 @@ def test_real_job_serves_probes_and_metrics(
     log_file = tmp_path / "job.log"
     with log_file.open("w") as log:
         proc = subprocess.Popen(
-            _job_args(config, tmp_path / "job.status.json", "--http-port", str(port), "--heartbeat", "0.5"),
+            runtime_argv(
+                config,
+                tmp_path / "job.status.json",
+                *("--sys-path", str(REPO), "--http-port", str(port), "--heartbeat", "0.5"),
+            ),
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -447,20 +421,20 @@ def test_real_job_serves_probes_and_metrics(
     assert proc.poll() is None, log_file.read_text()
     assert seen[0][0] == 503 and seen[0][1].startswith("starting"), seen
     assert seen[-1] == (200, "ready\n"), seen
-    assert get(f"{base}/livez") == (200, "alive\n")
+    assert http_get(f"{base}/livez") == (200, "alive\n")
 
     def records_in() -> float:
-        samples = metric_samples(get(f"{base}/metrics")[1])
+        samples = metric_samples(http_get(f"{base}/metrics")[1])
         return samples[("loom_dagster_records_in_total", (("flow", "ticks"),))]
 
     before = records_in()
     produce(bootstrap, f"{topic_prefix}.ticks", [Tick(id=f"id-{i}", seq=i) for i in range(25)])
     wait_for(lambda: records_in() >= before + 25, 60, "records_in to grow by 25 in /metrics")
-    code, body = get(f"{base}/status")
+    code, body = http_get(f"{base}/status")
     record = json.loads(body)
     assert code == 200 and record["flow"] == "ticks" and record["records_in"] >= 25
     assert record["connected_at"] is not None and record["pid"] == proc.pid
 
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(60) == EXIT_STOPPED, log_file.read_text()
-    assert get(f"{base}/readyz", timeout=2) == (None, ""), "the server stops with the job"
+    assert http_get(f"{base}/readyz", timeout=2) == (None, ""), "the server stops with the job"

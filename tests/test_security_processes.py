@@ -25,8 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,7 +40,7 @@ from loom_dagster.launchers.local import LocalProcessLauncher
 from loom_dagster.runtime.status import EXIT_STARTUP_FAILED, EXIT_STOPPED, read_status
 from tests.conftest import make_topics, ticks_config
 from tests.support.deploy_env import TICKS, runtime_argv
-from tests.support.helpers import ROOT, run_cli, wait_for
+from tests.support.helpers import ROOT, http_get, run_cli, wait_for
 
 NOBODY = 65534
 FLOW = f"sec-ticks-{os.getpid()}"
@@ -105,17 +103,6 @@ def launched(launcher: LocalProcessLauncher, request: LaunchRequest, log_dir: Pa
         for proc in job.processes:
             with contextlib.suppress(AssertionError):
                 wait_for(lambda p=proc: not procfs.is_alive(p.pid, p.start_ticks), 30, "the job to die")
-
-
-def get(url: str, timeout: float = 3.0) -> tuple[int | None, str]:
-    """(HTTP status, body); (None, "") when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None, ""
 
 
 def listen_addresses(pid: int, port: int) -> set[str]:
@@ -381,7 +368,7 @@ def test_local_job_serves_loopback_only_and_bounds_slow_clients(ticks_env: tuple
         wait_healthy(launcher, job)
         pid = job.processes[0].pid
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: get(f"{base}/readyz")[0] == 200, 60, "/readyz 200")
+        wait_for(lambda: http_get(f"{base}/readyz")[0] == 200, 60, "/readyz 200")
         assert listen_addresses(pid, port) == {"127.0.0.1"}
 
         samples = []
@@ -402,9 +389,9 @@ def test_local_job_serves_loopback_only_and_bounds_slow_clients(ticks_env: tuple
                     with contextlib.suppress(OSError):
                         sock.send(b"E")
                 peak = max(peak, thread_count(pid))
-                code, body = get(f"{base}/readyz", timeout=2)
+                code, body = http_get(f"{base}/readyz", timeout=2)
                 assert (code, body) == (200, "ready\n"), "a probe went unanswered under slow clients"
-                assert get(f"{base}/livez", timeout=2)[0] == 200
+                assert http_get(f"{base}/livez", timeout=2)[0] == 200
                 time.sleep(0.5)
             assert peak <= baseline + 2, f"{peak} threads under 200 slow connections (before: {baseline})"
 
@@ -419,7 +406,7 @@ def test_local_job_serves_loopback_only_and_bounds_slow_clients(ticks_env: tuple
         finally:
             for sock in slow:
                 sock.close()
-        assert get(f"{base}/readyz")[0] == 200
+        assert http_get(f"{base}/readyz")[0] == 200
         launcher.stop(job, timeout_s=60)
 
 

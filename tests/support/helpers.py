@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -104,3 +106,14 @@ class Poller:
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
             self.poll()
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int | None, str]:
+    """(HTTP status, body) of a GET; (None, "") when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None, ""
