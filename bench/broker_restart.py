@@ -1,5 +1,5 @@
 """Broker restarts under the Kafka coordinator requests of the sensors and deploy checks, and what running
-those requests in a child process costs (``loom_dagster.kafka.isolation``, librdkafka#4605).
+those requests in a child process costs (``loom_dagster.core.kafka.isolation``, librdkafka#4605).
 
 1. Cost, side by side on one broker: the lag fetch of 1 and ``--groups`` consumer groups (6 partitions
    each) and one fence describe, made in this process (``.in_process``, as before) and through the child
@@ -35,10 +35,10 @@ if str(ROOT) not in sys.path:
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
+from loom_dagster.core.checks.fence import describe_fences  # noqa: E402
+from loom_dagster.core.kafka.cluster import KafkaCluster, LagTarget  # noqa: E402
+from loom_dagster.core.kafka.offsets import _fetch_cluster_requests  # noqa: E402
 from loom_dagster.dev.kafka import ENV_BOOTSTRAP, KafkaBroker, create_topics  # noqa: E402
-from loom_dagster.fence import describe_fences  # noqa: E402
-from loom_dagster.kafka.cluster import KafkaCluster, LagTarget  # noqa: E402
-from loom_dagster.kafka.offsets import _fetch_cluster_requests  # noqa: E402
 from tests.support.broker_restart import RestartReport, run_restarts  # noqa: E402
 
 PARTITIONS = 6

@@ -36,7 +36,7 @@ SMOKE_MESSAGES = 4000  # enough for several buffer flushes between the 10% and t
 BARE = """
 import sys
 from loom.streaming.bytewax import StreamingRunner
-from loom_dagster.loading import import_flow, load_config
+from loom_dagster.core.flows.loading import import_flow, load_config
 flow = import_flow("tests.flows.delta_only:ticks_flow")
 StreamingRunner.from_context(flow, config=load_config([sys.argv[1]], "test"), environment="test").run()
 """

@@ -1,4 +1,4 @@
-"""Fence start bench: what the consumer-group fence (``loom_dagster.fence``) adds to a job's start on a
+"""Fence start bench: what the consumer-group fence (``loom_dagster.core.checks.fence``) adds to a job's start on a
 broker with Kafka's default ``group.initial.rebalance.delay.ms`` (3000), next to a broker with it at 0
 (what the test broker, ``loom_dagster.dev.kafka``, sets). Two brokers of this bench's own, alike but for
 that one setting:
@@ -35,10 +35,10 @@ from pathlib import Path
 
 from _common import ROOT
 
+from loom_dagster.core.checks.fence import FENCE_TOPIC, FenceIdentity, JobFence
+from loom_dagster.core.job.status import read_status
+from loom_dagster.core.kafka.cluster import KafkaCluster
 from loom_dagster.dev.kafka import ENV_BOOTSTRAP, KafkaBroker, create_topics
-from loom_dagster.fence import FENCE_TOPIC, FenceIdentity, JobFence
-from loom_dagster.kafka.cluster import KafkaCluster
-from loom_dagster.runtime.status import read_status
 from tests.conftest import ticks_config
 
 SIDES = {"delay 0": 0, "default": None}

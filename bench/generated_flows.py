@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from loom_dagster.spec import LoomFlowSpec
+    from loom_dagster.core.flows.spec import LoomFlowSpec
 
 ENVIRONMENT = "development"
 LAYOUTS = ("per-flow", "shared")
@@ -155,7 +155,7 @@ def load_specs(directory: Path, count: int | None = None, *, add_to_path: bool =
 
 def specs_for(flows: list[GeneratedFlow]) -> list[LoomFlowSpec]:
     """One ``LoomFlowSpec`` per generated flow."""
-    from loom_dagster.spec import LoomFlowSpec
+    from loom_dagster.core.flows.spec import LoomFlowSpec
 
     return [
         LoomFlowSpec(

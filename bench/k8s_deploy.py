@@ -93,7 +93,7 @@ def node_busy() -> str:
         holder = "unknown"
     return (
         f"k8s_deploy: another real Kubernetes node runs on this machine (process {holder}, e.g. a test "
-        f"run of tests/test_k8s_real_node.py; lock {MACHINE_LOCK}): only one kubelet can run at a time. "
+        f"run of tests/k8s/test_real_node.py; lock {MACHINE_LOCK}): only one kubelet can run at a time. "
         "Run the bench again when it has finished."
     )
 

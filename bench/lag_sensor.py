@@ -19,7 +19,7 @@ ticks, so once a window has 3 samples every flow reads STOP. Starts a Kafka brok
 
 Committed offsets come from concurrent AdminClient calls (one ``list_consumer_group_offsets`` per group,
 every future in flight at once: one FindCoordinator + one OffsetFetch per group), made in a child process
-(``loom_dagster.kafka.isolation``: librdkafka#4605); ``bench/broker_restart.py`` prints what that child
+(``loom_dagster.core.kafka.isolation``: librdkafka#4605); ``bench/broker_restart.py`` prints what that child
 adds, next to the same fetch in-process.
 """
 
@@ -46,17 +46,17 @@ import dagster as dg  # noqa: E402
 from confluent_kafka import ConsumerGroupTopicPartitions, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
-from loom_dagster.catalog import CompiledFlow, compile_spec  # noqa: E402
+from loom_dagster.asset_graph import LoomAssetGraph, build_asset_graph  # noqa: E402
+from loom_dagster.core.flows.catalog import CompiledFlow, compile_spec  # noqa: E402
+from loom_dagster.core.flows.spec import LoomFlowSpec  # noqa: E402
+from loom_dagster.core.kafka.cluster import KafkaCluster, LagTarget  # noqa: E402
+from loom_dagster.core.kafka.lag_check import check_lag  # noqa: E402
+from loom_dagster.core.kafka.lag_window import LagWindows  # noqa: E402
+from loom_dagster.core.kafka.offsets import fetch_offsets  # noqa: E402
+from loom_dagster.core.sensor_settings import KafkaLagSettings  # noqa: E402
 from loom_dagster.dev.kafka import KafkaBroker, create_topics  # noqa: E402
-from loom_dagster.graph import LoomAssetGraph, build_asset_graph  # noqa: E402
-from loom_dagster.kafka.cluster import KafkaCluster, LagTarget  # noqa: E402
-from loom_dagster.kafka.lag_check import check_lag  # noqa: E402
-from loom_dagster.kafka.lag_window import LagWindows  # noqa: E402
-from loom_dagster.kafka.offsets import fetch_offsets  # noqa: E402
-from loom_dagster.resources import LoomDeployResource  # noqa: E402
+from loom_dagster.resource import LoomDeployResource  # noqa: E402
 from loom_dagster.sensors.lag import build_kafka_lag_sensor, kafka_lag_targets  # noqa: E402
-from loom_dagster.settings import KafkaLagSettings  # noqa: E402
-from loom_dagster.spec import LoomFlowSpec  # noqa: E402
 from loom_dagster.translator import LoomTranslator  # noqa: E402
 
 MESSAGES_PER_PARTITION = 50

@@ -9,7 +9,7 @@ code location with the same asset keys and edges, each load in a fresh interpret
 Variants (every one in its own subprocess, so imports are counted fairly; medians over --repeat):
 
 - ``plain``: ``dg.AssetSpec``s with the same keys and deps, and one plain ``multi_asset`` per flow.
-- ``state``: ``build_loom_defs`` with a fresh defs state (``loom_dagster.defs_state``): what every code
+- ``state``: ``build_loom_defs`` with a fresh defs state (``loom_dagster.core.flows.defs_state``): what every code
   server reload and run worker pays. No flow is imported and nothing is compiled.
 - ``state-cold``: the first load, with an empty state directory: it imports and compiles every flow and
   writes the state (the automatic refresh). Each repetition starts empty; the last one's state is the
@@ -148,9 +148,9 @@ def run_child(variant: str, count: int, directory: Path) -> dict[str, Any]:
         t2 = build_started = time.perf_counter()
         defs = plain_defs(count)
     else:
-        import loom_dagster.catalog as catalog
-        import loom_dagster.loading as loading
-        from loom_dagster.definitions_builder import build_loom_defs
+        import loom_dagster.core.flows.catalog as catalog
+        import loom_dagster.core.flows.loading as loading
+        from loom_dagster.definitions import build_loom_defs
 
         t2 = time.perf_counter()
         compile_timer = _Timer(catalog, "compile_plan")  # loom's compile_flow, without importing loom
@@ -304,7 +304,7 @@ def profile(count: int, directory: Path, state: str) -> None:
     import dagster as dg
 
     from bench.generated_flows import load_specs
-    from loom_dagster.definitions_builder import build_loom_defs
+    from loom_dagster.definitions import build_loom_defs
 
     specs = load_specs(directory, count)
     if state != "off":
@@ -401,7 +401,9 @@ def main() -> None:
         for _ in range(args.repeat):
             for variant in ordered:
                 state_dir = _temp_dir("loom-defs-state-") if variant == "state-cold" else filled
-                runs[variant].append(spawn(variant, count, work, child_env(variant, state_dir), args.code_root))
+                runs[variant].append(
+                    spawn(variant, count, work, child_env(variant, state_dir), args.code_root)
+                )
         rows += [median_row(runs[variant]) for variant in ordered]
         print(f"  done: {count} flows", file=sys.stderr)
     print_table(rows)

@@ -33,16 +33,16 @@ import dagster as dg  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from deltalake import write_deltalake  # noqa: E402
 
-from loom_dagster.catalog import compile_spec  # noqa: E402
-from loom_dagster.graph import LoomAssetGraph, build_asset_graph  # noqa: E402
-from loom_dagster.records import SinkBackend  # noqa: E402
-from loom_dagster.sensors.settings import SinkHealthSettings  # noqa: E402
+from loom_dagster.asset_graph import LoomAssetGraph, build_asset_graph  # noqa: E402
+from loom_dagster.core.flows.catalog import compile_spec  # noqa: E402
+from loom_dagster.core.flows.records import SinkBackend  # noqa: E402
+from loom_dagster.core.flows.spec import LoomFlowSpec  # noqa: E402
+from loom_dagster.core.sensor_settings import SinkHealthSettings  # noqa: E402
+from loom_dagster.core.sinks.delta_log import latest_delta_version  # noqa: E402
+from loom_dagster.core.sinks.read import read_sink  # noqa: E402
+from loom_dagster.core.sinks.reading import SinkReading  # noqa: E402
+from loom_dagster.core.sinks.targets import SinkTarget  # noqa: E402
 from loom_dagster.sensors.sinks import build_sink_health_sensor  # noqa: E402
-from loom_dagster.sinks.delta_log import latest_delta_version  # noqa: E402
-from loom_dagster.sinks.read import read_sink  # noqa: E402
-from loom_dagster.sinks.reading import SinkReading  # noqa: E402
-from loom_dagster.sinks.targets import SinkTarget  # noqa: E402
-from loom_dagster.spec import LoomFlowSpec  # noqa: E402
 from loom_dagster.translator import LoomTranslator  # noqa: E402
 
 SHAPES = "tests.flows.shapes:make_flow"
@@ -215,10 +215,10 @@ DELTALAKE_CHILD = """
 import json, sys, time, statistics
 from pathlib import Path
 from deltalake import DeltaTable
-from loom_dagster.records import SinkBackend
-from loom_dagster.sinks.delta_log import ObjectStoreDeltaLog
-from loom_dagster.sinks.read_delta import read_delta
-from loom_dagster.sinks.targets import SinkTarget
+from loom_dagster.core.flows.records import SinkBackend
+from loom_dagster.core.sinks.delta_log import ObjectStoreDeltaLog
+from loom_dagster.core.sinks.read_delta import read_delta
+from loom_dagster.core.sinks.targets import SinkTarget
 
 def timed(fn, repeat):
     samples = []

@@ -14,7 +14,7 @@ import os
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 
-from loom_dagster.sinks.table_report import SinkTablesReport
+from loom_dagster.core.sinks.table_report import SinkTablesReport
 
 TOPICS = ["orders", "orders.enriched", "orders.dlq"]
 
@@ -47,8 +47,8 @@ def create_example_tables(
     existing one does not match its payload.
     """
     from definitions.definitions import FLOWS
-    from loom_dagster.catalog import compile_spec
-    from loom_dagster.sinks.check_tables import check_sink_tables
+    from loom_dagster.core.checks.tables import check_sink_tables
+    from loom_dagster.core.flows.catalog import compile_spec
 
     reports = []
     with _environ(environ or {}):

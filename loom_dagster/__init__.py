@@ -15,53 +15,57 @@ Example:
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from loom_dagster.core import moved_modules
+
+moved_modules.install()
+
 _EXPORTS: dict[str, str] = {
-    "DeployObserver": "loom_dagster.deploy",
-    "DeployOptions": "loom_dagster.deploy",
-    "Deployment": "loom_dagster.deployments",
-    "DeploymentError": "loom_dagster.errors",
-    "DeploymentStore": "loom_dagster.deployments",
-    "DefsState": "loom_dagster.defs_state",
-    "DuplicateAssetKeyError": "loom_dagster.errors",
-    "FlowCompileError": "loom_dagster.errors",
-    "FlowDeployer": "loom_dagster.deploy",
-    "FlowLoadError": "loom_dagster.errors",
-    "JobHealthSettings": "loom_dagster.settings",
-    "KafkaLagSettings": "loom_dagster.settings",
-    "Launcher": "loom_dagster.launchers",
-    "LineageMismatchError": "loom_dagster.errors",
-    "LocalProcessLauncher": "loom_dagster.launchers",
-    "LoomColumn": "loom_dagster.records",
-    "LoomDagsterError": "loom_dagster.errors",
+    "DeployObserver": "loom_dagster.core.deploy.deployer",
+    "DeployOptions": "loom_dagster.core.deploy.deployer",
+    "Deployment": "loom_dagster.core.deploy.store",
+    "DeploymentError": "loom_dagster.core.errors",
+    "DeploymentStore": "loom_dagster.core.deploy.store",
+    "DefsState": "loom_dagster.core.flows.defs_state",
+    "DuplicateAssetKeyError": "loom_dagster.core.errors",
+    "FlowCompileError": "loom_dagster.core.errors",
+    "FlowDeployer": "loom_dagster.core.deploy.deployer",
+    "FlowLoadError": "loom_dagster.core.errors",
+    "JobHealthSettings": "loom_dagster.core.sensor_settings",
+    "KafkaLagSettings": "loom_dagster.core.sensor_settings",
+    "Launcher": "loom_dagster.core.launchers",
+    "LineageMismatchError": "loom_dagster.core.errors",
+    "LocalProcessLauncher": "loom_dagster.core.launchers",
+    "LoomColumn": "loom_dagster.core.flows.records",
+    "LoomDagsterError": "loom_dagster.core.errors",
     "LoomDeployConfig": "loom_dagster.assets",
-    "LoomDeployResource": "loom_dagster.resources",
-    "LoomFlow": "loom_dagster.records",
-    "LoomFlowSpec": "loom_dagster.spec",
+    "LoomDeployResource": "loom_dagster.resource",
+    "LoomFlow": "loom_dagster.core.flows.records",
+    "LoomFlowSpec": "loom_dagster.core.flows.spec",
     "LoomMetadataSet": "loom_dagster.translator",
-    "LoomFlowsComponent": "loom_dagster.component",
-    "LoomOutputTopic": "loom_dagster.records",
-    "LoomSensorSettings": "loom_dagster.settings",
-    "LoomSourceCollection": "loom_dagster.records",
-    "LoomSourceTopic": "loom_dagster.records",
-    "LoomStorageSink": "loom_dagster.records",
-    "LoomTopic": "loom_dagster.records",
+    "LoomFlowsComponent": "loom_dagster.components.loom_flows.component",
+    "LoomOutputTopic": "loom_dagster.core.flows.records",
+    "LoomSensorSettings": "loom_dagster.core.sensor_settings",
+    "LoomSourceCollection": "loom_dagster.core.flows.records",
+    "LoomSourceTopic": "loom_dagster.core.flows.records",
+    "LoomStorageSink": "loom_dagster.core.flows.records",
+    "LoomTopic": "loom_dagster.core.flows.records",
     "LoomTranslator": "loom_dagster.translator",
-    "OpenLineageObserver": "loom_dagster.lineage_events",
-    "OpenLineageSettings": "loom_dagster.lineage_events",
-    "SinkBackend": "loom_dagster.records",
-    "SinkFreshness": "loom_dagster.settings",
-    "SinkHealthSettings": "loom_dagster.settings",
-    "TopicRole": "loom_dagster.records",
+    "OpenLineageObserver": "loom_dagster.core.openlineage",
+    "OpenLineageSettings": "loom_dagster.core.openlineage",
+    "SinkBackend": "loom_dagster.core.flows.records",
+    "SinkFreshness": "loom_dagster.core.sensor_settings",
+    "SinkHealthSettings": "loom_dagster.core.sensor_settings",
+    "TopicRole": "loom_dagster.core.flows.records",
     "build_job_health_sensor": "loom_dagster.sensors.health",
     "build_kafka_lag_sensor": "loom_dagster.sensors.lag",
     "build_loom_asset_graph": "loom_dagster.assets",
-    "build_loom_defs": "loom_dagster.definitions_builder",
+    "build_loom_defs": "loom_dagster.definitions",
     "build_loom_flow_assets": "loom_dagster.assets",
     "build_redeploy_schedule": "loom_dagster.schedules",
     "build_sink_health_sensor": "loom_dagster.sensors.sinks",
-    "build_undeploy_job": "loom_dagster.jobs",
-    "deploy_loom_flows": "loom_dagster.decorator",
-    "loom_flow_assets": "loom_dagster.decorator",
+    "build_undeploy_job": "loom_dagster.jobs.undeploy",
+    "deploy_loom_flows": "loom_dagster.asset_decorator",
+    "loom_flow_assets": "loom_dagster.asset_decorator",
 }
 
 
@@ -75,15 +79,18 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def __dir__() -> list[str]:
+    """The module's names with the lazily imported exports (``dg`` finds the component by ``dir()``)."""
+    return sorted({*globals(), *__all__})
+
+
 if TYPE_CHECKING:
+    from loom_dagster.asset_decorator import deploy_loom_flows, loom_flow_assets
     from loom_dagster.assets import LoomDeployConfig, build_loom_asset_graph, build_loom_flow_assets
-    from loom_dagster.component import LoomFlowsComponent
-    from loom_dagster.decorator import deploy_loom_flows, loom_flow_assets
-    from loom_dagster.definitions_builder import build_loom_defs
-    from loom_dagster.defs_state import DefsState
-    from loom_dagster.deploy import DeployObserver, DeployOptions, FlowDeployer
-    from loom_dagster.deployments import Deployment, DeploymentStore
-    from loom_dagster.errors import (
+    from loom_dagster.components.loom_flows.component import LoomFlowsComponent
+    from loom_dagster.core.deploy.deployer import DeployObserver, DeployOptions, FlowDeployer
+    from loom_dagster.core.deploy.store import Deployment, DeploymentStore
+    from loom_dagster.core.errors import (
         DeploymentError,
         DuplicateAssetKeyError,
         FlowCompileError,
@@ -91,10 +98,8 @@ if TYPE_CHECKING:
         LineageMismatchError,
         LoomDagsterError,
     )
-    from loom_dagster.jobs import build_undeploy_job
-    from loom_dagster.launchers import Launcher, LocalProcessLauncher
-    from loom_dagster.lineage_events import OpenLineageObserver, OpenLineageSettings
-    from loom_dagster.records import (
+    from loom_dagster.core.flows.defs_state import DefsState
+    from loom_dagster.core.flows.records import (
         LoomColumn,
         LoomFlow,
         LoomOutputTopic,
@@ -105,19 +110,23 @@ if TYPE_CHECKING:
         SinkBackend,
         TopicRole,
     )
-    from loom_dagster.resources import LoomDeployResource
-    from loom_dagster.schedules import build_redeploy_schedule
-    from loom_dagster.sensors.health import build_job_health_sensor
-    from loom_dagster.sensors.lag import build_kafka_lag_sensor
-    from loom_dagster.sensors.sinks import build_sink_health_sensor
-    from loom_dagster.settings import (
+    from loom_dagster.core.flows.spec import LoomFlowSpec
+    from loom_dagster.core.launchers import Launcher, LocalProcessLauncher
+    from loom_dagster.core.openlineage import OpenLineageObserver, OpenLineageSettings
+    from loom_dagster.core.sensor_settings import (
         JobHealthSettings,
         KafkaLagSettings,
         LoomSensorSettings,
         SinkFreshness,
         SinkHealthSettings,
     )
-    from loom_dagster.spec import LoomFlowSpec
+    from loom_dagster.definitions import build_loom_defs
+    from loom_dagster.jobs.undeploy import build_undeploy_job
+    from loom_dagster.resource import LoomDeployResource
+    from loom_dagster.schedules import build_redeploy_schedule
+    from loom_dagster.sensors.health import build_job_health_sensor
+    from loom_dagster.sensors.lag import build_kafka_lag_sensor
+    from loom_dagster.sensors.sinks import build_sink_health_sensor
     from loom_dagster.translator import LoomMetadataSet, LoomTranslator
 
 __all__ = [

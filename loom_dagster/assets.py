@@ -8,18 +8,18 @@ from typing import Any
 
 import dagster as dg
 
-from loom_dagster.catalog import compile_specs, config_section
-from loom_dagster.checks import DEPLOY_CHECKS, RESTART_TAG
-from loom_dagster.defs_state import STALE_METADATA_KEY, DefsState, default_defs_state
-from loom_dagster.deploy import DeployResult
-from loom_dagster.deploy_checks import DeployChecksReport
-from loom_dagster.deployments import Deployment
-from loom_dagster.errors import LoomDagsterError, redacted_chain
-from loom_dagster.graph import FlowNode, LoomAssetGraph, build_asset_graph
-from loom_dagster.records import LoomFlow
-from loom_dagster.redact import redact_text
-from loom_dagster.resources import LoomDeployResource
-from loom_dagster.spec import LoomFlowSpec
+from loom_dagster.asset_check_names import DEPLOY_CHECKS, RESTART_TAG
+from loom_dagster.asset_graph import FlowNode, LoomAssetGraph, build_asset_graph
+from loom_dagster.core.checks.loom_checks import DeployChecksReport
+from loom_dagster.core.deploy.deployer import DeployResult
+from loom_dagster.core.deploy.store import Deployment
+from loom_dagster.core.errors import LoomDagsterError, redacted_chain
+from loom_dagster.core.flows.catalog import compile_specs, config_section
+from loom_dagster.core.flows.defs_state import STALE_METADATA_KEY, DefsState, default_defs_state
+from loom_dagster.core.flows.records import LoomFlow
+from loom_dagster.core.flows.spec import LoomFlowSpec
+from loom_dagster.core.redact import redact_text
+from loom_dagster.resource import LoomDeployResource
 from loom_dagster.translator import LoomDeployMetadataSet, LoomTranslator, metadata_json
 
 RESOURCE_KEY = "loom"
@@ -41,7 +41,7 @@ def build_loom_asset_graph(
     """Lay out every flow's specs and edges (no Dagster definitions yet).
 
     The flows' records come from the defs *state* (``True``: the default ``DefsState``, unless
-    ``LOOM_DAGSTER_DEFS_STATE=off``; see ``loom_dagster.defs_state``), refreshed there when missing
+    ``LOOM_DAGSTER_DEFS_STATE=off``; see ``loom_dagster.core.flows.defs_state``), refreshed there when missing
     or stale; ``False``/``None`` compiles every flow now. A flow loaded from a stale state (only with
     ``refresh="never"``) carries ``loom/defs_state`` metadata saying why.
     """

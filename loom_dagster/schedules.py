@@ -6,10 +6,10 @@ from typing import Any
 import dagster as dg
 import msgspec
 
-from loom_dagster.catalog import compile_spec
-from loom_dagster.errors import LoomDagsterError
-from loom_dagster.graph import LoomAssetGraph
-from loom_dagster.resources import LoomDeployResource
+from loom_dagster.asset_graph import LoomAssetGraph
+from loom_dagster.core.errors import LoomDagsterError
+from loom_dagster.core.flows.catalog import compile_spec
+from loom_dagster.resource import LoomDeployResource
 
 
 class RedeployDecision(msgspec.Struct, frozen=True):

@@ -11,6 +11,7 @@ goes through Dagster's metadata sets: ``LoomMetadataSet`` (``loom/...``), ``Kafk
 
 from __future__ import annotations
 
+import functools
 import json
 
 import dagster as dg
@@ -22,14 +23,14 @@ from dagster._core.definitions.metadata.metadata_set import (
     UriMetadataSet,
 )
 
-from loom_dagster.records import (
+from loom_dagster.core.flows.records import (
+    LoomColumn,
     LoomFlow,
     LoomSourceCollection,
     LoomStorageSink,
     LoomTopic,
     SinkBackend,
 )
-from loom_dagster.schema import to_table_schema
 
 DEFAULT_FLOW_GROUP = "loom"
 TOPIC_GROUP = "kafka"
@@ -174,7 +175,7 @@ class LoomTranslator:
         ...     def get_asset_spec(self, props, *, flow=None):
         ...         spec = super().get_asset_spec(props, flow=flow)
         ...         return spec.replace_attributes(key=spec.key.with_prefix("streaming"))
-        >>> from loom_dagster.records import LoomSourceCollection
+        >>> from loom_dagster.core.flows.records import LoomSourceCollection
         >>> PrefixedTranslator().get_asset_spec(LoomSourceCollection("shop", "orders", "f")).key.path
         ['streaming', 'mongo', 'shop', 'orders']
     """
@@ -354,3 +355,21 @@ def _sql_dialect(uri: str | None) -> set[str]:
 def metadata_json(value: object) -> dg.JsonMetadataValue:
     """JSON metadata that survives non-JSON values by stringifying them."""
     return dg.JsonMetadataValue(json.loads(json.dumps(value, default=str)))
+
+
+@functools.lru_cache(maxsize=4096)
+def to_table_schema(columns: tuple[LoomColumn, ...]) -> dg.TableSchema:
+    """Dagster ``TableSchema`` for records' columns, one shared (immutable) instance per distinct
+    column tuple: a flow's broadcast writes one payload to several tables, and a validated
+    ``TableColumn`` costs ~30 µs, a fifth of a 200-flow load when built for every sink."""
+    return dg.TableSchema(columns=[_table_column(c) for c in columns])
+
+
+@functools.lru_cache(maxsize=4096)
+def _table_column(column: LoomColumn) -> dg.TableColumn:
+    return dg.TableColumn(
+        name=column.name,
+        type=column.type,
+        description=column.description,
+        constraints=dg.TableColumnConstraints(nullable=column.nullable),
+    )

@@ -36,7 +36,7 @@ def clickhouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_ClickHouse
 
     It speaks the part of ClickHouse's HTTP interface that clickhouse-connect uses, which is what
     loom's ClickHouse sink and our checks talk to. Not in the test process: chdb runs one engine per
-    process, and tests/test_dev_clickhouse.py opens engines of its own there, in whatever order.
+    process, and tests/dev/test_dev_clickhouse.py opens engines of its own there, in whatever order.
     """
     import subprocess
     import sys
@@ -183,7 +183,7 @@ def make_topics(bootstrap: str, prefix: str, names: list[str], partitions: int =
 
 @pytest.fixture(scope="session", autouse=True)
 def _defs_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Definitions loads keep their defs state (``loom_dagster.defs_state``) in a directory of the
+    """Definitions loads keep their defs state (``loom_dagster.core.flows.defs_state``) in a directory of the
     test session, not in ``~/.loom-dagster``; subprocesses (dagster dev, code servers) inherit it."""
     before = os.environ.get("LOOM_DAGSTER_DEFS_STATE")
     os.environ["LOOM_DAGSTER_DEFS_STATE"] = str(tmp_path_factory.mktemp("defs-state"))

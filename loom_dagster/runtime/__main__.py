@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from loom_dagster.runtime.cli import main
+from loom_dagster.runtime.args import main
 
 
 def _exit(code: int) -> None:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-
-import msgspec
 
 from loom_dagster.runtime.observer import StatusObserver
 
@@ -13,7 +10,7 @@ if TYPE_CHECKING:
     from loom.core.config import ConfigContext
     from loom.core.observability.runtime import ObservabilityRuntime
     from loom.streaming import StreamFlow
-    from loom.streaming.bytewax import BytewaxRuntimeConfig, StreamingRunner
+    from loom.streaming.bytewax import StreamingRunner
 
 
 def build_observability(
@@ -40,34 +37,6 @@ def build_observability(
         _span_flusher=getattr(base, "_span_flusher", None),
         _max_span_links=base.max_span_links,
     )
-
-
-def runtime_config(
-    config: ConfigContext,
-    *,
-    process_id: int | None = None,
-    addresses: Sequence[str] | None = None,
-    workers_per_process: int | None = None,
-) -> BytewaxRuntimeConfig:
-    """``streaming.runtime`` from config, with the cluster arguments given on the command line.
-
-    loom hands ``process_id``, ``addresses`` and ``workers_per_process`` to ``bytewax.run.cli_main``
-    as they are; every process of a cluster gets the same address list and its own id.
-    """
-    from loom.core.config import ConfigKey
-    from loom.streaming.bytewax import BytewaxRuntimeConfig
-
-    base = config.section_or_default(
-        ConfigKey.STREAMING_RUNTIME, BytewaxRuntimeConfig, BytewaxRuntimeConfig()
-    )
-    changes: dict[str, Any] = {}
-    if process_id is not None:
-        changes["process_id"] = process_id
-    if addresses is not None:
-        changes["addresses"] = tuple(addresses)
-    if workers_per_process is not None:
-        changes["workers_per_process"] = workers_per_process
-    return msgspec.structs.replace(base, **changes) if changes else base
 
 
 def build_runner(

@@ -53,8 +53,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from loom_dagster.redact import redact_text
-from loom_dagster.runtime.status import (
+from loom_dagster.core.job.status import (
     DEFAULT_HEARTBEAT_S,
     FINAL_STATES,
     STATE_RUNNING,
@@ -63,6 +62,7 @@ from loom_dagster.runtime.status import (
     STATES,
     JobStatus,
 )
+from loom_dagster.core.redact import redact_text
 
 if TYPE_CHECKING:
     from loom_dagster.runtime.reporter import StatusReporter

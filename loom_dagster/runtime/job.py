@@ -11,7 +11,7 @@ How a job ends, and what a launcher sees (exit code / final status record):
   record ``failed``, ``connected_at`` null;
 - it fails after connecting: exit 1; a signal: drain, final offset commit, exit 0, ``stopped``;
 - another job consumes the same consumer group (it holds the group's fence, see
-  ``loom_dagster.fence``): exit 5 before the dataflow starts, the reason naming that job (host, pid,
+  ``loom_dagster.core.checks.fence``): exit 5 before the dataflow starts, the reason naming that job (host, pid,
   flow); a job that loses its fence while running drains and exits 5 too.
 
 A Kafka-sourced job takes the fence after compiling and before its dataflow starts (process 0 of a
@@ -35,12 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from loom_dagster.redact import redact_text as redact
-from loom_dagster.runtime.failure import exception_chain, interrupted, one_line_reason
-from loom_dagster.runtime.observer import StatusObserver
-from loom_dagster.runtime.reporter import StatusReporter
-from loom_dagster.runtime.signals import StopSignals
-from loom_dagster.runtime.status import (
+from loom_dagster.core.job.failure import exception_chain, interrupted, one_line_reason
+from loom_dagster.core.job.status import (
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_HEARTBEAT_S,
     EXIT_BAD_INPUT,
@@ -53,9 +49,13 @@ from loom_dagster.runtime.status import (
     JobStatus,
     describe_exit_code,
 )
+from loom_dagster.core.redact import redact_text as redact
+from loom_dagster.runtime.observer import StatusObserver
+from loom_dagster.runtime.reporter import StatusReporter
+from loom_dagster.runtime.signals import StopSignals
 
 if TYPE_CHECKING:
-    from loom_dagster.fence import JobFence
+    from loom_dagster.core.checks.fence import JobFence
     from loom_dagster.runtime.http_server import ProbeServer
 
 log = logging.getLogger("loom_dagster.runtime")
@@ -220,7 +220,7 @@ def _acquire_fence(options: JobOptions, prepared: _Prepared, reporter: StatusRep
         or not hasattr(settings, "brokers")
     ):
         return None
-    from loom_dagster.fence import FenceError, FenceIdentity, fence_for
+    from loom_dagster.core.checks.fence import FenceError, FenceIdentity, fence_for
 
     flow = reporter.snapshot().flow
     fence = fence_for(settings, group, FenceIdentity.of_this_process(flow, options.run_id), _stop_on_lost)
@@ -253,8 +253,14 @@ def _step(label: str, action: Callable[[], T]) -> T:
 
 def _prepare(options: JobOptions, reporter: StatusReporter) -> _Prepared:
     """Import, load config, compile: everything that can fail before the dataflow is started."""
-    from loom_dagster.loading import ensure_on_path, import_flow, load_config, resolve_environment_name
-    from loom_dagster.runtime.build import build_observability, build_runner, runtime_config
+    from loom_dagster.core.flows.job_config import runtime_config
+    from loom_dagster.core.flows.loading import (
+        ensure_on_path,
+        import_flow,
+        load_config,
+        resolve_environment_name,
+    )
+    from loom_dagster.runtime.build import build_observability, build_runner
     from loom_dagster.runtime.probe import install_poll_probe
 
     for directory in options.sys_paths:

@@ -29,8 +29,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from loom_dagster.redact import redact_text
-from loom_dagster.runtime.failure import clip
+from loom_dagster.core.job.failure import clip
+from loom_dagster.core.redact import redact_text
 
 BOUNDARY_LOGGER = "loom.streaming.bytewax._error_boundary"
 LIFECYCLE_LOGGER = "loom.observability"

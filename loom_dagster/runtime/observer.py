@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 
 from msgspec.structs import replace
 
-from loom_dagster.redact import redact_text
-from loom_dagster.runtime.failure import clip
-from loom_dagster.runtime.status import MAX_SINK_ERROR_CHARS, SinkError, SinkStatus
+from loom_dagster.core.job.failure import clip
+from loom_dagster.core.job.status import MAX_SINK_ERROR_CHARS, SinkError, SinkStatus
+from loom_dagster.core.redact import redact_text
 
 if TYPE_CHECKING:
     from loom.core.observability.event import LifecycleEvent

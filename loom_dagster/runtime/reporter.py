@@ -10,10 +10,7 @@ from pathlib import Path
 
 from msgspec.structs import replace
 
-from loom_dagster.redact import redact_text as redact
-from loom_dagster.runtime.observer import StatusObserver
-from loom_dagster.runtime.probe import PollProbe
-from loom_dagster.runtime.status import (
+from loom_dagster.core.job.status import (
     DEFAULT_HEARTBEAT_S,
     EXIT_DRAIN_TIMEOUT,
     FINAL_STATES,
@@ -24,6 +21,9 @@ from loom_dagster.runtime.status import (
     JobStatus,
     write_status,
 )
+from loom_dagster.core.redact import redact_text as redact
+from loom_dagster.runtime.observer import StatusObserver
+from loom_dagster.runtime.probe import PollProbe
 
 log = logging.getLogger("loom_dagster.runtime")
 

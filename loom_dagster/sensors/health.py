@@ -25,19 +25,20 @@ from typing import Any
 import dagster as dg
 import msgspec
 
-from loom_dagster.checks import JOB_RUNNING, RESTART_TAG
-from loom_dagster.defs_state import Lazy
-from loom_dagster.deployments import Deployment, DeploymentStore
-from loom_dagster.graph import LoomAssetGraph
-from loom_dagster.kafka_lag import cluster_for
-from loom_dagster.launchers.base import JobReport, JobState, Launcher
-from loom_dagster.orphans import FenceTarget, Orphan, OrphanReport, find_orphans
-from loom_dagster.redact import redact_text
-from loom_dagster.resources import LoomDeployResource
-from loom_dagster.runtime.status import EXIT_BAD_INPUT, EXIT_FLOW_FAILED, SinkError, describe_exit_code
+from loom_dagster.asset_check_names import JOB_RUNNING, RESTART_TAG
+from loom_dagster.asset_graph import LoomAssetGraph
+from loom_dagster.core.deploy.launch_records import JobReport, JobState
+from loom_dagster.core.deploy.orphans import FenceTarget, Orphan, OrphanReport, find_orphans
+from loom_dagster.core.deploy.store import Deployment, DeploymentStore
+from loom_dagster.core.flows.defs_state import Lazy
+from loom_dagster.core.job.status import EXIT_BAD_INPUT, EXIT_FLOW_FAILED, SinkError, describe_exit_code
+from loom_dagster.core.kafka.cluster import cluster_for
+from loom_dagster.core.launchers.base import Launcher
+from loom_dagster.core.redact import redact_text
+from loom_dagster.core.sensor_settings import JobHealthSettings
+from loom_dagster.resource import LoomDeployResource
 from loom_dagster.sensors.check_ops import declared_check_ops
 from loom_dagster.sensors.regression import RegressionWatch, Watched
-from loom_dagster.sensors.settings import JobHealthSettings
 
 FLOW_TAG = "loom/flow"
 SAME_ERROR_LIMIT = 2
@@ -376,7 +377,7 @@ def build_job_health_sensor(
     """The reconciler: observations + ``job_running`` for every deployed flow, restarts with backoff.
 
     Example:
-        >>> from loom_dagster.sensors.settings import JobHealthSettings
+        >>> from loom_dagster.core.sensor_settings import JobHealthSettings
         >>> sensor = build_job_health_sensor(graph, JobHealthSettings(interval_s=5))  # doctest: +SKIP
     """
     flow_keys = {node.compiled.flow.name: node.spec.key for node in graph.flows}

@@ -16,20 +16,20 @@ from typing import Any
 
 import dagster as dg
 
-from loom_dagster.checks import KAFKA_LAG
-from loom_dagster.defs_state import Lazy
-from loom_dagster.deployments import Deployment, DeploymentStore
-from loom_dagster.graph import FlowNode, LoomAssetGraph
-from loom_dagster.kafka.cluster import LagTarget, lag_target
-from loom_dagster.kafka.delay import DelayFetch
-from loom_dagster.kafka.lag_check import check_lag
-from loom_dagster.kafka.lag_eval import DeploymentStart, FlowLag, starting_window_s
-from loom_dagster.kafka.lag_status import LagSeverity
-from loom_dagster.kafka.lag_window import LagWindows
-from loom_dagster.kafka.offsets import LagFetch
-from loom_dagster.resources import LoomDeployResource
+from loom_dagster.asset_check_names import KAFKA_LAG
+from loom_dagster.asset_graph import FlowNode, LoomAssetGraph
+from loom_dagster.core.deploy.store import Deployment, DeploymentStore
+from loom_dagster.core.flows.defs_state import Lazy
+from loom_dagster.core.kafka.cluster import LagTarget, lag_target
+from loom_dagster.core.kafka.delay import DelayFetch
+from loom_dagster.core.kafka.lag_check import check_lag
+from loom_dagster.core.kafka.lag_eval import DeploymentStart, FlowLag, starting_window_s
+from loom_dagster.core.kafka.lag_status import LagSeverity
+from loom_dagster.core.kafka.lag_window import LagWindows
+from loom_dagster.core.kafka.offsets import LagFetch
+from loom_dagster.core.sensor_settings import KafkaLagSettings
+from loom_dagster.resource import LoomDeployResource
 from loom_dagster.sensors.check_ops import declared_check_ops
-from loom_dagster.sensors.settings import KafkaLagSettings
 
 CHECKS_NAME = "loom_kafka_lag_checks"
 MAX_TABLE_ROWS = 500

@@ -2,7 +2,7 @@
 
 For that many ticks after a deploy, the sensor compares the new version's progress with the previous
 version's: the deploy recorded whether the previous version was moving data
-(``extra["previous_progress"]``, see ``loom_dagster.progress.previous_progress``). When the new version
+(``extra["previous_progress"]``, see ``loom_dagster.core.deploy.progress.previous_progress``). When the new version
 stalls -- Burrow ``STALL``/``STOP`` of its group over the watch's own lag windows, ``NO_COMMITS`` with
 lag, or no new sink row over 3 ticks while the lag grows -- where the previous one was moving data, the
 sensor rolls back ONCE (``FlowDeployer.roll_back_to_previous``: the previous deployment's request under
@@ -12,7 +12,7 @@ a new deploy) and reports an ``AssetMaterialization`` of the flow asset with ``l
 
 Only healthy jobs are judged (a dead or hung job is the restart logic's business). The Kafka offsets of
 the watched flows are read in one batch per cluster per tick (``kafka.lag_check.check_lag``, no delay
-read), only while some flow is watched. The decisions live in ``loom_dagster.progress`` (no Dagster).
+read), only while some flow is watched. The decisions live in ``loom_dagster.core.deploy.progress`` (no Dagster).
 """
 
 from __future__ import annotations
@@ -24,17 +24,10 @@ from typing import Any, Protocol
 import dagster as dg
 import msgspec
 
-from loom_dagster.defs_state import Lazy
-from loom_dagster.deploy import FlowDeployer
-from loom_dagster.deployments import Deployment
-from loom_dagster.errors import DeploymentError
-from loom_dagster.graph import LoomAssetGraph
-from loom_dagster.kafka.cluster import LagTarget
-from loom_dagster.kafka.lag_check import check_lag
-from loom_dagster.kafka.lag_eval import FlowLag
-from loom_dagster.kafka.lag_window import LagWindows
-from loom_dagster.launchers.base import JobReport, JobState
-from loom_dagster.progress import (
+from loom_dagster.asset_graph import LoomAssetGraph
+from loom_dagster.core.deploy.deployer import FlowDeployer
+from loom_dagster.core.deploy.launch_records import JobReport, JobState
+from loom_dagster.core.deploy.progress import (
     STALL_TICKS,
     WatchState,
     dead_letter_sinks,
@@ -43,9 +36,16 @@ from loom_dagster.progress import (
     watch_eligibility,
     watch_key,
 )
-from loom_dagster.redact import redact_text
+from loom_dagster.core.deploy.store import Deployment
+from loom_dagster.core.errors import DeploymentError
+from loom_dagster.core.flows.defs_state import Lazy
+from loom_dagster.core.kafka.cluster import LagTarget
+from loom_dagster.core.kafka.lag_check import check_lag
+from loom_dagster.core.kafka.lag_eval import FlowLag
+from loom_dagster.core.kafka.lag_window import LagWindows
+from loom_dagster.core.redact import redact_text
+from loom_dagster.core.sensor_settings import JobHealthSettings, KafkaLagSettings
 from loom_dagster.sensors.lag import deployment_start, kafka_lag_targets, starting_windows
-from loom_dagster.settings import JobHealthSettings, KafkaLagSettings
 from loom_dagster.translator import LoomMetadataSet
 
 ROLLBACK_BY = "job health sensor (regression watch)"

@@ -1,7 +1,7 @@
 """Sink health in Dagster: a sensor that reports a runless materialization of a sink table each time
 new data lands in it, and a ``freshness`` asset check per sink.
 
-The sensor reads every sink's metadata each tick (``loom_dagster.sinks``), keeps the last
+The sensor reads every sink's metadata each tick (``loom_dagster.core.sinks``), keeps the last
 reading per sink in its cursor, emits ONE ``AssetMaterialization`` per sink whose data changed and none
 otherwise, and an ``AssetCheckEvaluation`` of ``freshness`` when a sink's freshness status changes (and
 at least every ``check_refresh_s``). ``build_sink_freshness_checks`` declares those checks, so the UI
@@ -17,17 +17,17 @@ from typing import Any, cast
 import dagster as dg
 import msgspec
 
-from loom_dagster.checks import KAFKA_LAG, SINK_FRESHNESS
-from loom_dagster.defs_state import Lazy
-from loom_dagster.graph import LoomAssetGraph, graph_sinks
-from loom_dagster.records import SinkBackend
+from loom_dagster.asset_check_names import KAFKA_LAG, SINK_FRESHNESS
+from loom_dagster.asset_graph import LoomAssetGraph, graph_sinks
+from loom_dagster.core.flows.defs_state import Lazy
+from loom_dagster.core.flows.records import SinkBackend
+from loom_dagster.core.sensor_settings import SinkHealthSettings
+from loom_dagster.core.sinks.connections import DEFAULT_TIMEOUT_S
+from loom_dagster.core.sinks.freshness import FreshnessVerdict, Severity, SourceLag, evaluate_freshness
+from loom_dagster.core.sinks.read import read_sinks
+from loom_dagster.core.sinks.reading import ReadStatus, SinkReading, as_int
+from loom_dagster.core.sinks.targets import SinkTarget, declared_sink_targets, sink_targets
 from loom_dagster.sensors.check_ops import declared_check_ops
-from loom_dagster.sensors.settings import SinkHealthSettings
-from loom_dagster.sinks.connections import DEFAULT_TIMEOUT_S
-from loom_dagster.sinks.freshness import FreshnessVerdict, Severity, SourceLag, evaluate_freshness
-from loom_dagster.sinks.read import read_sinks
-from loom_dagster.sinks.reading import ReadStatus, SinkReading, as_int
-from loom_dagster.sinks.targets import SinkTarget, declared_sink_targets, sink_targets
 
 Clock = Callable[[], float]
 LAG_METADATA_KEYS = ("total_lag", "loom/total_lag")

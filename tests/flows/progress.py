@@ -8,7 +8,7 @@ regression watch, switched by the job's environment so that they compile in the 
 - ``unrouted_flow``: a step that raises on every tick, in a flow WITHOUT an ``errors`` route. loom
   drops unrouted error envelopes at a drop sink that completes them, so this version commits its
   offsets (data "moves" as far as Kafka is concerned) while writing no row: a progress gate counts it
-  as progress by commits (see ``tests/test_progress_gate.py``).
+  as progress by commits (see ``tests/integration/test_progress_gate.py``).
 """
 
 from __future__ import annotations

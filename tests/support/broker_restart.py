@@ -1,6 +1,6 @@
 """Broker restarts under a process that makes Kafka group-coordinator requests the way loom-dagster's
 sensors and deploy checks do (fence describe, lag fetch, offset snapshot), to show whether that process
-survives (librdkafka#4605 aborts it). Used by ``tests/test_broker_restart.py`` and ``bench/broker_restart.py``.
+survives (librdkafka#4605 aborts it). Used by ``tests/integration/test_broker_restart.py`` and ``bench/broker_restart.py``.
 
 The ticking process: ``python -m tests.support.broker_restart --bootstrap B --group G --topic T --mode M``
 (``isolated``: the package's functions, whose coordinator requests run in a child process; ``in-process``:
@@ -68,10 +68,10 @@ class RestartReport(msgspec.Struct, frozen=True):
 
 
 def _calls(bootstrap: str, group: str, topic: str, mode: str) -> dict[str, Callable[[], Any]]:
-    from loom_dagster.fence import describe_fences
-    from loom_dagster.kafka.cluster import KafkaCluster, LagTarget
-    from loom_dagster.kafka.offsets import _fetch_cluster_requests, fetch_offsets
-    from loom_dagster.kafka.snapshot import snapshot_offsets
+    from loom_dagster.core.checks.fence import describe_fences
+    from loom_dagster.core.kafka.cluster import KafkaCluster, LagTarget
+    from loom_dagster.core.kafka.offsets import _fetch_cluster_requests, fetch_offsets
+    from loom_dagster.core.kafka.snapshot import snapshot_offsets
 
     cluster = KafkaCluster(bootstrap)
     target = LagTarget(name="ticker", group=group, topics=(topic,), cluster=cluster)
@@ -100,11 +100,11 @@ def _sensor_calls(config: str, state_dir: str) -> dict[str, Callable[[], Any]]:
     import dagster as dg
 
     from loom_dagster import LoomDeployResource, LoomFlowSpec, build_loom_defs
-    from loom_dagster.catalog import compile_spec
-    from loom_dagster.deploy import DeployOptions, FlowDeployer
-    from loom_dagster.deployments import DeploymentStore
-    from loom_dagster.fence import check_fence
-    from loom_dagster.launchers import LocalProcessLauncher
+    from loom_dagster.core.checks.fence import check_fence
+    from loom_dagster.core.deploy.deployer import DeployOptions, FlowDeployer
+    from loom_dagster.core.deploy.store import DeploymentStore
+    from loom_dagster.core.flows.catalog import compile_spec
+    from loom_dagster.core.launchers import LocalProcessLauncher
 
     spec = LoomFlowSpec("tests.flows.delta_only:ticks_flow", config=config, environment="test")
     defs = build_loom_defs([spec])

@@ -15,8 +15,8 @@ import dagster as dg
 from confluent_kafka import Consumer, TopicPartition
 
 from loom_dagster import DeploymentStore, LoomDeployResource, LoomFlowSpec, build_loom_defs
+from loom_dagster.core import procfs
 from loom_dagster.dev.produce import produce
-from loom_dagster.launchers import procfs
 from tests.conftest import make_topics, ticks_config
 from tests.flows.delta_only import Tick
 

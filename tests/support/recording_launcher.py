@@ -14,8 +14,9 @@ from typing import Any
 
 import msgspec
 
-from loom_dagster.launchers.base import JobReport, LaunchedJob, Launcher, LaunchRequest, RuntimeProcess
-from loom_dagster.launchers.local import LocalProcessLauncher
+from loom_dagster.core.deploy.launch_records import JobReport, LaunchedJob, LaunchRequest, RuntimeProcess
+from loom_dagster.core.launchers.base import Launcher
+from loom_dagster.core.launchers.local import LocalProcessLauncher
 
 PATH = "tests.support.recording_launcher:RecordingLauncher"
 

@@ -68,11 +68,15 @@ def build_binaries(log_path: Path | None = None) -> Path:
     """Run ``scripts/k8s-build`` (a no-op when cached) and return the bin dir; raise with the log tail on failure."""
     log_path = log_path or Path(tempfile.gettempdir()) / f"loom-k8s-build-{os.getuid()}.log"
     with log_path.open("w") as log:
-        rc = subprocess.run([str(BUILD_SCRIPT)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        rc = subprocess.run(
+            [str(BUILD_SCRIPT)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        ).returncode
     bin_dir = default_bin_dir()
     missing = [b for b in BINARIES if not (bin_dir / b).exists()]
     if rc != 0 or missing:
-        raise RuntimeError(f"scripts/k8s-build failed (rc={rc}, missing={missing}); log {log_path}:\n{tail(log_path)}")
+        raise RuntimeError(
+            f"scripts/k8s-build failed (rc={rc}, missing={missing}); log {log_path}:\n{tail(log_path)}"
+        )
     return bin_dir
 
 
@@ -87,7 +91,9 @@ def free_port() -> int:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert(
@@ -161,8 +167,17 @@ def make_pki(dir_: Path) -> Pki:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert("loom-test-ca", ca_key)
     srv_key = ec.generate_private_key(ec.SECP256R1())
-    hosts = ["127.0.0.1", "10.96.0.1", "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"]
-    srv = _cert("kube-apiserver", srv_key, (ca, ca_key), _sans(hosts + ["kubernetes.default.svc.cluster.local"]))
+    hosts = [
+        "127.0.0.1",
+        "10.96.0.1",
+        "localhost",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+    ]
+    srv = _cert(
+        "kube-apiserver", srv_key, (ca, ca_key), _sans(hosts + ["kubernetes.default.svc.cluster.local"])
+    )
     sa_key = ec.generate_private_key(ec.SECP256R1())
     pki = Pki(*(dir_ / n for n in ("ca.crt", "ca.key", "apiserver.crt", "apiserver.key", "sa.key", "sa.pub")))
     pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
@@ -171,12 +186,16 @@ def make_pki(dir_: Path) -> Pki:
     pki.server_key.write_bytes(_pem_key(srv_key))
     pki.sa_key.write_bytes(_pem_key(sa_key))
     pki.sa_pub.write_bytes(
-        sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     )
     return pki
 
 
-def write_kubeconfig(path: Path, server: str, ca_path: Path, token: str, namespace: str | None = None) -> Path:
+def write_kubeconfig(
+    path: Path, server: str, ca_path: Path, token: str, namespace: str | None = None
+) -> Path:
     """A kubeconfig with one cluster/user/context using a bearer token."""
     context: dict[str, Any] = {"cluster": "loom-test", "user": "loom-user"}
     if namespace:
@@ -184,7 +203,9 @@ def write_kubeconfig(path: Path, server: str, ca_path: Path, token: str, namespa
     doc = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "loom-test", "cluster": {"server": server, "certificate-authority": str(ca_path)}}],
+        "clusters": [
+            {"name": "loom-test", "cluster": {"server": server, "certificate-authority": str(ca_path)}}
+        ],
         "users": [{"name": "loom-user", "user": {"token": token}}],
         "contexts": [{"name": "loom-test", "context": context}],
         "current-context": "loom-test",
@@ -246,7 +267,10 @@ class Reaper:
         pidfile.touch()
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", REAPER_CODE, str(os.getpid()), str(pidfile)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     def register(self, pid: int) -> None:
@@ -275,7 +299,12 @@ class Component:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                start_new_session=True,
             )
 
     def alive(self) -> bool:
@@ -379,7 +408,9 @@ class KubeCluster:
     def _start(self) -> None:
         self.ports = {n: free_port() for n in ("etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "kwok")}
         self.pki = make_pki(self.workdir / "pki")
-        (self.workdir / "tokens.csv").write_text(f'{self.admin_token},loom-admin,loom-admin,"system:masters"\n')
+        (self.workdir / "tokens.csv").write_text(
+            f'{self.admin_token},loom-admin,loom-admin,"system:masters"\n'
+        )
         write_kubeconfig(self.kubeconfig_path, self.server, self.ca_path, self.admin_token)
         self._spawn("etcd", self._etcd_argv())
         self._spawn("kube-apiserver", self._apiserver_argv())
@@ -580,8 +611,11 @@ class KubeCluster:
 
         core = self.core()
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-        _wait_until(lambda: _exists(lambda: core.read_namespaced_service_account("default", name)), timeout,
-                    f"ServiceAccount {name}/default")
+        _wait_until(
+            lambda: _exists(lambda: core.read_namespaced_service_account("default", name)),
+            timeout,
+            f"ServiceAccount {name}/default",
+        )
         return name
 
     def delete_namespace(self, name: str) -> None:
@@ -651,8 +685,9 @@ class KubeCluster:
         if not _exists(lambda: core.read_namespaced_service_account(service_account, namespace)):
             sa = client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=service_account))
             core.create_namespaced_service_account(namespace, sa)
-        req = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
-            audiences=[], expiration_seconds=expiration_seconds))
+        req = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_seconds)
+        )
         resp = core.create_namespaced_service_account_token(service_account, namespace, req)
         return str(resp.status.token)
 

@@ -1,5 +1,5 @@
 """A namespace of the test control plane set up as a user would: the launcher's service account bound to
-exactly the shipped Role (``loom_dagster/launchers/kubernetes/rbac.yaml``), a kubeconfig with its token,
+exactly the shipped Role (``loom_dagster/core/launchers/kubernetes/rbac.yaml``), a kubeconfig with its token,
 and the deploy resource on the ``kubernetes`` launcher."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from loom_dagster.launchers.kubernetes.launcher import KubernetesLauncher
-from loom_dagster.manifests_cli import rbac_role
-from loom_dagster.resources import LoomDeployResource
+from loom_dagster.cli.manifests import rbac_role
+from loom_dagster.core.launchers.kubernetes.launcher import KubernetesLauncher
+from loom_dagster.resource import LoomDeployResource
 from tests.support.deploy_env import DeployBench, bench_fixture
 from tests.support.k8s.cluster import REPO_ROOT, KubeCluster
 

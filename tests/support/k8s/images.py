@@ -125,8 +125,12 @@ def pause_image(bin_dir: Path, tarball: Path, ref: str = PAUSE_IMAGE) -> Path:
     pause = bin_dir / "pause"
     if not pause.exists():
         raise RuntimeError(f"{pause} missing: run scripts/k8s-build")
-    spec = ImageSpec(ref, files={"pause": (pause, 0o755)}, entrypoint=["/pause"],
-                     dirs={"dev": 0o755, "proc": 0o555, "sys": 0o555})
+    spec = ImageSpec(
+        ref,
+        files={"pause": (pause, 0o755)},
+        entrypoint=["/pause"],
+        dirs={"dev": 0o755, "proc": 0o555, "sys": 0o555},
+    )
     return write_image(spec, tarball)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from loom_dagster.launchers.kubernetes.settings import DEFAULT_STATUS_DIR
+from loom_dagster.core.launchers.kubernetes.settings import DEFAULT_STATUS_DIR
 from tests.support.k8s.cluster import REPO_ROOT, tail
 
 IMAGE_SCRIPT = REPO_ROOT / "scripts" / "k8s-image"

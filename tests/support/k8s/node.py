@@ -83,7 +83,9 @@ CNI_BIN_DIR = Path("/usr/lib/cni")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTAINER_LOG_LINKS = Path("/var/log/containers")  # kubelet links every container log here (not configurable)
 CNI_CACHE = Path("/var/lib/cni")  # libcni's result cache inside containerd (not configurable)
-KUBELET_DEVICE_PLUGINS = Path("/var/lib/kubelet/device-plugins")  # kubelet's kubelet.sock (not under --root-dir)
+KUBELET_DEVICE_PLUGINS = Path(
+    "/var/lib/kubelet/device-plugins"
+)  # kubelet's kubelet.sock (not under --root-dir)
 NODE_LABEL = ("loom-test/node", "real")
 # One RealNode per machine: held (flock) from start() to the end of close(). The state file names what the running
 # node made on the machine, so that the next start() can remove it if its process died without closing.
@@ -106,11 +108,15 @@ def build_node_binaries(log_path: Path | None = None) -> Path:
     fails or leaves a node binary missing."""
     log_path = log_path or Path(tempfile.gettempdir()) / f"loom-k8s-build-{os.getuid()}.log"
     with log_path.open("w") as log:
-        rc = subprocess.run([str(BUILD_SCRIPT)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        rc = subprocess.run(
+            [str(BUILD_SCRIPT)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        ).returncode
     bin_dir = default_bin_dir()
     missing = [b for b in (*BINARIES, *NODE_BINARIES) if not (bin_dir / b).exists()]
     if rc != 0 or missing:
-        raise RuntimeError(f"scripts/k8s-build failed (rc={rc}, missing={missing}); log {log_path}:\n{tail(log_path)}")
+        raise RuntimeError(
+            f"scripts/k8s-build failed (rc={rc}, missing={missing}); log {log_path}:\n{tail(log_path)}"
+        )
     return bin_dir
 
 
@@ -123,7 +129,9 @@ def machine_ip() -> str:
     return m.group(1)
 
 
-def dns_query(server: str, name: str, qtype: int = 1, timeout: float = 2.0, port: int = 53) -> tuple[int, list[str]]:
+def dns_query(
+    server: str, name: str, qtype: int = 1, timeout: float = 2.0, port: int = 53
+) -> tuple[int, list[str]]:
     """One DNS query over UDP: (rcode, A-record addresses) for ``name`` (qtype 1 = A). Raises OSError on timeout."""
     qid = random.randrange(1 << 16)
     question = b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split(".")) + b"\0"
@@ -141,10 +149,10 @@ def dns_query(server: str, name: str, qtype: int = 1, timeout: float = 2.0, port
     addrs = []
     for _ in range(an):
         off = _skip_name(data, off)
-        rtype, _cls, _ttl, rdlen = struct.unpack("!HHIH", data[off:off + 10])
+        rtype, _cls, _ttl, rdlen = struct.unpack("!HHIH", data[off : off + 10])
         off += 10
         if rtype == 1 and rdlen == 4:
-            addrs.append(socket.inet_ntoa(data[off:off + 4]))
+            addrs.append(socket.inet_ntoa(data[off : off + 4]))
         off += rdlen
     return flags & 0xF, addrs
 
@@ -159,7 +167,9 @@ def _skip_name(data: bytes, off: int) -> int:
         off += n + 1
 
 
-IPTABLES_NFT_TABLES = {f"{family} {table}" for family in ("ip", "ip6") for table in ("filter", "nat", "mangle")}
+IPTABLES_NFT_TABLES = {
+    f"{family} {table}" for family in ("ip", "ip6") for table in ("filter", "nat", "mangle")
+}
 
 
 def iptables_chains() -> dict[tuple[str, str], set[str]]:
@@ -179,7 +189,9 @@ def iptables_chains() -> dict[tuple[str, str], set[str]]:
                 found[(save, table)].add(line[1:].split()[0])
     if shutil.which("nft") is not None:
         out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=30).stdout
-        tables = {line.removeprefix("table ").strip() for line in out.splitlines() if line.startswith("table ")}
+        tables = {
+            line.removeprefix("table ").strip() for line in out.splitlines() if line.startswith("table ")
+        }
         found[("nft", "tables")] = tables & IPTABLES_NFT_TABLES
     return found
 
@@ -208,8 +220,9 @@ def remove_iptables_chains(before: dict[tuple[str, str], set[str]]) -> None:
     tables = iptables_chains().get(("nft", "tables"), set()) - before.get(("nft", "tables"), set())
     for family_table in sorted(tables):
         family, table = family_table.split()
-        listing = subprocess.run(["nft", "-j", "list", "table", family, table], capture_output=True, text=True,
-                                 timeout=30).stdout
+        listing = subprocess.run(
+            ["nft", "-j", "list", "table", family, table], capture_output=True, text=True, timeout=30
+        ).stdout
         if listing and not any("rule" in item for item in json.loads(listing).get("nftables", [])):
             subprocess.run(["nft", "delete", "table", family, table], capture_output=True, timeout=30)
 
@@ -322,7 +335,9 @@ class RealNode:
         self._iptables: dict[tuple[str, str], set[str]] | None = None
         self._created_paths: list[Path] = []
         self._generation = 0
-        self._imported: list[Path] = []  # imported again by a restart (each start has a fresh containerd root)
+        self._imported: list[
+            Path
+        ] = []  # imported again by a restart (each start has a fresh containerd root)
         self._lock_fd: int | None = None
 
     # -- addresses and paths
@@ -400,16 +415,22 @@ class RealNode:
             try:
                 self.close()
             except Exception as close_error:  # noqa: BLE001 - report both
-                raise RuntimeError(f"node start failed ({e}) and so did its teardown: {close_error}\n{detail}") from e
+                raise RuntimeError(
+                    f"node start failed ({e}) and so did its teardown: {close_error}\n{detail}"
+                ) from e
             raise RuntimeError(f"node start failed: {e}\n{detail}") from e
         self.timings["start"] = round(time.monotonic() - t0, 2)
         return self
 
     def _check_prerequisites(self) -> None:
         missing = [b for b in NODE_BINARIES if not (self.bin_dir / b).exists()]
-        missing += [str(p) for p in (RUNC, CNI_BIN_DIR / "bridge", CNI_BIN_DIR / "host-local") if not p.exists()]
+        missing += [
+            str(p) for p in (RUNC, CNI_BIN_DIR / "bridge", CNI_BIN_DIR / "host-local") if not p.exists()
+        ]
         if missing:
-            raise RuntimeError(f"missing {missing}: run scripts/k8s-build (it installs runc and the CNI plugins)")
+            raise RuntimeError(
+                f"missing {missing}: run scripts/k8s-build (it installs runc and the CNI plugins)"
+            )
 
     def _lock(self) -> None:
         fd = os.open(MACHINE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children (O_CLOEXEC)
@@ -441,7 +462,9 @@ class RealNode:
             "rundir": str(self.rundir) if self.rundir else None,
             "bridge": self.bridge,
             "sysctls": self._sysctls,
-            "iptables": [[save, table, sorted(chains)] for (save, table), chains in (self._iptables or {}).items()],
+            "iptables": [
+                [save, table, sorted(chains)] for (save, table), chains in (self._iptables or {}).items()
+            ],
             "created_paths": [str(p) for p in self._created_paths],
             "components": [[c.name, c.proc.pid, proc_start_time(c.proc.pid)] for c in self.components],
         }
@@ -484,7 +507,9 @@ class RealNode:
 
     def _start(self) -> None:
         self.gen_dir.mkdir(parents=True, exist_ok=True)
-        self.rundir = Path(tempfile.mkdtemp(prefix="loom-node-", dir="/run" if os.access("/run", os.W_OK) else None))
+        self.rundir = Path(
+            tempfile.mkdtemp(prefix="loom-node-", dir="/run" if os.access("/run", os.W_OK) else None)
+        )
         link = self.gen_dir / "run"
         link.unlink(missing_ok=True)
         link.symlink_to(self.rundir)
@@ -499,9 +524,14 @@ class RealNode:
         self.ports = {"kubelet": free_port(), "kubelet_healthz": free_port()}
 
         t = time.monotonic()
-        self._spawn("containerd", [str(self.bin_dir / "containerd"), "--config", str(self._containerd_config())],
-                    env={"PATH": f"{self.bin_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"})
-        self._wait("containerd", lambda: self.containerd_socket.exists() and self.ctr("version").returncode == 0)
+        self._spawn(
+            "containerd",
+            [str(self.bin_dir / "containerd"), "--config", str(self._containerd_config())],
+            env={"PATH": f"{self.bin_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"},
+        )
+        self._wait(
+            "containerd", lambda: self.containerd_socket.exists() and self.ctr("version").returncode == 0
+        )
         self.timings["containerd"] = round(time.monotonic() - t, 2)
         t = time.monotonic()
         self._import(pause_image(self.bin_dir, self.gen_dir / "images" / "pause.tar"))
@@ -534,7 +564,7 @@ class RealNode:
         free = [n for n in range(10, 250) if f"10.244.{n}." not in used and f"loombr{n}:" not in links]
         if not free:
             raise RuntimeError("no free 10.244.N.0/24 subnet for the node's bridge")
-        previous = int(self.bridge[len("loombr"):]) if self.bridge else -1
+        previous = int(self.bridge[len("loombr") :]) if self.bridge else -1
         n = previous if previous in free else random.choice(free)  # a restart keeps its addresses
         self.subnet = ipaddress.ip_network(f"10.244.{n}.0/24")
         self.bridge = f"loombr{n}"
@@ -751,7 +781,14 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.bl
 
     def ctr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run ``ctr --address <socket> --namespace k8s.io *args`` (the namespace kubelet's images live in)."""
-        argv = [str(self.bin_dir / "ctr"), "--address", str(self.containerd_socket), "--namespace", "k8s.io", *args]
+        argv = [
+            str(self.bin_dir / "ctr"),
+            "--address",
+            str(self.containerd_socket),
+            "--namespace",
+            "k8s.io",
+            *args,
+        ]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def import_image(self, tarball: Path | str) -> list[str]:
@@ -766,7 +803,9 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.bl
         before = set(self.images())
         out = self.ctr("images", "import", "--platform", "linux/amd64", str(tarball))
         if out.returncode != 0:
-            raise RuntimeError(f"ctr images import {tarball} failed (rc={out.returncode}): {out.stderr.strip()}")
+            raise RuntimeError(
+                f"ctr images import {tarball} failed (rc={out.returncode}): {out.stderr.strip()}"
+            )
         return sorted(set(self.images()) - before)
 
     def images(self) -> list[str]:
@@ -791,7 +830,9 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.bl
 
     def describe(self) -> str:
         """Node conditions, the pods on the node and the tails of the component logs (for failure messages)."""
-        lines = [f"RealNode {self.name}: node IP {self.node_ip}, bridge {self.bridge} {self.subnet}, dir {self.gen_dir}"]
+        lines = [
+            f"RealNode {self.name}: node IP {self.node_ip}, bridge {self.bridge} {self.subnet}, dir {self.gen_dir}"
+        ]
         try:
             core = self.cluster.core()
             node = core.read_node(self.name)
@@ -802,11 +843,16 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.bl
                 states = []
                 for cs in p.status.container_statuses or []:
                     st = cs.state
-                    now = (st.waiting and f"waiting {st.waiting.reason}") or (st.running and "running") or (
-                        st.terminated and f"terminated {st.terminated.reason} {st.terminated.exit_code}")
+                    now = (
+                        (st.waiting and f"waiting {st.waiting.reason}")
+                        or (st.running and "running")
+                        or (st.terminated and f"terminated {st.terminated.reason} {st.terminated.exit_code}")
+                    )
                     states.append(f"{cs.name}:{now} restarts={cs.restart_count}")
-                lines.append(f"  pod {p.metadata.namespace}/{p.metadata.name} {p.status.phase} {p.status.pod_ip} "
-                             + " ".join(states))
+                lines.append(
+                    f"  pod {p.metadata.namespace}/{p.metadata.name} {p.status.phase} {p.status.pod_ip} "
+                    + " ".join(states)
+                )
         except Exception as e:  # noqa: BLE001 - a diagnostic must not raise
             lines.append(f"  (node not readable from the API: {e})")
         for c in self.components:
@@ -832,7 +878,9 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.bl
         kubelet = next((c for c in self.components if c.name == "kubelet"), None)
         if kubelet is not None and kubelet.alive():
             step("delete the node's pods", self._drain)
-        step("stop kubelet", lambda: stop_components([c for c in self.components if c.name == "kubelet"], 15.0))
+        step(
+            "stop kubelet", lambda: stop_components([c for c in self.components if c.name == "kubelet"], 15.0)
+        )
         self._teardown_host(problems)
         step("delete the Node", self._delete_node)
         self.components = []
@@ -850,7 +898,8 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.bl
         self.timings["close"] = round(time.monotonic() - t0, 2)
         if problems or leftovers:
             raise RuntimeError(
-                f"RealNode {self.name} teardown left things behind: " + "; ".join(problems + leftovers)
+                f"RealNode {self.name} teardown left things behind: "
+                + "; ".join(problems + leftovers)
                 + f" (logs under {self.gen_dir / 'logs'})"
             )
 
@@ -866,8 +915,12 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.bl
 
         step("kill containers", lambda: kill_pids(cgroup_pids(kubepods_cgroups()), grace=2.0))
         shims = self._shim_pids()
-        step("stop containerd and coredns", lambda: stop_components(
-            [c for c in self.components if c.name in ("containerd", "coredns")], 10.0))
+        step(
+            "stop containerd and coredns",
+            lambda: stop_components(
+                [c for c in self.components if c.name in ("containerd", "coredns")], 10.0
+            ),
+        )
         step("kill shims", lambda: kill_pids(set(shims) | set(self._shim_pids()), grace=3.0))
         step("unmount", self._unmount)
         step("remove cgroups", self._remove_cgroups)
@@ -944,7 +997,9 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.bl
             for link in CONTAINER_LOG_LINKS.iterdir():
                 if link.is_symlink() and os.readlink(link).startswith(logs):
                     link.unlink()
-        (KUBELET_DEVICE_PLUGINS / "kubelet.sock").unlink(missing_ok=True)  # only one kubelet runs: it was ours
+        (KUBELET_DEVICE_PLUGINS / "kubelet.sock").unlink(
+            missing_ok=True
+        )  # only one kubelet runs: it was ours
         results = CNI_CACHE / "results"
         if results.is_dir() and self.bridge:
             for f in results.glob(f"{self.network_name}-*"):
@@ -978,7 +1033,9 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.bl
             found.append(f"containerd shims still running: {shims}")
         cgroups = kubepods_cgroups()
         if cgroups:
-            found.append(f"kubepods cgroups: {[str(c) for c in cgroups[-3:]]}, pids {sorted(cgroup_pids(cgroups))}")
+            found.append(
+                f"kubepods cgroups: {[str(c) for c in cgroups[-3:]]}, pids {sorted(cgroup_pids(cgroups))}"
+            )
         mounts = mounts_under(*([self.gen_dir] + ([self.rundir] if self.rundir else [])))
         if mounts:
             found.append(f"mounts: {mounts[:10]}")
@@ -986,7 +1043,11 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.snapshotter.v1.bl
             found.append(f"bridge {self.bridge}")
         if CONTAINER_LOG_LINKS.is_dir():
             logs = str(self.pod_logs_dir)
-            links = [p.name for p in CONTAINER_LOG_LINKS.iterdir() if p.is_symlink() and os.readlink(p).startswith(logs)]
+            links = [
+                p.name
+                for p in CONTAINER_LOG_LINKS.iterdir()
+                if p.is_symlink() and os.readlink(p).startswith(logs)
+            ]
             if links:
                 found.append(f"{CONTAINER_LOG_LINKS} links: {links[:5]}")
         if (KUBELET_DEVICE_PLUGINS / "kubelet.sock").exists():
@@ -1016,7 +1077,12 @@ class _Process(Component):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, env=env,
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                env=env,
                 start_new_session=True,
             )
 

@@ -1,0 +1,1 @@
+"""Dagster Components of loom-dagster."""

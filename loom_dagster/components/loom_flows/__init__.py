@@ -1,0 +1,1 @@
+"""``LoomFlowsComponent``: loom flows declared in a ``defs.yaml``."""

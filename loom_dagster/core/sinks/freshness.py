@@ -1,0 +1,167 @@
+"""Freshness of a sink: given when data last landed and the lag of the flows writing it, a verdict
+(``fresh`` / ``late`` / ``stale`` / ``silent_while_lagging`` / ``no_data`` / ``unknown`` / ``missing`` /
+``unreachable`` / ``read_error``) with a severity and a message."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+
+import msgspec
+
+from loom_dagster.core.sensor_settings import SinkFreshness
+from loom_dagster.core.sinks.reading import ReadStatus, SinkReading
+
+
+class FreshnessStatus(StrEnum):
+    """Freshness of one sink (see ``evaluate_freshness``)."""
+
+    FRESH = "fresh"
+    LATE = "late"
+    STALE = "stale"
+    SILENT_WHILE_LAGGING = "silent_while_lagging"
+    NO_DATA = "no_data"
+    UNKNOWN = "unknown"
+    MISSING = "missing"
+    UNREACHABLE = "unreachable"
+    READ_ERROR = "read_error"
+
+
+class Severity(StrEnum):
+    """Severity of a failed freshness verdict (maps to Dagster's ``AssetCheckSeverity``)."""
+
+    WARN = "WARN"
+    ERROR = "ERROR"
+
+
+class SourceLag(msgspec.Struct, frozen=True):
+    """The latest Kafka lag known for a flow writing a sink: its total offset lag and, when the lag check
+    read it, its delay (``max_delay_s``: the age of its oldest unconsumed message; ``delay_unknown``:
+    lagging partitions whose delay was not read, so ``max_delay_s`` is only a lower bound)."""
+
+    flow_key: str
+    total_lag: int
+    evaluated_at: float
+    max_delay_s: float | None = None
+    delay_unknown: int = 0
+
+    @property
+    def delay_known(self) -> bool:
+        """Whether ``max_delay_s`` covers every partition of the flow."""
+        return self.max_delay_s is not None and self.delay_unknown == 0
+
+
+class FreshnessVerdict(msgspec.Struct, frozen=True):
+    """Freshness of one sink at ``now``: status, pass/fail, severity and a human message."""
+
+    asset_key: str
+    status: FreshnessStatus
+    passed: bool
+    severity: Severity | None
+    message: str
+    age_s: float | None
+    last_data_at: float | None
+    freshness: SinkFreshness
+    source_lag: SourceLag | None = None
+
+
+def evaluate_freshness(
+    reading: SinkReading,
+    *,
+    last_data_at: float | None,
+    now: float,
+    freshness: SinkFreshness,
+    lags: Sequence[SourceLag] = (),
+) -> FreshnessVerdict:
+    """Freshness of a sink at *now*, given when data last landed and the lag of its writing flows.
+
+    fresh: new data within ``warn_after_s`` (passed). late: none for longer (WARN). stale: none for
+    longer than ``fail_after_s`` (ERROR). silent_while_lagging: none for longer than ``warn_after_s``
+    while a writing flow's source delay (age of its oldest unconsumed message) is also longer than
+    ``warn_after_s``, however small its offset lag (ERROR); where the delay is unknown (not read, or not
+    for every partition), while the source has offset lag > 0. A source whose whole delay is known and
+    within the window is no reason (data did arrive, recently). no_data: the table exists but holds no
+    data (WARN).
+    unknown: it holds data but nothing says when it landed (WARN).
+    missing: the table does not exist (WARN). unreachable / read_error: cannot read it (ERROR).
+    """
+
+    def verdict(status: FreshnessStatus, severity: Severity | None, message: str) -> FreshnessVerdict:
+        age = max(0.0, now - last_data_at) if last_data_at is not None else None
+        return FreshnessVerdict(
+            reading.asset_key, status, severity is None, severity, message, age, last_data_at, freshness, lag
+        )
+
+    silent_cause = _silent_cause(lags, freshness.warn_after_s)
+    lag = silent_cause or max(lags, key=lambda x: x.total_lag, default=None)
+    lag = lag if lag is not None and lag.total_lag > 0 else None
+    if reading.status is not ReadStatus.OK:
+        return _unreadable(reading, verdict)
+    if not reading.has_data:
+        return verdict(FreshnessStatus.NO_DATA, Severity.WARN, f"{reading.asset_key} holds no data yet")
+    if last_data_at is None:
+        return verdict(
+            FreshnessStatus.UNKNOWN,
+            Severity.WARN,
+            f"{reading.asset_key} holds data but its metadata does not say when it last landed: configure "
+            "SinkHealthSettings.sql_timestamp_columns for it, or let the sink health sensor watch it",
+        )
+    age = max(0.0, now - last_data_at)
+    since = f"no new data for {_duration(age)}"
+    if age <= freshness.warn_after_s:
+        return verdict(FreshnessStatus.FRESH, None, f"new data {_duration(age)} ago")
+    if silent_cause is not None:
+        cause = silent_cause
+        measured = _duration(max(0.0, now - cause.evaluated_at))
+        if cause.max_delay_s is not None and cause.max_delay_s > freshness.warn_after_s:
+            why = (
+                f"flow {cause.flow_key}'s oldest unconsumed message is {_duration(cause.max_delay_s)} old "
+                f"(delay {cause.max_delay_s:.0f} s > warn_after_s {freshness.warn_after_s:g}; "
+                f"{cause.total_lag} message(s) behind; measured {measured} ago)"
+            )
+        else:
+            why = (
+                f"flow {cause.flow_key} is {cause.total_lag} message(s) behind (lag measured {measured} ago)"
+            )
+        return verdict(
+            FreshnessStatus.SILENT_WHILE_LAGGING,
+            Severity.ERROR,
+            f"sink silent while its source lags: {since} while {why}",
+        )
+    if age > freshness.fail_after_s:
+        return verdict(
+            FreshnessStatus.STALE, Severity.ERROR, f"{since} (fail after {_duration(freshness.fail_after_s)})"
+        )
+    return verdict(
+        FreshnessStatus.LATE, Severity.WARN, f"{since} (warn after {_duration(freshness.warn_after_s)})"
+    )
+
+
+def _silent_cause(lags: Sequence[SourceLag], window_s: float) -> SourceLag | None:
+    """The writing flow that makes a silent sink a failure: the one with the oldest unconsumed message
+    beyond *window_s*; else, among flows whose delay is not fully known, the most lagging one with
+    offset lag > 0; else none (every lagging flow's delay is known and within the window)."""
+    delayed = [x for x in lags if x.max_delay_s is not None and x.max_delay_s > window_s]
+    if delayed:
+        return max(delayed, key=lambda x: x.max_delay_s or 0.0)
+    unknown = [x for x in lags if x.total_lag > 0 and not x.delay_known]
+    return max(unknown, key=lambda x: x.total_lag, default=None)
+
+
+def _unreadable(
+    reading: SinkReading, verdict: Callable[[FreshnessStatus, Severity | None, str], FreshnessVerdict]
+) -> FreshnessVerdict:
+    error = reading.error or reading.status.value
+    if reading.status is ReadStatus.MISSING:
+        return verdict(FreshnessStatus.MISSING, Severity.WARN, f"table missing: {error}")
+    if reading.status is ReadStatus.UNREACHABLE:
+        return verdict(FreshnessStatus.UNREACHABLE, Severity.ERROR, f"unreachable: {error}")
+    return verdict(FreshnessStatus.READ_ERROR, Severity.ERROR, f"cannot read: {error}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"

@@ -1,0 +1,1 @@
+"""End to end under ``dagster dev``, the daemon, the webserver and headless Chromium (slow)."""
