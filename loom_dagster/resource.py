@@ -10,12 +10,8 @@ from pydantic import Field
 from loom_dagster.core.deploy.deployer import DeployObserver, DeployOptions, FlowDeployer
 from loom_dagster.core.deploy.launch_records import LOCAL_LAUNCHER
 from loom_dagster.core.deploy.store import DeploymentStore
+from loom_dagster.core.job.logs import DEFAULT_LOG_MAX_BYTES, DEFAULT_LOG_MAX_FILES
 from loom_dagster.core.launchers.base import Launcher
-from loom_dagster.core.launchers.local import (
-    DEFAULT_LOG_MAX_BYTES,
-    DEFAULT_LOG_MAX_FILES,
-    LocalProcessLauncher,
-)
 from loom_dagster.core.launchers.registry import KUBERNETES_LAUNCHER, canonical_path, load_launcher
 
 
@@ -86,7 +82,7 @@ class LoomDeployResource(dg.ConfigurableResource):
     launcher: str = Field(
         default=LOCAL_LAUNCHER,
         description="Where jobs run: 'local' (detached processes on this host), 'kubernetes' (a StatefulSet "
-        "per flow, state in the cluster), or 'package.module:Class', a loom_dagster.core.launchers.Launcher "
+        "per flow, state in the cluster), or 'package.module:Class', a loom_dagster.Launcher "
         "subclass built with launcher_config as keyword arguments.",
     )
     launcher_config: dict[str, Any] = Field(
@@ -118,13 +114,13 @@ class LoomDeployResource(dg.ConfigurableResource):
         """The launcher this resource names, configured."""
         config = dict(self.launcher_config)
         if canonical_path(self.launcher) == canonical_path(LOCAL_LAUNCHER):
-            local = LocalProcessLauncher(
-                self.python_executable,
-                heartbeat_timeout_s=self.heartbeat_timeout_s,
-                log_max_bytes=self.log_max_bytes,
-                log_max_files=self.log_max_files,
-            )
-            config = {**local.config(), **config}
+            config = {
+                "python": self.python_executable,
+                "heartbeat_timeout_s": self.heartbeat_timeout_s,
+                "log_max_bytes": self.log_max_bytes,
+                "log_max_files": self.log_max_files,
+                **config,
+            }
         elif canonical_path(self.launcher) == canonical_path(KUBERNETES_LAUNCHER):
             # the pods' grace period and liveness follow the resource's timeouts unless set for the launcher
             config = {

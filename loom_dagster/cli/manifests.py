@@ -1,4 +1,7 @@
-"""``loom-dagster manifests FLOW -m MODULE``: the exact objects a Kubernetes deploy of FLOW would apply.
+"""``loom-dagster manifests``: the exact objects a Kubernetes deploy of FLOW would apply.
+
+    loom-dagster manifests orders -m my_location.definitions > orders.yaml
+    loom-dagster manifests --rbac --read-only
 
 Like ``helm template``: nothing is applied and no cluster is contacted. The flow is compiled with the
 code location's own spec (so its config files, environment and processes are the deploy's), and the
@@ -28,9 +31,11 @@ from loom_dagster.core.deploy.deployer import config_hash_of_contents, launch_re
 from loom_dagster.core.deploy.store import read_config_files
 from loom_dagster.core.errors import LoomDagsterError
 from loom_dagster.core.flows.catalog import compile_spec
+from loom_dagster.core.flows.defs_state import forced_refresh
 from loom_dagster.core.flows.spec import LoomFlowSpec
 from loom_dagster.core.launchers.kubernetes.manifests import config_map_name, config_mount, flow_manifests
 from loom_dagster.core.launchers.kubernetes.settings import KubernetesSettings
+from loom_dagster.core.launchers.kubernetes.store import checked_texts
 from loom_dagster.core.launchers.registry import KUBERNETES_LAUNCHER, canonical_path
 
 
@@ -45,8 +50,8 @@ def rbac_role(read_only: bool = False) -> str:
     return (files("loom_dagster.core.launchers.kubernetes") / name).read_text()
 
 
-def add_manifests_parser(commands: Any) -> None:
-    """``manifests`` under the ``loom-dagster`` parser."""
+def add_parser(commands: Any) -> None:
+    """Register ``manifests`` on the ``loom-dagster`` sub-command parser *commands*."""
     parser = commands.add_parser("manifests", help="print the Kubernetes objects a deploy of FLOW applies")
     parser.add_argument("flow", nargs="?")
     where = parser.add_mutually_exclusive_group()
@@ -96,8 +101,6 @@ def render(
     Example:
         >>> render(LoomFlowSpec("flows.orders:flow", config="config"), KubernetesSettings())  # doctest: +SKIP
     """
-    from loom_dagster.core.launchers.kubernetes.store import checked_texts
-
     compiled = compile_spec(spec, environment)
     request = launch_request(spec, compiled, run_id=None)
     contents = read_config_files(request.config_files)
@@ -115,8 +118,6 @@ def render(
 def _run_location(module: str | None, file: str | None) -> tuple[dict[str, Any], dict[str, LoomFlowSpec]]:
     """Run the code location (compiling every flow, as ``loom-dagster refresh`` does); return its
     module namespace and the loom flow specs its definitions load, by flow name."""
-    from loom_dagster.core.flows.defs_state import forced_refresh
-
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as dagster does for -m / -f
     with forced_refresh() as loads:
@@ -136,7 +137,7 @@ def _run_location(module: str | None, file: str | None) -> tuple[dict[str, Any],
 
 
 def _definitions(namespace: dict[str, Any]) -> list[Any]:
-    import dagster as dg
+    import dagster as dg  # deferred: Dagster takes a second to import, and only this path needs it
 
     return [value for value in namespace.values() if isinstance(value, dg.Definitions)]
 
@@ -147,7 +148,7 @@ def _settings(raw: str | None, namespace: dict[str, Any]) -> KubernetesSettings:
             return KubernetesSettings.from_config(json.loads(raw))
         except Exception as exc:
             raise ManifestsError(f"--launcher-config: {exc}") from exc
-    from loom_dagster.resource import LoomDeployResource
+    from loom_dagster.resource import LoomDeployResource  # deferred: it imports Dagster (see _definitions)
 
     for defs in _definitions(namespace):
         for resource in (defs.resources or {}).values():

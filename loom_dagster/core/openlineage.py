@@ -52,6 +52,7 @@ from loom_dagster.core.deploy.deployer import DeployObserver, DeployResult
 from loom_dagster.core.deploy.store import Deployment, DeploymentStore
 from loom_dagster.core.flows.columns import payload_columns
 from loom_dagster.core.flows.records import LoomColumn, LoomStorageSink, SinkBackend
+from loom_dagster.core.job.failure import clip
 from loom_dagster.core.redact import redact_text, strip_userinfo
 
 if TYPE_CHECKING:
@@ -460,7 +461,9 @@ def build_event(
     }
     if error is not None:
         run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
-            message=_clip(redact_text(error)), programmingLanguage="PYTHON", producer=producer
+            message=clip(redact_text(error), MAX_ERROR_CHARS, keep_tail=False),
+            programmingLanguage="PYTHON",
+            producer=producer,
         )
     when = datetime.fromtimestamp(time.time() if at is None else at, tz=UTC)
     return RunEvent(
@@ -483,10 +486,6 @@ def _version(distribution: str) -> str:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
 def build_client(settings: OpenLineageSettings) -> OpenLineageClient:

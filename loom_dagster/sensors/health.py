@@ -1,23 +1,12 @@
 """Job health sensor (a reconciler): observe every deployed flow, report ``job_running``, restart dead
 or hung jobs with exponential backoff and a cap on restarts per window; never restart an undeployed flow.
 
-Deterministic failures are not restarted at all:
-
-- a job that exited 2 (bad input: import, config, compile, deploy check) fails the check with
-  "bad input: restarting won't help: <reason>";
-- a flow whose job dies with the same error twice in a row (within ``restart_window_s``) fails it with
-  "failed N times with the same error; restarting won't help until the cause is fixed: <error>".
-  A *death* is a deployed job found dead with a final error (exit 1), or a restart run (one this
-  sensor requested) that failed, e.g. because the relaunched job died before its health gate or a
-  pre-launch check refused it. Errors are compared by :func:`error_signature` (first line, digits
-  masked). Deaths without an error (SIGKILL) or before the first poll (exit 3: broker unreachable,
-  the job's HTTP port taken; often transient) never count, and keep the backoff/cap behaviour.
-
-Both halts hold until a new deployment (a materialization that succeeds) replaces the failed one.
+The policy (the verdict on a job, backoff, cap, halts on bad input or the same error twice) is
+``loom_dagster.core.deploy.restart_policy`` (no Dagster); this module reads the launcher's reports and
+the sensor's restart runs, and turns the decisions into Dagster events: observations, the ``job_running``
+check, restart run requests, log lines, the cursor (``restart_policy.RestartState`` per flow).
 """
 
-import json
-import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,89 +18,43 @@ from loom_dagster.asset_check_names import JOB_RUNNING, RESTART_TAG
 from loom_dagster.asset_graph import LoomAssetGraph
 from loom_dagster.core.deploy.launch_records import JobReport, JobState
 from loom_dagster.core.deploy.orphans import FenceTarget, Orphan, OrphanReport, find_orphans
+from loom_dagster.core.deploy.regression_watch import WatchedJob
+from loom_dagster.core.deploy.restart_policy import (
+    MAX_ERROR_CHARS,
+    Death,
+    JobVerdict,
+    RestartState,
+    active_sink_error,
+    decide,
+    dump_cursor,
+    judge,
+    load_cursor,
+    run_death,
+)
 from loom_dagster.core.deploy.store import Deployment, DeploymentStore
 from loom_dagster.core.flows.defs_state import Lazy
-from loom_dagster.core.job.status import EXIT_BAD_INPUT, EXIT_FLOW_FAILED, SinkError, describe_exit_code
+from loom_dagster.core.job.failure import clip
 from loom_dagster.core.kafka.cluster import cluster_for
 from loom_dagster.core.launchers.base import Launcher
 from loom_dagster.core.redact import redact_text
 from loom_dagster.core.sensor_settings import JobHealthSettings
 from loom_dagster.resource import LoomDeployResource
 from loom_dagster.sensors.check_ops import declared_check_ops
-from loom_dagster.sensors.regression import RegressionWatch, Watched
+from loom_dagster.sensors.regression import RegressionWatch
 
 FLOW_TAG = "loom/flow"
-SAME_ERROR_LIMIT = 2
-"""Deaths in a row with the same error after which restarts stop (until a new deployment)."""
-MAX_ERROR_CHARS = 2000
-"""Cap of an error text kept in the cursor and shown in a check description."""
-_REMEMBERED_DEATHS = 20
-
-
-class RestartState(msgspec.Struct):
-    """Per-flow restart bookkeeping kept in the sensor cursor.
-
-    ``deaths`` are the keys of deaths already counted (``job:<pids>@<start>`` or ``run:<id>``);
-    ``same_error_deaths`` counts the last deaths in a row whose ``last_signature`` is equal;
-    ``halted`` says why restarts stopped, until the deployment differs from ``halted_deployment``.
-    """
-
-    restarts: list[float] = msgspec.field(default_factory=list)
-    consecutive: int = 0
-    next_restart_at: float = 0.0
-    gave_up: bool = False
-    deaths: list[str] = msgspec.field(default_factory=list)
-    last_signature: str | None = None
-    last_error: str | None = None
-    last_death_at: float = 0.0
-    same_error_deaths: int = 0
-    halted: str | None = None
-    halted_deployment: str | None = None
-    watch: dict[str, Any] = msgspec.field(default_factory=dict)
-    """The regression watch of the current deployment (``progress.WatchState``; empty when off)."""
-
-
-class Death(msgspec.Struct, frozen=True):
-    """One failure of a flow's job: where it was seen, its error, and whether it is bad input."""
-
-    key: str
-    error: str
-    signature: str | None
-    bad_input: bool = False
 
 
 class FlowHealth(msgspec.Struct, frozen=True):
-    """What one tick concluded for one flow."""
+    """What one look concluded for one flow: the policy's verdict and the observation's metadata."""
 
-    flow_name: str
     asset_key: dg.AssetKey
-    passed: bool
-    severity: dg.AssetCheckSeverity
-    description: str
+    verdict: JobVerdict
     metadata: dict[str, Any]
-    restart_reason: str | None = None
-    death: Death | None = None
 
-
-_STATE_FIELDS = frozenset(f.name for f in msgspec.structs.fields(RestartState))
-
-
-def load_cursor(raw: str | None) -> dict[str, RestartState]:
-    """Restart states from a sensor cursor (empty on a first tick or a corrupt cursor; older cursors
-    lacking newer fields get their defaults)."""
-    try:
-        data = json.loads(raw) if raw else {}
-        return {
-            name: RestartState(**{k: v for k, v in state.items() if k in _STATE_FIELDS})
-            for name, state in data.items()
-        }
-    except (ValueError, TypeError, AttributeError):
-        return {}
-
-
-def dump_cursor(states: dict[str, RestartState]) -> str:
-    """Sensor cursor for restart states."""
-    return json.dumps({name: msgspec.structs.asdict(state) for name, state in states.items()}, sort_keys=True)
+    @property
+    def severity(self) -> dg.AssetCheckSeverity:
+        return dg.AssetCheckSeverity(self.verdict.severity.value)
 
 
 def assess(
@@ -123,116 +66,7 @@ def assess(
 ) -> FlowHealth:
     """Health of one deployed flow from the launcher's report (and uptime) and the job's status records."""
     metadata = job_metadata(deployment, report, uptime_s)
-    name = deployment.flow_name
-    if deployment.stopped_on_purpose:
-        return FlowHealth(
-            name,
-            asset_key,
-            False,
-            dg.AssetCheckSeverity.WARN,
-            f"stopped on purpose by {deployment.stopped_by}; not restarted (materialize to deploy again)",
-            metadata,
-        )
-    if report.state is JobState.HEALTHY:
-        return FlowHealth(
-            name, asset_key, True, dg.AssetCheckSeverity.ERROR, "running and connected", metadata
-        )
-    if report.state is JobState.STARTING and time.time() - deployment.job.started_at < starting_grace_s:
-        return FlowHealth(name, asset_key, True, dg.AssetCheckSeverity.WARN, "starting", metadata)
-    death = job_death(deployment, report) if report.state is JobState.DEAD else None
-    if death is not None and death.bad_input:
-        reason = f"bad input: restarting won't help: {death.error}"
-        return FlowHealth(name, asset_key, False, dg.AssetCheckSeverity.ERROR, reason, metadata, death=death)
-    reason = f"{report.state.value}: {_headline(report)}"
-    if report.self_healing:  # the platform restarts it (Kubernetes): report, relaunch nothing
-        reason += "; the platform restarts it, not this sensor"
-        return FlowHealth(name, asset_key, False, dg.AssetCheckSeverity.ERROR, reason, metadata, death=death)
-    return FlowHealth(
-        name,
-        asset_key,
-        False,
-        dg.AssetCheckSeverity.ERROR,
-        reason,
-        metadata,
-        restart_reason=reason,
-        death=death,
-    )
-
-
-def _headline(report: JobReport) -> str:
-    """The job's failure in one phrase: the sink that could not write, else the launcher's reason."""
-    sink_error = active_sink_error(report.statuses)
-    if sink_error is None:
-        return report.reason
-    codes = sorted({int(s["exit_code"]) for s in report.statuses if s.get("exit_code") is not None})
-    exited = "; ".join(f"the job exited {code} ({describe_exit_code(code)})" for code in codes)
-    return f"{sink_error.summary()} (last at {_clock(sink_error.at)})" + (f"; {exited}" if exited else "")
-
-
-def active_sink_error(statuses: Sequence[Mapping[str, Any]]) -> SinkError | None:
-    """The most recent sink error of the job's processes that no later write to that sink cleared."""
-    errors = [SinkError.from_dict(status.get("sink_error")) for status in statuses]
-    active = [error for error in errors if error is not None and error.active]
-    return max(active, key=lambda error: error.at, default=None)
-
-
-def job_death(deployment: Deployment, report: JobReport) -> Death | None:
-    """The death of a dead job, from its processes' final records (``None`` if none has one)."""
-    failed = [s for s in report.statuses if s.get("state") == "failed" and s.get("exit_code") is not None]
-    if not failed:
-        return None
-    status = next((s for s in failed if s.get("exit_code") == EXIT_BAD_INPUT), failed[0])
-    code = int(status["exit_code"])
-    error = _clip(redact_text(str(status.get("error") or describe_exit_code(code))), MAX_ERROR_CHARS)
-    signature = error_signature(error) if code == EXIT_FLOW_FAILED else None
-    return Death(f"job:{deployment_key(deployment)}", error, signature, bad_input=code == EXIT_BAD_INPUT)
-
-
-def deployment_key(deployment: Deployment) -> str:
-    """Identity of one launch of a flow's job (a restart or a new deployment changes it)."""
-    pids = ",".join(str(p.pid) for p in deployment.job.processes)
-    return f"{pids}@{deployment.job.started_at:.3f}"
-
-
-_CUT = re.compile(r" \(while: | \| |\n|\[SQL: |\[parameters: ")
-_PHASE = re.compile(r"^(?:failed at run time|failed before its first poll|failed while draining after \w+): ")
-_EXIT = re.compile(r"\bexit(?:ed with code)? (-?\d+)(?: \([^)]*\))?: ")
-
-
-def error_signature(text: str) -> str:
-    """What two failures must share to count as "the same error": the first line of the error (no
-    ``(while: ...)`` context, SQL or parameters), without the run phase, digits masked.
-
-    Example:
-        >>> error_signature("failed at run time: sink 'rows' failed to write: OperationalError: "
-        ...                 "no such table: rows (while: ...) | [parameters: [('i0', 0)]]")
-        "sink 'rows' failed to write: OperationalError: no such table: rows"
-    """
-    head = _CUT.split(text.strip(), maxsplit=1)[0]
-    head = _PHASE.sub("", head.strip())
-    head = re.sub(r"\d+", "#", head)
-    return re.sub(r"\s+", " ", head).strip().rstrip(").;: ")[:300]
-
-
-def run_death(run_id: str, message: str) -> Death:
-    """The death a failed restart run stands for: the relaunched job's final error when the message
-    carries one (``exit N: <error>``), else the run's own error (e.g. a pre-launch check)."""
-    text = _clip(redact_text(message), MAX_ERROR_CHARS)
-    found = _EXIT.search(text)
-    if found is None:
-        return Death(f"run:{run_id}", text, error_signature(text))
-    code = int(found.group(1))
-    error = text[found.end() :]
-    signature = error_signature(error) if code == EXIT_FLOW_FAILED else None
-    return Death(f"run:{run_id}", text, signature, bad_input=code == EXIT_BAD_INPUT)
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _clock(at: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+    return FlowHealth(asset_key, judge(deployment, report, starting_grace_s), metadata)
 
 
 def job_metadata(deployment: Deployment, report: JobReport, uptime_s: float | None = None) -> dict[str, Any]:
@@ -281,90 +115,8 @@ def _failure_metadata(statuses: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if exits:
         metadata["loom/exit_code"] = dg.MetadataValue.int(int(exits[0]["exit_code"]))
         text = "\n".join(redact_text(str(s["error"])) for s in exits)
-        metadata["loom/error"] = dg.MetadataValue.text(_clip(text, MAX_ERROR_CHARS))
+        metadata["loom/error"] = dg.MetadataValue.text(clip(text, MAX_ERROR_CHARS, keep_tail=False))
     return metadata
-
-
-def plan_restart(
-    state: RestartState, settings: JobHealthSettings, now: float, run_in_progress: bool
-) -> tuple[bool, str | None]:
-    """Whether to restart now; and, when not, why (backoff, cap, a restart run still in progress)."""
-    if not settings.restart:
-        return False, "automatic restarts are disabled"
-    if run_in_progress:
-        return False, "a restart run is still queued or running"
-    state.restarts = [t for t in state.restarts if now - t < settings.restart_window_s]
-    if len(state.restarts) >= settings.max_restarts:
-        state.gave_up = True
-        return False, (
-            f"restart cap reached: {len(state.restarts)} restarts in the last "
-            f"{settings.restart_window_s:.0f}s; not restarting again until the window clears"
-        )
-    state.gave_up = False
-    if now < state.next_restart_at:
-        return False, f"backing off; next restart in {state.next_restart_at - now:.0f}s"
-    return True, None
-
-
-def count_death(state: RestartState, death: Death, now: float, window_s: float) -> bool:
-    """Count ``death`` once (by key); extend or restart the same-error streak. True if it was new."""
-    if death.key in state.deaths:
-        return False
-    state.deaths = [*state.deaths, death.key][-_REMEMBERED_DEATHS:]
-    recent = now - state.last_death_at < window_s
-    if death.signature is not None and death.signature == state.last_signature and recent:
-        state.same_error_deaths += 1
-    else:
-        state.same_error_deaths = 1 if death.signature is not None else 0
-    state.last_signature = death.signature
-    state.last_error = death.error
-    state.last_death_at = now
-    return True
-
-
-def halt_reason(state: RestartState, death: Death | None) -> str | None:
-    """Why restarting cannot help (bad input, the same error again), or ``None``."""
-    if death is not None and death.bad_input:
-        return f"bad input: restarting won't help: {death.error}"
-    if state.same_error_deaths >= SAME_ERROR_LIMIT:
-        return (
-            f"failed {state.same_error_deaths} times with the same error; restarting won't help until "
-            f"the cause is fixed: {state.last_error}"
-        )
-    return None
-
-
-def update_halt(state: RestartState, deployment: str, death: Death | None) -> None:
-    """Clear a halt when the deployment changed since; halt when the latest death says so."""
-    if state.halted is not None and state.halted_deployment != deployment:
-        state.halted = state.halted_deployment = state.last_signature = state.last_error = None
-        state.same_error_deaths = 0
-    reason = halt_reason(state, death)
-    if reason is not None and state.halted is None:
-        state.halted, state.halted_deployment = reason, deployment
-
-
-def reset_backoff_when_stable(
-    state: RestartState, settings: JobHealthSettings, now: float, job_started_at: float
-) -> bool:
-    """Start the backoff over once the running job has been healthy for ``backoff_reset_after_s``.
-
-    One healthy tick is not enough: a job that dies seconds after each start would otherwise be
-    restarted at the initial backoff every time, until the cap.
-    """
-    if now - job_started_at < settings.backoff_reset_after_s:
-        return False
-    state.consecutive = 0
-    state.gave_up = False
-    return True
-
-
-def record_restart(state: RestartState, settings: JobHealthSettings, now: float) -> None:
-    """Book one restart: the next one waits ``initial * 2**consecutive`` seconds, capped."""
-    state.restarts.append(now)
-    delay = min(settings.backoff_max_s, settings.backoff_initial_s * (2**state.consecutive))
-    state.consecutive += 1
-    state.next_restart_at = now + delay
 
 
 def build_job_health_sensor(
@@ -400,7 +152,7 @@ def build_job_health_sensor(
         now = time.time()
         events: list[Any] = []
         requests: list[dg.RunRequest] = []
-        watched: list[Watched] = []
+        watched: list[WatchedJob] = []
         records = deployer.store.current_many(flow_keys)
         orphans = tick_orphans(deployer.store, records, fences(), context.log, deployer.launcher)
         # one read of where the jobs run serves every report (the watch below may redeploy: outside)
@@ -421,48 +173,33 @@ def build_job_health_sensor(
                 )
                 state = states.setdefault(flow_name, RestartState())
                 if watch is not None:
-                    watched.append(Watched(flow_name, key, deployment, report))
-                description = health.description
-                if health.passed and report.state is JobState.HEALTHY:
-                    reset_backoff_when_stable(state, settings, now, deployment.job.started_at)
-                in_progress = False
-                if health.death is not None or health.restart_reason is not None:
-                    in_progress = restart_in_progress(context.instance, flow_name)
-                    latest = _observe_deaths(
-                        context.instance, flow_name, state, health, now, settings, in_progress
-                    )
-                    update_halt(state, deployment_key(deployment), latest)
-                elif state.halted is not None:
-                    update_halt(state, deployment_key(deployment), None)
-                if health.restart_reason is not None and state.halted is not None:
-                    description = state.halted
-                elif health.restart_reason is not None:
-                    restart, why_not = plan_restart(state, settings, now, in_progress)
-                    if restart:
-                        request = dg.RunRequest(
+                    watched.append(WatchedJob(flow_name, deployment, report))
+                verdict = health.verdict
+                decision = decide(
+                    state, verdict, settings, now, DagsterRestartRuns(context.instance, flow_name)
+                )
+                if decision.restart and verdict.restart_reason is not None:
+                    requests.append(
+                        dg.RunRequest(
                             run_key=f"loom-restart-{flow_name}-{int(now * 1000)}",
                             asset_selection=[key],
                             tags={
                                 RESTART_TAG: "true",
                                 FLOW_TAG: flow_name,
-                                "loom/restart_reason": health.restart_reason[:200],
+                                "loom/restart_reason": verdict.restart_reason[:200],
                             },
                         )
-                        requests.append(request)
-                        record_restart(state, settings, now)
-                        description += f"; restart requested (#{len(state.restarts)} in window)"
-                        context.log.info(f"restarting flow {flow_name!r}: {health.restart_reason}")
-                    elif why_not:
-                        description += f"; {why_not}"
+                    )
+                    context.log.info(f"restarting flow {flow_name!r}: {verdict.restart_reason}")
                 events.append(dg.AssetObservation(asset_key=key, metadata=health.metadata))
                 events.append(
                     dg.AssetCheckEvaluation(
                         asset_key=key,
                         check_name=JOB_RUNNING,
-                        passed=health.passed,
-                        severity=dg.AssetCheckSeverity.ERROR if state.gave_up else health.severity,
-                        description=description,
-                        metadata=_check_metadata(report, health, state, description),
+                        passed=verdict.passed,
+                        severity=dg.AssetCheckSeverity(decision.severity.value),
+                        description=decision.description,
+                        metadata=_check_metadata(report, health, state, decision.description),
                     )
                 )
         if watch is not None:  # after a deploy: roll back once a new version that stalls
@@ -472,24 +209,18 @@ def build_job_health_sensor(
     return _sensor
 
 
-def _observe_deaths(
-    instance: dg.DagsterInstance,
-    flow_name: str,
-    state: RestartState,
-    health: FlowHealth,
-    now: float,
-    settings: JobHealthSettings,
-    in_progress: bool,
-) -> Death | None:
-    """Count this tick's deaths (the dead job, then a restart run that failed since); the latest."""
-    latest = None
-    if health.death is not None:
-        count_death(state, health.death, now, settings.restart_window_s)
-        latest = health.death
-    failed = None if in_progress else last_failed_restart(instance, flow_name, state.last_death_at)
-    if failed is not None and count_death(state, failed, now, settings.restart_window_s):
-        latest = failed
-    return latest
+class DagsterRestartRuns:
+    """The restart runs of one flow (``restart_policy.RestartRuns``), read from the Dagster instance."""
+
+    def __init__(self, instance: dg.DagsterInstance, flow_name: str) -> None:
+        self.instance = instance
+        self.flow_name = flow_name
+
+    def in_progress(self) -> bool:
+        return restart_in_progress(self.instance, self.flow_name)
+
+    def last_failed(self, since: float) -> Death | None:
+        return last_failed_restart(self.instance, self.flow_name, since)
 
 
 def _check_metadata(
@@ -497,7 +228,7 @@ def _check_metadata(
 ) -> dict[str, Any]:
     """``job_running`` metadata: state, detail, and the failure's sink / error / streak when failing."""
     metadata: dict[str, Any] = {"loom/state": report.state.value, "loom/detail": detail}
-    if health.passed:
+    if health.verdict.passed:
         return metadata
     for name in ("loom/sink_error/sink", "loom/sink_error", "loom/exit_code", "loom/error"):
         if name in health.metadata:
@@ -612,9 +343,9 @@ def one_shot_result(deployer: Any, flow_name: str, key: dg.AssetKey, grace_s: fl
     return dg.AssetCheckResult(
         asset_key=key,
         check_name=JOB_RUNNING,
-        passed=health.passed,
+        passed=health.verdict.passed,
         severity=health.severity,
-        description=health.description,
+        description=health.verdict.description,
         metadata=health.metadata,
     )
 
@@ -686,6 +417,6 @@ def orphan_evaluation(key: dg.AssetKey, orphans: Sequence[Orphan], state_dir: An
         check_name=JOB_RUNNING,
         passed=False,
         severity=dg.AssetCheckSeverity.ERROR,
-        description=_clip(description, MAX_ERROR_CHARS),
+        description=clip(description, MAX_ERROR_CHARS, keep_tail=False),
         metadata=metadata,
     )

@@ -42,9 +42,7 @@ def test_every_old_path_is_its_new_module_with_a_warning() -> None:
     for old, (same, spec_name, name, warned) in seen.items():
         new = MOVED[old]
         assert (same, spec_name, name) == (True, new, new), old
-        assert f"{old} moved to {new}; import it from there (or from loom_dagster)" in warned, (
-            old
-        )
+        assert f"{old} moved to {new}; import it from there (or from loom_dagster)" in warned, old
 
 
 def test_a_module_of_a_moved_package_is_loaded_once() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-import loom_dagster.core.launchers.base as launchers_base
+import loom_dagster.core.launchers.registry as launcher_registry
 from loom_dagster import DeploymentStore, build_loom_asset_graph, build_loom_defs
 from loom_dagster.core.deploy.store import Deployment
 from loom_dagster.core.errors import DeploymentError
@@ -55,7 +55,7 @@ def install_test_distribution(root: Path, monkeypatch: pytest.MonkeyPatch) -> No
     info = root / "site" / "loom_dagster_test_launchers-0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: loom-dagster-test-launchers\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[loom_dagster.core.launchers]\nrecording = {PATH}\n")
+    (info / "entry_points.txt").write_text(f"[loom_dagster.launchers]\nrecording = {PATH}\n")
     monkeypatch.syspath_prepend(str(info.parent))
     # the package must import where the records are read: here it lives in the repository
     path = [str(info.parent), str(ROOT), os.environ.get("PYTHONPATH", "")]
@@ -243,8 +243,8 @@ def test_an_unregistered_launcher_builds_from_code_only(
     """Code (a resource) may name an unregistered class, with a warning; a record naming it is refused
     (nothing imported), by the CLI with how to register it, until it is registered: by an entry point,
     or in one process with ``register_launcher``."""
-    monkeypatch.setattr(launchers_base, "_registered", {})
-    monkeypatch.setattr(launchers_base, "_names", {})  # what an earlier test's entry point registered
+    monkeypatch.setattr(launcher_registry, "_registered", {})
+    monkeypatch.setattr(launcher_registry, "_names", {})  # what an earlier test's entry point registered
     journal = str(tmp_path / "calls.jsonl")
     with pytest.warns(UnregisteredLauncherWarning, match="not registered under the entry point group"):
         launcher = load_launcher(PATH, {"journal": journal})

@@ -15,41 +15,17 @@ import pytest
 
 from loom_dagster import build_loom_asset_graph
 from loom_dagster.core import procfs
-from loom_dagster.core.sensor_settings import JobHealthSettings
-from loom_dagster.dev.kafka import KafkaBroker
-from loom_dagster.sensors.health import (
+from loom_dagster.core.deploy.restart_policy import (
     RestartState,
-    build_job_health_sensor,
-    plan_restart,
     record_restart,
     reset_backoff_when_stable,
 )
+from loom_dagster.core.sensor_settings import JobHealthSettings
+from loom_dagster.dev.kafka import KafkaBroker
+from loom_dagster.sensors.health import build_job_health_sensor
 from tests.support.deploy_env import DeployBench, bench_fixture, runtime_pids_for
 
 FLOW_KEY = dg.AssetKey(["loom", "ticks"])
-
-
-def test_backoff_doubles_and_the_cap_stops_restarts() -> None:
-    settings = JobHealthSettings(backoff_initial_s=10, backoff_max_s=35, max_restarts=3, restart_window_s=100)
-    state = RestartState()
-    assert plan_restart(state, settings, now=0, run_in_progress=False) == (True, None)
-    record_restart(state, settings, now=0)
-    ok, why = plan_restart(state, settings, now=5, run_in_progress=False)
-    assert not ok and why == "backing off; next restart in 5s"
-    assert plan_restart(state, settings, now=10, run_in_progress=False)[0]
-    record_restart(state, settings, now=10)
-    assert state.next_restart_at == 30  # 10 * 2
-    record_restart(state, settings, now=30)
-    assert state.next_restart_at == 30 + 35  # capped at backoff_max_s
-    ok, why = plan_restart(state, settings, now=70, run_in_progress=False)
-    assert not ok and why is not None and why.startswith("restart cap reached: 3 restarts")
-    assert state.gave_up
-    ok, _ = plan_restart(state, settings, now=135, run_in_progress=False)  # window cleared
-    assert ok and not state.gave_up
-    assert plan_restart(state, settings, now=135, run_in_progress=True) == (
-        False,
-        "a restart run is still queued or running",
-    )
 
 
 @pytest.fixture()

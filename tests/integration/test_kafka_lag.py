@@ -500,7 +500,7 @@ def test_cli_status_lag_is_the_checks_lag(bootstrap: str, topic_prefix: str) -> 
     """``loom-dagster status`` reads lag with the check's fetch and evaluation (one shot): a number when
     every partition is fine, else the lag with its status; a secured cluster is not read (no credentials
     in a record)."""
-    from loom_dagster.cli.main import source_lag
+    from loom_dagster.cli.status import source_lag
 
     (topic,) = make_topics(bootstrap, topic_prefix, ["status"], partitions=2)
     group = f"{topic_prefix}-g"

@@ -20,9 +20,10 @@ import pytest
 
 from loom_dagster import LoomFlowSpec
 from loom_dagster.assets import build_loom_asset_graph
+from loom_dagster.core.deploy.restart_policy import load_cursor
 from loom_dagster.core.sensor_settings import JobHealthSettings
 from loom_dagster.dev.kafka import KafkaBroker
-from loom_dagster.sensors.health import build_job_health_sensor, load_cursor
+from loom_dagster.sensors.health import build_job_health_sensor
 from tests.support.deploy_env import DeployBench, bench_fixture, runtime_pids_for
 from tests.support.helpers import materialization_metadata as _metadata
 from tests.support.helpers import step_failure_message as _failure_message

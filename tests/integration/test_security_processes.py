@@ -421,7 +421,7 @@ def test_local_job_serves_loopback_only_and_bounds_slow_clients(ticks_env: tuple
 def test_a_taken_port_is_a_retryable_failure(ticks_env: tuple[Path, Path]) -> None:
     """The job's port is taken: it exits 3 (failed before its first poll), not 2 (bad input), and the
     health sensor's classification keeps restarting it (no halt)."""
-    from loom_dagster.sensors.health import RestartState, halt_reason, job_death
+    from loom_dagster.core.deploy.restart_policy import RestartState, halt_reason, job_death
 
     config, state = ticks_env
     blocker = socket.socket()

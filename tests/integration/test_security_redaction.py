@@ -49,6 +49,7 @@ from hypothesis import strategies as st
 from loom_dagster import LoomDeployResource, LoomFlowSpec, build_loom_defs
 from loom_dagster.cli import main as cli
 from loom_dagster.core.deploy.launch_records import JobProcess, LaunchedJob, LaunchRequest
+from loom_dagster.core.deploy.restart_policy import job_death
 from loom_dagster.core.deploy.store import Deployment, DeploymentStore
 from loom_dagster.core.errors import DeploymentError, FlowLoadError
 from loom_dagster.core.job.failure import one_line_reason
@@ -57,7 +58,7 @@ from loom_dagster.core.job.status import STATE_FAILED, JobStatus, SinkError, rea
 from loom_dagster.core.launchers.local import LocalProcessLauncher, log_tail
 from loom_dagster.core.redact import LineRedactor, redact_mapping, redact_text
 from loom_dagster.runtime.reporter import StatusReporter
-from loom_dagster.sensors.health import job_death, job_metadata
+from loom_dagster.sensors.health import job_metadata
 from tests.conftest import shapes_config
 from tests.flows.leaky_import import LEAK_ENV
 

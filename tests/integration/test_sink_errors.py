@@ -30,22 +30,13 @@ from loom_dagster import (
     build_loom_defs,
 )
 from loom_dagster.core import procfs
+from loom_dagster.core.deploy.restart_policy import load_cursor
 from loom_dagster.core.job.status import JobStatus, SinkError, read_status
 from loom_dagster.core.sensor_settings import JobHealthSettings
 from loom_dagster.dev.kafka import KafkaBroker
 from loom_dagster.dev.produce import produce
 from loom_dagster.runtime.observer import StatusObserver
-from loom_dagster.sensors.health import (
-    Death,
-    RestartState,
-    build_job_health_sensor,
-    count_death,
-    dump_cursor,
-    error_signature,
-    load_cursor,
-    run_death,
-    update_halt,
-)
+from loom_dagster.sensors.health import build_job_health_sensor
 from tests.conftest import make_topics, write_yaml
 from tests.flows.sql_rows import Reading
 from tests.support.deploy_env import runtime_pids_for
@@ -57,77 +48,7 @@ FROZEN_TRIGGER = "CREATE TRIGGER readings_frozen BEFORE INSERT ON readings BEGIN
 NO_BACKOFF = JobHealthSettings(backoff_initial_s=0.0, backoff_max_s=0.0, max_restarts=10)
 
 
-# ----- unit tests: signatures, the death streak, the cursor, the observer
-
-
-def test_error_signature_ignores_phase_context_parameters_and_numbers() -> None:
-    first = (
-        "failed at run time: sink 'readings_sql' failed to write: OperationalError: no such table: readings "
-        "(while: (sqlite3.OperationalError) no such table: readings | [SQL: INSERT ...] | "
-        "[parameters: [('i0', 0), ('i1', 1)]])"
-    )
-    second = first.replace("'i0', 0", "'i7', 7").replace("failed at run time", "failed before its first poll")
-    assert error_signature(first) == error_signature(second)
-    assert (
-        error_signature(first)
-        == "sink 'readings_sql' failed to write: OperationalError: no such table: readings"
-    )
-    assert error_signature("no such table: a") != error_signature("no such table: b")
-
-
-def test_run_death_reads_the_relaunched_jobs_exit_code() -> None:
-    gate = (
-        "DeploymentError: the new version of flow 'readings' failed its health gate and was stopped: the job "
-        "exited during start-up: process 0 (pid 4242) is not running (failed, exit 1: failed at run time: "
-        "sink 'readings_sql' failed to write: IntegrityError: readings are frozen (while: ...)).\nlog tail"
-    )
-    death = run_death("r1", gate)
-    assert death.key == "run:r1" and not death.bad_input
-    assert death.signature == "sink 'readings_sql' failed to write: IntegrityError: readings are frozen"
-    assert run_death("r2", gate.replace("exit 1:", "exit 3:")).signature is None  # may be transient
-    assert run_death("r3", gate.replace("exit 1:", "exit 2:")).bad_input
-    refused = run_death("r4", "SinkTablesError: flow 'readings': 1 problem(s) with the tables")
-    assert refused.signature == "SinkTablesError: flow 'readings': # problem(s) with the tables"
-
-
-def test_same_error_twice_halts_until_a_new_deployment() -> None:
-    state = RestartState()
-    error = "sink 'x' failed to write: no such table: t"
-    assert count_death(state, Death("job:1@1.0", error, error_signature(error)), now=100, window_s=3600)
-    assert not count_death(state, Death("job:1@1.0", error, error_signature(error)), now=101, window_s=3600)
-    update_halt(state, "1@1.0", None)
-    assert state.halted is None and state.same_error_deaths == 1
-    count_death(state, Death("run:r1", error, error_signature(error)), now=110, window_s=3600)
-    update_halt(state, "1@1.0", None)
-    assert state.halted == (
-        "failed 2 times with the same error; restarting won't help until the cause is fixed: " + error
-    )
-    restored = load_cursor(dump_cursor({"f": state}))["f"]
-    assert restored == state
-    update_halt(restored, "1@1.0", None)  # same deployment: still halted
-    assert restored.halted is not None
-    update_halt(restored, "2@9.0", None)  # a new deployment clears it
-    assert restored.halted is None and restored.same_error_deaths == 0
-
-
-def test_streak_needs_equal_errors_within_the_window_and_an_error_at_all() -> None:
-    state = RestartState()
-    count_death(state, Death("job:a", "no such table: t", "no such table: t"), now=0, window_s=100)
-    count_death(state, Death("job:b", "other", "other"), now=10, window_s=100)
-    assert state.same_error_deaths == 1
-    count_death(state, Death("job:c", "other", "other"), now=200, window_s=100)  # window passed
-    assert state.same_error_deaths == 1
-    count_death(state, Death("job:d", "killed", None), now=210, window_s=100)  # SIGKILL: no error
-    count_death(state, Death("job:e", "killed", None), now=220, window_s=100)
-    assert state.same_error_deaths == 0
-    update_halt(state, "e", Death("job:e", "cannot load config", None, bad_input=True))
-    assert state.halted == "bad input: restarting won't help: cannot load config"
-
-
-def test_old_cursor_without_the_new_fields_still_loads() -> None:
-    old = '{"f": {"restarts": [1.0], "consecutive": 1, "next_restart_at": 5.0, "gave_up": false}}'
-    state = load_cursor(old)["f"]
-    assert state.restarts == [1.0] and state.same_error_deaths == 0 and state.halted is None
+# ----- unit test: the observer (the restart policy's own: tests/core/deploy/test_restart_policy.py)
 
 
 def test_observer_keeps_the_last_sink_error_redacted_and_marks_recovery() -> None:

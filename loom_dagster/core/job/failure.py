@@ -20,15 +20,21 @@ MAX_REASON_CHARS = 8000
 log = logging.getLogger("loom_dagster.runtime")
 
 
-def clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    """``text`` if it fits in *limit* characters, else ``head ... [N chars cut] ... tail``.
+def clip(text: str, limit: int = MAX_REASON_CHARS, *, keep_tail: bool = True) -> str:
+    """``text`` if it fits in *limit* characters, else ``head ... [N chars cut] ... tail``; with
+    ``keep_tail=False``, its head and ``...`` (error texts of check descriptions, OpenLineage events).
+    Never redacts: redact the text before clipping it.
 
     Example:
         >>> clip("a" * 50 + "remedy: do X", limit=42)
         'aaaaaaaaa ... [44 chars cut] ... edy: do X'
+        >>> clip("a" * 50 + "remedy: do X", limit=12, keep_tail=False)
+        'aaaaaaaaa...'
     """
     if len(text) <= limit:
         return text
+    if not keep_tail:
+        return text[: limit - 3] + "..."
     keep = limit - len(f" ... [{len(text)} chars cut] ... ")  # the widest the marker can be
     if keep <= 0:
         return text[:limit]
