@@ -1,7 +1,14 @@
 """Deploy bench: a materialization (compile, lineage check, preflight, launch, health gate) next to the
 same flow run by hand with loom's StreamingRunner, and steady-state throughput into Delta of both.
 
-    .venv/bin/python bench/deploy.py [--messages 60000] [--rounds 2]
+The flow is run by hand twice: with the logging the job runtime applies (``configure_loom_logging``, the
+call ``python -m loom_dagster.runtime`` makes), the baseline of the deployed/by-hand ratio, so that it
+measures what loom-dagster adds; and with loom's default logging (structlog left unconfigured), to
+show what the runtime's logging saves. ``--breakdown`` also runs loom's default logging with one
+setting changed at a time (events below INFO / WARNING dropped; output to /dev/null), to show which
+setting costs it.
+
+    .venv/bin/python bench/deploy.py [--messages 60000] [--rounds 2] [--breakdown]
     .venv/bin/python bench/deploy.py --smoke      # 4,000 messages, one round, no warm-up; no figures
 
 Prints figures measured side by side in this one run (no thresholds asserted here).
@@ -34,12 +41,33 @@ BUFFER = 500
 WAIT_S = {"first": 120.0, "throughput": 600.0}  # commit waits; --smoke shortens them (and still cleans up)
 SMOKE_MESSAGES = 4000  # enough for several buffer flushes between the 10% and the last-buffer marks
 BARE = """
-import sys
+import logging, os, sys
+mode = sys.argv[2]
+if mode == "runtime":  # the job runtime's own call, made before it compiles the flow
+    from loom_dagster.runtime.loom_logging import configure_loom_logging
+    configure_loom_logging(sys.stderr)
+elif mode != "default":  # loom's default logging (structlog unconfigured) with one setting changed
+    import structlog
+    if mode == "devnull":
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(open(os.devnull, "w")))
+    else:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, mode.upper())))
 from loom.streaming.bytewax import StreamingRunner
 from loom_dagster.core.flows.loading import import_flow, load_config
 flow = import_flow("tests.flows.delta_only:ticks_flow")
 StreamingRunner.from_context(flow, config=load_config([sys.argv[1]], "test"), environment="test").run()
 """
+# How the flow run by hand logs: the runtime's logging (the baseline), loom's default, and (--breakdown)
+# loom's default with one setting changed. Labels are printed as they are.
+BARE_LOGGING = {
+    "runtime": "runtime's logging",
+    "default": "loom's default logging",
+}
+BREAKDOWN = {
+    "info": "default, structlog level INFO (DEBUG events dropped)",
+    "warning": "default, structlog level WARNING (DEBUG and INFO dropped)",
+    "devnull": "default, every event rendered, written to /dev/null",
+}
 
 
 def _setup(bootstrap: str, root: Path, name: str, messages: int) -> tuple[Path, str, str]:
@@ -72,14 +100,24 @@ def _throughput(bootstrap: str, group: str, topic: str, messages: int, started: 
     return {"msgs_per_s": (c_end - c10) / max(t_end - t10, 1e-9), "measured_msgs": c_end - c10}
 
 
-def run_bare(bootstrap: str, root: Path, messages: int) -> dict[str, float]:
-    """The same flow started by hand with loom's runner: spawn -> first commit, and throughput."""
-    config, group, topic = _setup(bootstrap, root, "bare", messages)
+def _lines(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        with path.open("rb") as file:
+            total += sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
+    return total
+
+
+def run_bare(bootstrap: str, root: Path, messages: int, logging_mode: str = "runtime") -> dict[str, float]:
+    """The same flow started by hand with loom's runner (logging set up as *logging_mode* says):
+    spawn -> first commit, throughput, and log lines per message."""
+    config, group, topic = _setup(bootstrap, root, f"bare{logging_mode}", messages)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
-    log = open(root / "bare.log", "ab")  # the launched job logs to a file too: same I/O on both sides
+    log_path = root / f"bare-{logging_mode}.log"
+    log = open(log_path, "ab")  # the launched job logs to a file too: same I/O on both sides
     proc = subprocess.Popen(
-        [sys.executable, "-c", BARE, str(config / "base.yaml")],
+        [sys.executable, "-c", BARE, str(config / "base.yaml"), logging_mode],
         env=env,
         cwd=ROOT,
         stdout=log,
@@ -90,7 +128,6 @@ def run_bare(bootstrap: str, root: Path, messages: int) -> dict[str, float]:
         first, _ = wait_committed(bootstrap, group, topic, PARTITIONS, 1, WAIT_S["first"])
         result = _throughput(bootstrap, group, topic, messages, started)
         result["start_to_first_commit_s"] = first - started
-        return result
     finally:
         os.kill(proc.pid, signal.SIGINT)
         try:
@@ -99,6 +136,8 @@ def run_bare(bootstrap: str, root: Path, messages: int) -> dict[str, float]:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+    result["log_lines_per_msg"] = _lines([log_path]) / messages
+    return result
 
 
 def run_deployed(bootstrap: str, root: Path, messages: int) -> dict[str, float]:
@@ -131,50 +170,106 @@ def run_deployed(bootstrap: str, root: Path, messages: int) -> dict[str, float]:
             gate_s=float(mat.metadata["loom/gate_s"].value),  # type: ignore[arg-type]
             materialize_to_first_commit_s=first - started,
         )
-        return figures
     finally:  # whatever failed, leave no job running (nothing to stop if it never deployed)
         resource.deployer().undeploy("ticks", by="bench")
+    figures["log_lines_per_msg"] = _lines(sorted(state.rglob("job.log*"))) / messages
+    return figures
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.3f}" if b else "n/a"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=60_000)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of each; medians are shown")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds of every variant (order rotated per round); medians are shown",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the bench still runs")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also loom's default logging with one setting changed at a time",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.messages, args.rounds = SMOKE_MESSAGES, 1
         WAIT_S.update(first=60.0, throughput=60.0)
-    bare_runs: list[dict[str, float]] = []
-    deployed_runs: list[dict[str, float]] = []
+    modes = [*BARE_LOGGING, *(BREAKDOWN if args.breakdown else ())]
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in [*modes, "deployed"]}
     with KafkaBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bootstrap = broker.bootstrap_servers
         if not args.smoke:
             run_bare(bootstrap, root / "warmup", 2000)  # warm the page cache and the broker
-        for n in range(args.rounds):  # alternate, so drift in machine load hits both alike
-            bare_runs.append(run_bare(bootstrap, root / f"b{n}", args.messages))
-            deployed_runs.append(run_deployed(bootstrap, root / f"d{n}", args.messages))
-    bare = {k: statistics.median(r[k] for r in bare_runs) for k in bare_runs[0]}
-    deployed = {k: statistics.median(r[k] for r in deployed_runs) for k in deployed_runs[0]}
+        for n in range(args.rounds):  # each round runs every variant, in an order rotated per round,
+            order = [*modes, "deployed"]  # so drift in machine load hits all alike
+            order = order[n % len(order) :] + order[: n % len(order)]
+            for name in order:
+                where = root / f"r{n}-{name}"
+                if name == "deployed":
+                    runs[name].append(run_deployed(bootstrap, where, args.messages))
+                else:
+                    runs[name].append(run_bare(bootstrap, where, args.messages, name))
+    bare, default, deployed = _median(runs["runtime"]), _median(runs["default"]), _median(runs["deployed"])
     print(
         f"\nflow: Kafka ({PARTITIONS} partitions) -> Delta + output topic, {args.messages} messages, 1 worker; "
-        f"median of {args.rounds} alternating rounds"
+        f"median of {args.rounds} rounds (order rotated per round)"
     )
-    print(f"{'':34}{'by hand (loom runner)':>24}{'deployed (materialize)':>26}")
+    width = 28
     print(
-        f"{'start -> first commit (s)':34}{bare['start_to_first_commit_s']:>24.2f}"
-        f"{deployed['materialize_to_first_commit_s']:>26.2f}"
+        f"{'':30}{'by hand, runtime logging':>{width}}{'by hand, loom default':>{width}}{'deployed':>{width}}"
     )
-    print(f"{'deploy -> healthy (s)':34}{'-':>24}{deployed['deploy_to_healthy_s']:>26.2f}")
-    print(f"{'  of which health gate (s)':34}{'-':>24}{deployed['gate_s']:>26.2f}")
-    print(f"{'steady throughput (msgs/s)':34}{bare['msgs_per_s']:>24.0f}{deployed['msgs_per_s']:>26.0f}")
     print(
-        f"per round (msgs/s): by hand {[round(r['msgs_per_s']) for r in bare_runs]}, "
-        f"deployed {[round(r['msgs_per_s']) for r in deployed_runs]}"
+        f"{'start -> first commit (s)':30}{bare['start_to_first_commit_s']:>{width}.2f}"
+        f"{default['start_to_first_commit_s']:>{width}.2f}{deployed['materialize_to_first_commit_s']:>{width}.2f}"
     )
-    ratio = f"{deployed['msgs_per_s'] / bare['msgs_per_s']:.3f}" if bare["msgs_per_s"] else "n/a"
-    print(f"throughput ratio deployed/by hand: {ratio} (target >= 0.95)")
+    print(
+        f"{'deploy -> healthy (s)':30}{'-':>{width}}{'-':>{width}}{deployed['deploy_to_healthy_s']:>{width}.2f}"
+    )
+    print(f"{'  of which health gate (s)':30}{'-':>{width}}{'-':>{width}}{deployed['gate_s']:>{width}.2f}")
+    print(
+        f"{'steady throughput (msgs/s)':30}{bare['msgs_per_s']:>{width}.0f}"
+        f"{default['msgs_per_s']:>{width}.0f}{deployed['msgs_per_s']:>{width}.0f}"
+    )
+    print(
+        f"{'log lines per message':30}{bare['log_lines_per_msg']:>{width}.2f}"
+        f"{default['log_lines_per_msg']:>{width}.2f}{deployed['log_lines_per_msg']:>{width}.2f}"
+    )
+    print(
+        "per round (msgs/s): "
+        + ", ".join(f"{name} {[round(r['msgs_per_s']) for r in runs[name]]}" for name in runs)
+    )
+    pairs = zip(runs["deployed"], runs["runtime"], strict=True)
+    paired = ", ".join(_ratio(d["msgs_per_s"], b["msgs_per_s"]) for d, b in pairs)
+    print(
+        f"throughput ratio deployed / by hand with the runtime's logging: "
+        f"{_ratio(deployed['msgs_per_s'], bare['msgs_per_s'])} (target >= 0.95); per round [{paired}]"
+    )
+    print(
+        f"what the runtime's logging saves: by hand, runtime logging / loom default logging = "
+        f"{_ratio(bare['msgs_per_s'], default['msgs_per_s'])}; "
+        f"deployed / by hand with loom's default logging = {_ratio(deployed['msgs_per_s'], default['msgs_per_s'])}"
+    )
+    if args.breakdown:
+        print(
+            "\nloom's default logging, one setting changed at a time (by hand; median msgs/s, vs loom's default):"
+        )
+        for name in ["default", *BREAKDOWN, "runtime"]:
+            figures = _median(runs[name])
+            label = BREAKDOWN.get(name) or BARE_LOGGING[name]
+            print(
+                f"  {label:62}{figures['msgs_per_s']:>8.0f} msgs/s  x{_ratio(figures['msgs_per_s'], default['msgs_per_s'])}"
+                f"  {figures['log_lines_per_msg']:6.2f} log lines/msg"
+            )
 
 
 if __name__ == "__main__":
