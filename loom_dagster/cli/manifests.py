@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 import yaml
 
-from loom_dagster.core.deploy.deployer import config_hash_of_contents, launch_request
+from loom_dagster.core.deploy.steps import config_hash_of_contents, launch_request
 from loom_dagster.core.deploy.store import read_config_files
 from loom_dagster.core.errors import LoomDagsterError
 from loom_dagster.core.flows.catalog import compile_spec

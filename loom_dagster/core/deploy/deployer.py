@@ -1,74 +1,68 @@
-"""Deploy, redeploy, roll back and undeploy a flow: the lifecycle behind materializing a flow asset.
+"""Deploy a flow: the lifecycle behind materializing a flow asset.
 
-Deploy = compile with the run-time config -> lineage check -> loom's deploy checks -> sink tables
-checked on the real systems -> Kafka topics -> offset safety (a change of group/topics/reset measured
-on the broker) -> the consumer group's fence is free (no other job consumes the group) -> config snapshot
--> preflight of the new version in a fresh process (when a running job could be taken down) -> (flow
-lock) drain the running job -> launch -> health gate -> record. If the new job fails its gate, it is
-killed and the previous deployment is started again. Every step before the lock is a check: a failure
-there never touches the running job.
+``FlowDeployer.deploy``: compile with the run-time config and check the lineage -> the pre-launch steps
+(``loom_dagster.core.deploy.steps.PRE_LAUNCH_STEPS``: loom's deploy checks, the job's view of the config,
+sink tables, Kafka topics, the deployment record, offsets, the consumer group's fence, the config
+snapshot, the preflight) -> (flow lock) the record read again, refused if it changed -> drain the running
+job -> launch -> health gate (and progress gate) -> record. If the new job fails its gate, it is killed
+and the previous deployment is started again. Every step before the lock is a check: a failure there
+never touches the running job.
+
+Restart, roll back and undeploy (``loom_dagster.core.deploy.lifecycle``) have thin entries here; the job
+primitives they share with the deploy (drain, relaunch and wait for health, the relaunched record) are
+methods of the deployer.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
-from loom_dagster.core.checks.loom_checks import (
-    DeployChecksFailed,
-    DeployChecksReport,
-    run_flow_deploy_checks,
-)
+from loom_dagster.core.checks.loom_checks import DeployChecksReport
+from loom_dagster.core.checks.offsets import OffsetPlan
+from loom_dagster.core.deploy import lifecycle
 from loom_dagster.core.deploy.launch_records import JobReport, JobState, LaunchedJob, LaunchRequest
-from loom_dagster.core.deploy.store import (
-    ConfigFile,
-    Deployment,
-    DeploymentStore,
-    read_config_files,
-    scratch_copy,
+from loom_dagster.core.deploy.progress import (
+    ProgressGate,
+    ProgressGateFailed,
+    ProgressVerdict,
+    dead_letter_sinks,
+    previous_progress,
 )
+from loom_dagster.core.deploy.steps import (
+    PRE_LAUNCH_STEPS,
+    DeployChecks,
+    DeployContext,
+    DeployStep,
+    Log,
+    Offsets,
+    OnChecks,
+    ReadRecord,
+    StepRecord,
+    run_steps,
+)
+from loom_dagster.core.deploy.store import Deployment, DeploymentStore
 from loom_dagster.core.errors import DeploymentError
 from loom_dagster.core.flows.catalog import CompiledFlow, compile_spec
 from loom_dagster.core.flows.lineage_check import check_lineage
-from loom_dagster.core.flows.loading import ensure_on_path
 from loom_dagster.core.flows.records import LoomFlow
 from loom_dagster.core.flows.spec import LoomFlowSpec
 from loom_dagster.core.launchers.base import Launcher
 from loom_dagster.core.launchers.registry import is_launcher_of, launcher_from_ref, launcher_ref
+from loom_dagster.core.sinks.table_report import SinkTablesReport
 
-if TYPE_CHECKING:
-    # The pre-launch checks pull in Kafka, SQLAlchemy and ClickHouse clients: imported when a deploy
-    # runs them, not when a code location that only declares the deploy assets loads.
-    from loom_dagster.core.checks.offsets import OffsetPlan
-    from loom_dagster.core.checks.topics import TopicsReport
-    from loom_dagster.core.deploy.progress import ProgressGate, ProgressVerdict
-    from loom_dagster.core.sinks.table_report import SinkTablesReport
-
-Log = Callable[[str], None]
-OnChecks = Callable[[DeployChecksReport], None]
-
-
-class SinkTablesError(DeploymentError):
-    """A sink table is missing, unreachable or does not match its payload; nothing was launched."""
-
-    def __init__(self, flow_name: str, report: SinkTablesReport) -> None:
-        super().__init__(report.describe(flow_name))
-        self.report = report
-
-
-class OffsetResetRefused(DeploymentError):
-    """The new version would start from ``auto_offset_reset`` and the run did not accept it."""
-
-    def __init__(self, flow_name: str, plan: OffsetPlan) -> None:
-        super().__init__(plan.describe(flow_name))
-        self.plan = plan
+__all__ = [
+    "DeployObserver",
+    "DeployOptions",
+    "DeployResult",
+    "FlowDeployer",
+    "RecordChanged",
+    "deployment_extra",
+    "source_summary",
+]
 
 
 class DeployOptions(msgspec.Struct, frozen=True):
@@ -99,6 +93,8 @@ class DeployResult(msgspec.Struct, frozen=True):
     tables: SinkTablesReport | None = None
     offsets: OffsetPlan | None = None
     progress: ProgressVerdict | None = None
+    steps: tuple[StepRecord, ...] = ()
+    """Each pre-launch step as it ran (name, seconds, outcome), in order."""
 
 
 class DeployObserver:
@@ -131,8 +127,23 @@ class DeployObserver:
         return {}
 
 
+class RecordChanged(DeploymentError):
+    """The flow's deployment record changed between the read the pre-launch steps judged and the lock
+    (another deploy, restart, rollback or undeploy finished meanwhile); nothing was stopped or started."""
+
+    def __init__(self, flow_name: str, checked: Deployment | None, now: Deployment | None) -> None:
+        super().__init__(
+            f"the deployment record of flow {flow_name!r} changed while its pre-launch checks ran "
+            f"(checked: {_described(checked)}; now: {_described(now)}): another deploy, restart, rollback "
+            "or undeploy finished meanwhile. The offset plan, the fence and the preflight judged the record "
+            "read before them, so nothing was stopped or started. Materialize again."
+        )
+
+
 class FlowDeployer:
     """Runs the deploy lifecycle for flows with one launcher and one deployment store.
+
+    ``steps`` are the pre-launch steps a deploy runs, in order (default ``PRE_LAUNCH_STEPS``).
 
     Example:
         >>> from loom_dagster.core.launchers import LocalProcessLauncher
@@ -146,11 +157,13 @@ class FlowDeployer:
         store: DeploymentStore,
         options: DeployOptions | None = None,
         observer: DeployObserver | None = None,
+        steps: Sequence[DeployStep] = PRE_LAUNCH_STEPS,
     ):
         self.launcher = launcher
         self.store = store
         self.options = options or DeployOptions()
         self.observer = observer or DeployObserver()
+        self.steps = tuple(steps)
 
     def validate(
         self,
@@ -163,28 +176,6 @@ class FlowDeployer:
         compiled = compile_spec(spec, environment)
         check_lineage(declared, compiled.flow, sink_keys)
         return compiled
-
-    def job_view(
-        self,
-        compiled: CompiledFlow,
-        declared: LoomFlow,
-        sink_keys: dict[str, str] | None,
-        environment: str | None,
-        log: Log = print,
-    ) -> CompiledFlow:
-        """The flow as its job will compile it, for the checks that connect (tables, topics, offsets,
-        fence): *compiled* itself, unless the spec's ``env=`` reaches the job's environment only; then
-        compiled again with the config loaded in that environment, and its lineage checked too."""
-        spec = compiled.spec
-        if not spec.env:
-            return compiled
-        view = compile_spec(spec, environment, as_job=True)
-        check_lineage(declared, view.flow, sink_keys)
-        log(
-            f"the job's environment sets {', '.join(sorted(spec.env))}: the pre-launch checks connect "
-            "with the config as the job loads it"
-        )
-        return view
 
     def deploy(
         self,
@@ -204,121 +195,79 @@ class FlowDeployer:
         """
         compiled = self.validate(spec, declared, sink_keys, environment)
         log(f"compiled flow {declared.name!r} (plan {compiled.flow.plan_hash}); lineage check passed")
-        if self.options.launch:
+        launching = self.options.launch
+        if launching:
             self.observer.deploying(compiled, run_id)
-        checks = self.run_deploy_checks(compiled, on_checks, log)
-        if not self.options.launch:
-            return DeployResult(compiled=compiled, checks=checks)
-        job_view = self.job_view(compiled, declared, sink_keys, environment, log)
-        tables = self.check_tables(job_view, sink_keys, log)
-        self.check_topics(job_view, log)
-        offsets = self.check_offsets(job_view, accept_offset_reset, log)
-        from loom_dagster.core.checks.fence import check_fence
-
-        fence = check_fence(
-            job_view, self.store.current(declared.name), timeout_s=self.options.connect_timeout_s
+        ctx = DeployContext(
+            self,
+            spec,
+            compiled,
+            declared=declared,
+            sink_keys=sink_keys,
+            environment=environment,
+            run_id=run_id,
+            accept_offset_reset=accept_offset_reset,
+            log=log,
+            on_checks=on_checks,
         )
-        if fence.note:
-            log(fence.note)
-        request = self.snapshot(launch_request(spec, compiled, run_id), compiled)
-        if self.options.preflight and (self._running(declared.name) or spec.processes > 1):
-            # A running job needs protecting (without one, the health gate is the check); a cluster
-            # shape is only validated by loom when the dataflow is prepared, so check it before launch.
-            ran = self.launcher.preflight(request, self.options.preflight_timeout_s)
-            log(f"preflight passed: {ran or f'launcher {self.launcher.name!r} found nothing wrong'}")
+        started = time.monotonic()
+        run_steps(self.steps if launching else [s for s in self.steps if not s.launch_only], ctx)
+        if not launching:
+            return DeployResult(compiled=compiled, checks=ctx.checks, steps=tuple(ctx.records))
+        log(
+            f"pre-launch steps passed in {time.monotonic() - started:.2f}s: "
+            + ", ".join(record.describe() for record in ctx.records)
+        )
+        request = ctx.launch_request()
         with self.store.lock(declared.name, holder=f"run {run_id or '?'}"):
-            result = self._replace_running(compiled, request, run_id, log, offsets, job_view)
+            # Read again, once, under the lock (then passed down): the ``record`` step's read cannot see
+            # what finishes between it and the lock, and every writer of a record (deploy, restart,
+            # rollback, undeploy, rewind) holds this lock, so from here on it stays as read. The offset
+            # plan, the fence and the preflight decision judged the first read: a record that changed
+            # meanwhile (another deploy's job, a restart's new pids, another group) makes them stale,
+            # so the deploy is refused rather than drain and launch on stale checks.
+            previous = self.store.current(declared.name)
+            if ctx.record_read and previous != ctx.current:
+                raise RecordChanged(declared.name, ctx.current, previous)
+            result = self._replace_running(compiled, request, previous, run_id, log, ctx.offsets, ctx.view)
             self.observer.deployed(result)
-        return msgspec.structs.replace(result, checks=checks, tables=tables, offsets=offsets)
-
-    def snapshot(self, request: LaunchRequest, compiled: CompiledFlow) -> LaunchRequest:
-        """The request with its config files replaced by this deployment's own copies.
-
-        The copies are loaded again and must resolve to the config that was just compiled and checked:
-        a file edited during the deploy fails it rather than launching something nobody checked.
-        """
-        files = read_config_files(request.config_files)
-        snapshot_hash = config_hash_of_contents(files, compiled.flow.environment)
-        if snapshot_hash != compiled.flow.config_hash:
-            raise DeploymentError(
-                f"the config of flow {compiled.flow.name!r} changed while it was being deployed (config hash "
-                f"{compiled.flow.config_hash} checked, {snapshot_hash} now); nothing was launched. "
-                "Materialize again."
-            )
-        copies = self.store.snapshot_config(compiled.flow.name, files, compiled.flow.config_hash[:12])
-        return msgspec.structs.replace(request, config_files=copies)
+        return msgspec.structs.replace(
+            result, checks=ctx.checks, tables=ctx.tables, offsets=ctx.offsets, steps=tuple(ctx.records)
+        )
 
     def run_deploy_checks(
         self, compiled: CompiledFlow, on_checks: OnChecks | None = None, log: Log = print
     ) -> DeployChecksReport:
-        """loom's deploy checks for the flow's environment; raise ``DeployChecksFailed`` if they block."""
-        report = run_flow_deploy_checks(compiled.spec, compiled.flow.environment)
-        if on_checks is not None:
-            on_checks(report)
-        if report.blocks:
-            raise DeployChecksFailed(compiled.flow.name, report)
-        log(report.describe(compiled.flow.name))
-        return report
-
-    def check_tables(
-        self, compiled: CompiledFlow, sink_keys: dict[str, str] | None = None, log: Log = print
-    ) -> SinkTablesReport:
-        """Every storage sink's table checked on the real system; raise ``SinkTablesError`` on a problem."""
-        from loom_dagster.core.checks.tables import check_sink_tables
-
-        report = check_sink_tables(
-            compiled,
-            sink_keys=sink_keys,
-            create_missing=self.options.create_missing_tables,
-            timeout_s=self.options.connect_timeout_s,
-        )
-        if not report.ok:
-            raise SinkTablesError(compiled.flow.name, report)
-        if report.created:
-            log(f"created missing sink tables: {', '.join(report.created)}")
-        if report.checked or report.pending:
-            log(f"sink tables ok: {', '.join([*report.checked, *report.pending])}")
-        return report
-
-    def check_topics(self, compiled: CompiledFlow, log: Log = print) -> TopicsReport:
-        """Every source, output and dead-letter topic exists (or the broker creates it on first write)."""
-        from loom_dagster.core.checks.topics import check_topics
-
-        report = check_topics(compiled, timeout_s=self.options.connect_timeout_s)
-        if report.checked:
-            log(f"Kafka topics ok: {', '.join(report.checked)}")
-        if report.auto_created:
-            log(f"created by the broker on first write: {', '.join(report.auto_created)}")
-        return report
+        """loom's deploy checks for the flow's environment (the ``deploy_checks`` step alone); raise
+        ``DeployChecksFailed`` if they block."""
+        ctx = DeployContext(self, compiled.spec, compiled, log=log, on_checks=on_checks)
+        DeployChecks().run(ctx)
+        assert ctx.checks is not None  # the step either fills it or raises
+        return ctx.checks
 
     def check_offsets(
         self, compiled: CompiledFlow, accept_reset: bool, log: Log = print
     ) -> OffsetPlan | None:
-        """Where the new job starts on its topics; refuse an unaccepted reset of a changed group/topic."""
-        previous = self.store.current(compiled.flow.name)
-        previous_source = previous.extra.get("source") if previous is not None else None
-        from loom_dagster.core.checks.offsets import plan_offsets
-
-        plan = plan_offsets(compiled, previous_source, timeout_s=self.options.connect_timeout_s)
-        if plan is None:
-            return None
-        if plan.requires_acceptance:
-            if not accept_reset:
-                raise OffsetResetRefused(compiled.flow.name, plan)
-            log("offset reset accepted by the run config:\n" + plan.describe(compiled.flow.name))
-        return plan
+        """Where the new job starts on its topics (the ``offsets`` step alone, against the flow's
+        current record); refuse an unaccepted reset of a changed group/topic."""
+        ctx = DeployContext(self, compiled.spec, compiled, accept_offset_reset=accept_reset, log=log)
+        ReadRecord().run(ctx)
+        Offsets().run(ctx)
+        return ctx.offsets
 
     def _replace_running(
         self,
         compiled: CompiledFlow,
         request: LaunchRequest,
+        previous: Deployment | None,
         run_id: str | None,
         log: Log,
         offsets: OffsetPlan | None = None,
         job_view: CompiledFlow | None = None,
     ) -> DeployResult:
+        """Under the flow lock: drain *previous*'s job (the record read under the lock), launch *request*,
+        gate it, record it; a job that fails its gate is stopped and *previous* started again."""
         name = compiled.flow.name
-        previous = self.store.current(name)
         report = self.live_report(previous) if previous is not None else None
         previous_running = report is not None and report.alive_processes > 0
         watched = job_view or compiled  # the gate reads the brokers the job reads
@@ -357,16 +306,12 @@ class FlowDeployer:
         """The progress gate of this deploy (``None`` unless ``gate`` is ``progress``)."""
         if self.options.gate != "progress":
             return None
-        from loom_dagster.core.deploy.progress import ProgressGate
-
         return ProgressGate.for_flow(
             compiled, offsets, self.options.progress_window_s, timeout_s=self.options.connect_timeout_s
         )
 
     def _wait_progress(self, gate: ProgressGate, job: LaunchedJob, log: Log) -> ProgressVerdict:
         """Run the progress gate on the healthy new *job*; ``ProgressGateFailed`` when no data moved."""
-        from loom_dagster.core.deploy.progress import ProgressGateFailed
-
         verdict = gate.wait(self.launcher, job, log)
         if not verdict.passed:
             tail = self._tail(job) if verdict.signal == "dead" else ""
@@ -385,8 +330,6 @@ class FlowDeployer:
         regression watch); ``None`` without a previous deployment."""
         if previous is None or previous.stopped_on_purpose:
             return None
-        from loom_dagster.core.deploy.progress import dead_letter_sinks, previous_progress
-
         committed = offsets.start_offsets if offsets is not None else None
         group = offsets.group_id if offsets is not None else None
         return previous_progress(previous, report, committed, group, dead_letter_sinks(compiled)).to_dict()
@@ -449,98 +392,33 @@ class FlowDeployer:
         return f"\nLast lines of {job.log_path}:\n{tail}" if tail else ""
 
     def undeploy(self, flow_name: str, by: str) -> Deployment | None:
-        """Stop a flow's job on purpose; health sensors will not restart it. ``None`` if never deployed."""
-        with self.store.lock(flow_name, holder=by):
-            current = self.store.current(flow_name)
-            if current is None:
-                return None
-            self.drain(current)
-            stopped = self.store.mark_stopped(current, by)
-            if not current.stopped_on_purpose:
-                self.observer.undeployed(stopped)
-            return stopped
+        """Stop a flow's job on purpose; health sensors will not restart it. ``None`` if never deployed
+        (``lifecycle.undeploy``)."""
+        return lifecycle.undeploy(self, flow_name, by)
 
     def restart(self, flow_name: str, by: str, log: Log = print) -> Deployment:
         """Start the recorded deployment again, as it was: its own config snapshot, not the live files
-        (the health sensor's restarts; a redeploy is what picks up edits)."""
-        with self.store.lock(flow_name, holder=by):
-            current = self.store.current(flow_name)
-            if current is None:
-                raise DeploymentError(f"flow {flow_name!r} has never been deployed here")
-            if current.stopped_on_purpose:
-                raise DeploymentError(
-                    f"flow {flow_name!r} was stopped on purpose by {current.stopped_by}; not restarting it "
-                    "(materialize the flow to deploy it again)"
-                )
-            self.check_restart(current, log)
-            self.drain(current)
-            job, _ = self.relaunch_healthy(current)
-            restarted = self.relaunched(current, job)
-            self.store.save(restarted)
-            log(f"restarted flow {flow_name!r}: {job.processes_text}")
-            return restarted
+        (the health sensor's restarts; ``lifecycle.restart``)."""
+        return lifecycle.restart(self, flow_name, by, log)
 
     def roll_back_to_previous(
         self, flow_name: str, reason: str, by: str = "regression watch", log: Log = print
     ) -> Deployment:
-        """Stop the current deployment's job and start the deployment it replaced again, as it was
-        recorded (its own config snapshot), under the flow lock; the restored record carries
-        ``extra["rolled_back_from"]`` (the bad plan and *reason*), so it is never rolled back again
-        until a new deploy. If the previous version does not become healthy, the current one is
-        started again and ``DeploymentError`` says so.
+        """Stop the current deployment's job and start the deployment it replaced again, as recorded
+        (``lifecycle.roll_back_to_previous``); the restored record carries ``extra["rolled_back_from"]``.
 
         Example:
             >>> deployer.roll_back_to_previous("orders", "Kafka lag STALL: ...")  # doctest: +SKIP
         """
-        from loom_dagster.core.deploy.progress import previous_deployment, rolled_back_extra
-
-        with self.store.lock(flow_name, holder=by):
-            current = self.store.current(flow_name)
-            if current is None:
-                raise DeploymentError(f"flow {flow_name!r} has never been deployed here")
-            if current.stopped_on_purpose or current.extra.get("rolled_back_from"):
-                raise DeploymentError(
-                    f"flow {flow_name!r} was stopped on purpose or already rolled back; not rolling back"
-                )
-            previous = previous_deployment(self.store.history(flow_name), current)
-            if previous is None:
-                raise DeploymentError(f"flow {flow_name!r} has no previous deployment to roll back to")
-            self.launcher.verify_record(previous.job)  # a record edited out of band starts nothing
-            self.drain(current)
-            try:
-                job, _ = self.relaunch_healthy(previous)
-            except DeploymentError as failure:
-                self.store.ensure_held(flow_name, "start the current deployment again")
-                again = self.launcher.relaunch(current.job, str(self.store.flow_dir(flow_name)))
-                self.store.save(self.relaunched(current, again))
-                raise DeploymentError(
-                    f"rolling flow {flow_name!r} back to plan {previous.plan_hash} failed ({failure}); "
-                    f"plan {current.plan_hash} was started again, {again.processes_text}"
-                ) from failure
-            restored = self.relaunched(previous, job, extra=rolled_back_extra(previous, current, reason))
-            self.store.save(restored)
-            log(
-                f"rolled flow {flow_name!r} back from plan {current.plan_hash} to plan {previous.plan_hash} "
-                f"({job.processes_text}): {reason}"
-            )
-            return restored
+        return lifecycle.roll_back_to_previous(self, flow_name, reason, by, log)
 
     def check_restart(self, current: Deployment, log: Log = print) -> None:
-        """What a restart can check before it launches: the snapshot still compiles, its tables, topics
-        and fence are as a deploy requires. (Config edits are not picked up: the snapshot is what ran.)
-        A record edited out of band is refused first (``Launcher.verify_record``)."""
-        self.launcher.verify_record(current.job)
-        with recorded_spec(self.store, current) as spec:
-            compiled = compile_spec(spec, current.job.request.environment)
-        self.check_tables(compiled, log=log)
-        self.check_topics(compiled, log)
-        from loom_dagster.core.checks.fence import check_fence
+        """What a restart checks before it launches (``lifecycle.check_restart``)."""
+        lifecycle.check_restart(self, current, log)
 
-        check_fence(compiled, current, timeout_s=self.options.connect_timeout_s)
-
-    def _running(self, flow_name: str) -> bool:
-        current = self.store.current(flow_name)
-        return current is not None and not current.stopped_on_purpose and self._alive(current)
+    def is_running(self, deployment: Deployment | None) -> bool:
+        """Whether *deployment* is recorded as deployed (not stopped on purpose) and its job runs."""
+        return deployment is not None and not deployment.stopped_on_purpose and self._alive(deployment)
 
     def launcher_for(self, deployment: Deployment) -> Launcher:
         """The launcher that reaches *deployment*'s job: this deployer's, unless the record names
@@ -606,50 +484,14 @@ class FlowDeployer:
         return launcher
 
 
-@contextmanager
-def recorded_spec(store: DeploymentStore, deployment: Deployment) -> Iterator[LoomFlowSpec]:
-    """The spec of a recorded deployment over its own config snapshot (what its job runs), readable
-    here while the block runs (a cluster-backed store copies it to a scratch directory)."""
-    request = deployment.job.request
-    for directory in request.sys_path:
-        ensure_on_path(directory)
-    with store.readable_config(deployment.flow_name, request.config_files) as config_files:
-        yield LoomFlowSpec(
-            request.import_path,
-            config=config_files,
-            environment=request.environment,
-            processes=request.processes,
-            workers_per_process=request.workers_per_process,
-            env={} if request.env_ref else dict(request.env),  # values the store read back, if it could
-        )
-
-
-def launch_request(spec: LoomFlowSpec, compiled: CompiledFlow, run_id: str | None) -> LaunchRequest:
-    """The launch request for a compiled spec: absolute config files, the import root on sys.path."""
-    return LaunchRequest(
-        flow_name=compiled.flow.name,
-        import_path=spec.import_path,
-        config_files=spec.config_files(compiled.flow.environment),
-        environment=compiled.flow.environment,
-        plan_hash=compiled.flow.plan_hash,
-        config_hash=compiled.flow.config_hash,
-        processes=spec.processes,
-        workers_per_process=spec.workers_per_process,
-        sys_path=(import_root(spec.import_path),),
-        env=tuple(sorted(spec.env.items())),
-        run_id=run_id,
-        cwd=str(Path.cwd()),
+def _described(record: Deployment | None) -> str:
+    """A record in a few words, for ``RecordChanged``."""
+    if record is None:
+        return "no deployment"
+    state = f"stopped by {record.stopped_by}" if record.stopped_on_purpose else record.job.processes_text
+    return (
+        f"plan {record.plan_hash} deployed by run {record.run_id or '?'}, {state}, restarts {record.restarts}"
     )
-
-
-def config_hash_of_contents(files: Sequence[ConfigFile], environment: str) -> str:
-    """The config hash (``describe.config_hash``, keyed) of snapshot entries as a deployment loads them,
-    from a private scratch copy."""
-    from loom_dagster.core.flows.describe import config_hash
-    from loom_dagster.core.flows.loading import load_config
-
-    with scratch_copy(files) as paths:
-        return config_hash(load_config(paths, environment))
 
 
 def deployment_extra(compiled: CompiledFlow, offsets: OffsetPlan | None) -> dict[str, object]:
@@ -675,17 +517,3 @@ def source_summary(compiled: CompiledFlow) -> dict[str, object]:
         "secured": getattr(settings, "security", None) is not None,
         "auto_offset_reset": str(getattr(reset, "value", reset)) if reset is not None else None,
     }
-
-
-def import_root(import_path: str) -> str:
-    """The sys.path entry a flow's module was imported from, so the job can import it too."""
-    module_name = import_path.partition(":")[0]
-    module = sys.modules.get(module_name) or importlib.import_module(module_name)
-    file = getattr(module, "__file__", None)
-    if not file:
-        return str(Path.cwd())
-    path = Path(file).resolve().parent
-    depth = module_name.count(".") + (1 if Path(file).name == "__init__.py" else 0)
-    for _ in range(depth):
-        path = path.parent
-    return str(path)

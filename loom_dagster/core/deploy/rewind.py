@@ -29,8 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from loom_dagster.core.checks.fence import check_fence
+from loom_dagster.core.deploy.lifecycle import recorded_spec
 from loom_dagster.core.deploy.store import Deployment, DeploymentStore
 from loom_dagster.core.errors import DeploymentError, LoomDagsterError
+from loom_dagster.core.flows.catalog import compile_spec
+from loom_dagster.core.flows.job_config import runtime_config
 from loom_dagster.core.kafka.admin import group_offsets
 from loom_dagster.core.kafka.cluster import KafkaCluster, cluster_for
 from loom_dagster.core.kafka.isolation import in_child_process
@@ -292,9 +296,6 @@ def resolve_source(store: DeploymentStore, flow: str) -> FlowSource:
 def compile_deployment(store: DeploymentStore, deployment: Deployment) -> tuple[CompiledFlow, str | None]:
     """The deployment compiled from its own config snapshot (what its job runs, credentials included),
     and its Bytewax recovery directory (``None``: no recovery), read while the snapshot is readable."""
-    from loom_dagster.core.deploy.deployer import recorded_spec
-    from loom_dagster.core.flows.catalog import compile_spec
-
     try:
         with recorded_spec(store, deployment) as spec:
             compiled = compile_spec(spec, deployment.job.request.environment)
@@ -311,8 +312,6 @@ def compile_deployment(store: DeploymentStore, deployment: Deployment) -> tuple[
 def _recovery_dir(spec: LoomFlowSpec, environment: str) -> str | None:
     """``streaming.runtime.recovery.db_dir`` of the spec's config, if recovery is on."""
     try:
-        from loom_dagster.core.flows.job_config import runtime_config
-
         runtime = runtime_config(spec.load_config(environment))
     except Exception:  # an unreadable runtime section fails the job's start, not the rewind
         return None
@@ -572,8 +571,6 @@ def _apply(
     started: float,
 ) -> RewindResult:
     """Under the flow's lock: fence, drain, measure again, reset, relaunch, record."""
-    from loom_dagster.core.checks.fence import check_fence
-
     store, flow, timeout = deployer.store, request.flow, deployer.options.connect_timeout_s
     current = store.current(flow)
     if current is None or not _same_deployment(current, source.deployment):
