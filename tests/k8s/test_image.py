@@ -140,7 +140,7 @@ def test_layers_hold_loom_dagster_and_the_test_flows_at_their_import_path(job_im
     assert len(site) == 1, site
     packages = site.pop()
     assert f"{packages}/loom_dagster/runtime/__main__.py" in names
-    assert f"{packages}/loom_dagster/launchers/kubernetes/rbac.yaml" in names  # package data too
+    assert f"{packages}/loom_dagster/core/launchers/kubernetes/rbac.yaml" in names  # package data too
     assert "app/tests/__init__.py" in names
     for flow in FLOW_FILES:  # `tests.flows.<module>:<flow>` under PYTHONPATH=/app, compiled at build time
         assert f"app/tests/flows/{flow}" in names

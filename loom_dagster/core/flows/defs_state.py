@@ -21,6 +21,12 @@ level, and of every class and function reachable from the ``StreamFlow`` object 
 are covered by its version). A change elsewhere is still caught when the plan compiles (its hash is
 compared with the records', the entry dropped and a warning logged) and by the deploy's lineage check.
 
+A refresh of many flows (the first load of a location, ``loom-dagster refresh``) compiles them in a
+pool of worker processes, one per CPU (``LOOM_DAGSTER_REFRESH_WORKERS``, ``DefsState(workers=)``; ``1``
+compiles in this process, as does a refresh of a few flows): ``loom_dagster.core.flows.refresh_pool``. The
+workers send back the entries (secret-free) and this process writes them; a flow refreshed so
+compiles its plan on first use, as one read from the state does.
+
 Entries are written 0600 in a 0700 directory, fsynced; a directory others may write to is not read.
 An entry records which installation key made its config hash (a keyed digest): one written with
 another key (another machine, an image built elsewhere) is stale.
@@ -44,8 +50,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -69,6 +76,7 @@ from loom_dagster.core.flows.catalog import (
 from loom_dagster.core.flows.describe import attribute_names
 from loom_dagster.core.flows.loading import ENVIRONMENT_VARIABLE, snapshot_config_files
 from loom_dagster.core.flows.records import LoomFlow
+from loom_dagster.core.flows.refresh_pool import configured_workers, parallel_spec, pool_size, refresh_in_pool
 from loom_dagster.core.flows.spec import LoomFlowSpec
 
 if TYPE_CHECKING:
@@ -166,11 +174,18 @@ class DefsState:
         '1 flow(s): 0 from the state, 1 refreshed, 0 stale; 0.84 s'
     """
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None, *, refresh: Refresh = "auto") -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        refresh: Refresh = "auto",
+        workers: int | None = None,
+    ) -> None:
         if refresh not in ("auto", "never", "always"):
             raise ValueError(f"refresh must be 'auto', 'never' or 'always', not {refresh!r}")
         self.directory = Path(directory) if directory is not None else default_state_directory()
         self.refresh_mode: Refresh = refresh
+        self.workers = None if workers is None else configured_workers(workers)
         self._checked = False
 
     def __repr__(self) -> str:
@@ -178,58 +193,126 @@ class DefsState:
 
     # -- load -------------------------------------------------------------------------------------
 
-    def load(self, specs: Sequence[LoomFlowSpec]) -> StateLoad:
+    def load(self, specs: Sequence[LoomFlowSpec], *, progress: RefreshProgress | None = None) -> StateLoad:
         """The compiled flows of *specs*: records from fresh entries, the others per ``refresh``.
 
+        The flows to compile are compiled in worker processes when there are enough of them
+        (``loom_dagster.core.flows.refresh_pool``; ``workers``, else ``LOOM_DAGSTER_REFRESH_WORKERS``), else here.
+        *progress* (or the one ``forced_refresh`` was given) hears of each flow as it is done.
         One failing flow fails the load with its own message (``FlowLoadError``/``FlowCompileError``).
         """
         started = time.perf_counter()
         checker = _FileChecker()
-        out = StateLoad(compiled=[])
         forced = _FORCED.get()
         mode = "always" if forced is not None else self.refresh_mode
-        for spec in specs:
-            flow_started = time.perf_counter()
-            key = state_key(spec)
-            entry = self.read(key)
-            reason = "no state yet" if entry is None else staleness(entry, spec, checker)
-            if mode == "always":
-                reason = "refresh requested"
-            if entry is not None and reason is None:
-                out.compiled.append(self._from_entry(spec, entry))
-                status: Literal["fresh", "refreshed", "stale"] = "fresh"
-            elif entry is not None and mode == "never":
-                out.compiled.append(self._from_entry(spec, entry))
-                status = "stale"
-            else:
-                out.compiled.append(self._refresh_one(spec, key))
-                status = "refreshed"
-            name = out.compiled[-1].flow.name
-            out.flows.append(
-                FlowLoad(spec.import_path, name, status, reason, time.perf_counter() - flow_started)
+        report = progress or (forced.progress if forced is not None else None)
+        compiled: list[CompiledFlow | None] = [None] * len(specs)
+        flows: list[FlowLoad | None] = [None] * len(specs)
+        if report is not None:
+            report.begin(self, len(specs))
+        done: StateLoad | None = None
+        try:
+            todo: list[tuple[int, str, str | None]] = []
+            for index, spec in enumerate(specs):
+                flow_started = time.perf_counter()
+                key = state_key(spec)
+                entry = self.read(key)
+                reason = "no state yet" if entry is None else staleness(entry, spec, checker)
+                if mode == "always":
+                    reason = "refresh requested"
+                if entry is not None and (reason is None or mode == "never"):
+                    compiled[index] = self._from_entry(spec, entry)
+                    status: Literal["fresh", "stale"] = "fresh" if reason is None else "stale"
+                    loaded = FlowLoad(
+                        spec.import_path, entry.flow.name, status, reason, time.perf_counter() - flow_started
+                    )
+                    flows[index] = loaded
+                    if report is not None:
+                        report.advance(index, loaded)
+                else:
+                    todo.append((index, key, reason))
+            workers = self.workers if forced is None or forced.workers is None else forced.workers
+            self._refresh_all(specs, todo, compiled, flows, report, workers)
+            done = StateLoad(
+                compiled=[c for c in compiled if c is not None],
+                flows=[f for f in flows if f is not None],
+                seconds=time.perf_counter() - started,
             )
-        out.seconds = time.perf_counter() - started
-        _report(out, self)
+        finally:
+            if report is not None:
+                report.end(self, done)
+        assert done is not None
+        _report(done, self)
         if forced is not None:
-            forced.append((self, out))
-        return out
+            forced.loads.append((self, done))
+        return done
 
-    def refresh(self, specs: Sequence[LoomFlowSpec]) -> StateLoad:
+    def refresh(self, specs: Sequence[LoomFlowSpec], *, progress: RefreshProgress | None = None) -> StateLoad:
         """Compile every flow of *specs* now and rewrite its entry (``loom-dagster refresh``)."""
-        return DefsState(self.directory, refresh="always").load(specs)
+        state = DefsState(self.directory, refresh="always", workers=self.workers)
+        return state.load(specs, progress=progress)
+
+    def _refresh_all(
+        self,
+        specs: Sequence[LoomFlowSpec],
+        todo: Sequence[tuple[int, str, str | None]],
+        compiled: list[CompiledFlow | None],
+        flows: list[FlowLoad | None],
+        report: RefreshProgress | None,
+        workers: int | None,
+    ) -> None:
+        """Compile the flows *todo* (``(index, key, reason)``), in a pool of worker processes when they
+        are enough to pay for it (``refresh_pool.pool_size``), else here in spec order."""
+
+        def done(index: int, flow: CompiledFlow, reason: str | None, seconds: float) -> None:
+            compiled[index] = flow
+            loaded = FlowLoad(specs[index].import_path, flow.flow.name, "refreshed", reason, seconds)
+            flows[index] = loaded
+            if report is not None:
+                report.advance(index, loaded)
+
+        def here(index: int, key: str, reason: str | None) -> None:
+            flow_started = time.perf_counter()
+            flow = self._refresh_one(specs[index], key)
+            done(index, flow, reason, time.perf_counter() - flow_started)
+
+        if not todo:
+            return
+        pooled = [(t, parallel_spec(specs[t[0]])) for t in todo]
+        parallel = [(t, s) for t, s in pooled if s is not None]
+        size = pool_size(len(parallel), configured_workers(workers))
+        if size < 2:
+            for index, key, reason in todo:
+                here(index, key, reason)
+            return
+
+        def written(position: int, data: bytes, seconds: float) -> None:
+            (index, key, reason), _ = parallel[position]
+            entry = msgspec.json.decode(data, type=FlowState)
+            self.write(entry)
+            done(index, self._from_entry(specs[index], entry), reason, seconds)
+
+        _log.info(
+            "loom defs state %s: compiling %d flow(s) in %d worker processes",
+            self.directory,
+            len(parallel),
+            size,
+        )
+        broken, failure = refresh_in_pool([(s, t[1]) for t, s in parallel], size, written)
+        failed_at = parallel[failure[0]][0][0] if failure is not None else len(specs)
+        missing = {parallel[p][0][0] for p in broken} | {t[0] for t, s in pooled if s is None}
+        for index, key, reason in todo:  # in spec order, up to the failure, as the serial refresh
+            if index in missing and index < failed_at:
+                here(index, key, reason)
+        if failure is not None:
+            raise failure[1]
 
     def _from_entry(self, spec: LoomFlowSpec, entry: FlowState) -> CompiledFlow:
         return from_records(spec, entry.flow, entry.compile_seconds, lambda: self.discard(entry.key))
 
     def _refresh_one(self, spec: LoomFlowSpec, key: str) -> CompiledFlow:
-        try:
-            stream_flow = spec.load_flow()
-            env = spec.resolved_environment(None)
-        except FlowLoadError as exc:
-            raise FlowLoadError(f"[{spec.import_path}] {exc}") from exc
-        cache = default_compile_cache()
-        compiled = cache.compile(spec) if cache is not None else _compile_loaded(spec, stream_flow, env)
-        self.write(describe_state(spec, stream_flow, compiled, key))
+        compiled, entry = refresh_entry(spec, key)
+        self.write(entry)
         return compiled
 
     # -- entries ----------------------------------------------------------------------------------
@@ -279,13 +362,38 @@ class DefsState:
             pass
 
 
-_FORCED: ContextVar[list[tuple[DefsState, StateLoad]] | None] = ContextVar("loom_defs_refresh", default=None)
+class RefreshProgress(Protocol):
+    """Hears of a load's flows as each is done (``loom-dagster refresh`` prints a bar or lines)."""
+
+    def begin(self, state: DefsState, total: int) -> None:
+        """A load of *total* flows starts."""
+
+    def advance(self, index: int, flow: FlowLoad) -> None:
+        """The flow *index* (spec order) is done; with a pool, flows finish in any order."""
+
+    def end(self, state: DefsState, load: StateLoad | None) -> None:
+        """The load is over (*load* ``None``: it failed)."""
+
+
+@dataclass
+class _Forced:
+    loads: list[tuple[DefsState, StateLoad]]
+    workers: int | None = None
+    progress: RefreshProgress | None = None
+
+
+_FORCED: ContextVar[_Forced | None] = ContextVar("loom_defs_refresh", default=None)
 
 
 @contextmanager
-def forced_refresh() -> Iterator[list[tuple[DefsState, StateLoad]]]:
+def forced_refresh(
+    *, workers: int | None = None, progress: RefreshProgress | None = None
+) -> Iterator[list[tuple[DefsState, StateLoad]]]:
     """Within this block every ``DefsState.load`` compiles every flow and rewrites its entry; the
     yielded list collects each load (what ``loom-dagster refresh`` does around importing a location).
+
+    *workers*: the worker processes of each load (``None``: the state's, else
+    ``LOOM_DAGSTER_REFRESH_WORKERS``); *progress*: told of every flow of every load.
 
     Example:
         >>> with forced_refresh() as loads:
@@ -293,10 +401,10 @@ def forced_refresh() -> Iterator[list[tuple[DefsState, StateLoad]]]:
         >>> loads
         []
     """
-    loads: list[tuple[DefsState, StateLoad]] = []
-    token = _FORCED.set(loads)
+    forced = _Forced([], None if workers is None else configured_workers(workers), progress)
+    token = _FORCED.set(forced)
     try:
-        yield loads
+        yield forced.loads
     finally:
         _FORCED.reset(token)
 
@@ -461,6 +569,20 @@ def staleness(entry: FlowState, spec: LoomFlowSpec, checker: _FileChecker | None
     if _env_digest(entry.env_salt, entry.env_names, check.loom_variables) != entry.env_digest:
         return f"LOOM_* variables or variables its config reads changed after the refresh ({refreshed})"
     return None
+
+
+def refresh_entry(spec: LoomFlowSpec, key: str) -> tuple[CompiledFlow, FlowState]:
+    """Import, configure and compile *spec* (through the compile cache if one is on) and describe its
+    entry *key*: what a refresh does per flow, here or in a worker process (``refresh_pool``).
+    Raises ``FlowLoadError`` / ``FlowCompileError`` whose message starts with the import path."""
+    try:
+        stream_flow = spec.load_flow()
+        env = spec.resolved_environment(None)
+    except FlowLoadError as exc:
+        raise FlowLoadError(f"[{spec.import_path}] {exc}") from exc
+    cache = default_compile_cache()
+    compiled = cache.compile(spec) if cache is not None else _compile_loaded(spec, stream_flow, env)
+    return compiled, describe_state(spec, stream_flow, compiled, key)
 
 
 def describe_state(
