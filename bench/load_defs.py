@@ -19,7 +19,8 @@ Variants (every one in its own subprocess, so imports are counted fairly; median
 
 The compile cache is off everywhere. ``loom_dagster`` is byte-compiled before the first child, as
 ``pip install`` does for an installed package: a checkout installed editable under
-``PYTHONDONTWRITEBYTECODE`` (set on this machine) would otherwise compile its source in every child. Columns: ``wall`` = the whole child process, ``load`` = imports +
+``PYTHONDONTWRITEBYTECODE`` (set on this machine) would otherwise compile its source in every child. Columns: ``wall`` = the whole child process, ``cpu`` = its CPU time (user + system; steadier
+than wall on a busy machine), ``load`` = imports +
 build + validate, ``imports`` = dagster + loom_dagster, ``build`` = ``build_loom_defs``, ``validate`` =
 ``Definitions.validate_loadable``, ``compile`` / ``config`` = time in loom-dagster's ``compile_plan``
 (loom's ``compile_flow``) / loom's config loads inside build, with their call counts, ``flows imp.`` =
@@ -208,13 +209,18 @@ def spawn(
     ]
     if code_root:
         argv += ["--code-root", code_root]
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{variant} x{count} failed:\n{done.stderr[-4000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     result["wall_s"] = wall
+    result["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return result
 
 
@@ -254,7 +260,7 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     """The figures, one row per (flows, variant)."""
     header = (
-        f"{'flows':>5} {'variant':<10} {'wall':>6} {'load':>6} {'imports':>7} {'build':>6} {'valid.':>6} "
+        f"{'flows':>5} {'variant':<10} {'wall':>6} {'cpu':>6} {'load':>6} {'imports':>7} {'build':>6} {'valid.':>6} "
         f"{'compile':>12} {'config':>12} {'flows imp.':>10} {'rss MB':>6} {'assets':>6} {'edges':>5}"
     )
     print(header)
@@ -263,7 +269,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         compiles = f"{r['compile_s']:.2f} ({r.get('compiles', 0)})"
         configs = f"{r['config_s']:.2f} ({r.get('config_loads', 0)})"
         print(
-            f"{r['count']:>5} {r['variant']:<10} {r['wall_s']:6.2f} {r['load_s']:6.2f} {r['imports_s']:7.2f} "
+            f"{r['count']:>5} {r['variant']:<10} {r['wall_s']:6.2f} {r['cpu_s']:6.2f} {r['load_s']:6.2f} {r['imports_s']:7.2f} "
             f"{r['build_s']:6.2f} {r['validate_s']:6.2f} {compiles:>12} {configs:>12} "
             f"{r.get('flow_imports', 0):>10} {r['rss_mb']:6.0f} {r['assets']:>6} {r['edges']:>5}"
         )
@@ -273,7 +279,7 @@ def print_ratios(rows: list[dict[str, Any]]) -> None:
     """Each loom variant against the plain location of the same size (wall and load), and what the
     automatic refresh of a cold first load costs over a load with a fresh state."""
     by = {(r["count"], r["variant"]): r for r in rows}
-    print("\nratio to plain AssetSpecs (wall / load):")
+    print("\nratio to plain AssetSpecs (wall / cpu / load):")
     for count in sorted({r["count"] for r in rows}):
         plain = by.get((count, "plain"))
         for variant in VARIANTS[1:]:
@@ -282,7 +288,8 @@ def print_ratios(rows: list[dict[str, Any]]) -> None:
                 continue
             print(
                 f"  {count:>5} flows  {variant:<10} {r['wall_s']:6.2f} s vs {plain['wall_s']:5.2f} s: "
-                f"{r['wall_s'] / plain['wall_s']:5.2f}x wall, {r['load_s'] / plain['load_s']:5.2f}x load"
+                f"{r['wall_s'] / plain['wall_s']:5.2f}x wall, {r['cpu_s'] / plain['cpu_s']:5.2f}x cpu, "
+                f"{r['load_s'] / plain['load_s']:5.2f}x load"
             )
         cold, warm = by.get((count, "state-cold")), by.get((count, "state"))
         if cold is not None and warm is not None:

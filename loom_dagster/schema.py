@@ -104,11 +104,20 @@ def to_table_schema(columns: tuple[LoomColumn, ...]) -> Any:
 
 @functools.lru_cache(maxsize=4096)
 def _table_column(column: LoomColumn) -> Any:
-    from dagster import TableColumn, TableColumnConstraints
+    from dagster import TableColumn
 
     return TableColumn(
         name=column.name,
         type=column.type,
         description=column.description,
-        constraints=TableColumnConstraints(nullable=column.nullable),
+        constraints=_constraints(column.nullable),
     )
+
+
+@functools.cache
+def _constraints(nullable: bool) -> Any:
+    """The two column constraints loom's columns have, one (immutable) instance each, as Dagster shares
+    its default one: thousands of columns at load, each instance a record and a list to collect."""
+    from dagster import TableColumnConstraints
+
+    return TableColumnConstraints(nullable=nullable)
