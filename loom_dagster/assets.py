@@ -49,8 +49,9 @@ def build_loom_asset_graph(
         return build_asset_graph(compile_specs(flows), translator or LoomTranslator())
     load = chosen.load(flows)
     graph = build_asset_graph(load.compiled, translator or LoomTranslator())
+    stale = {f.flow_name: f.reason for f in load.flows if f.status == "stale"}  # one pass, not one a flow
     for node in graph.flows:
-        reason = load.stale_reason(node.compiled.flow.name)
+        reason = stale.get(node.compiled.flow.name)
         if reason is not None:
             node.spec = node.spec.merge_attributes(
                 metadata={
