@@ -160,7 +160,7 @@ def run_deployed(bootstrap: str, root: Path, messages: int) -> dict[str, float]:
             healthy = time.monotonic()
         if not result.success:
             raise RuntimeError("the materialization of loom/ticks failed")
-        (mat,) = result.asset_materializations_for_node("deploy_ticks")
+        (mat,) = result.asset_materializations_for_node("loom_deploy")
         if DeploymentStore(state).current("ticks") is None:
             raise RuntimeError("the materialization recorded no deployment of 'ticks'")
         first, _ = wait_committed(bootstrap, group, topic, PARTITIONS, 1, WAIT_S["first"])

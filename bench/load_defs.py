@@ -8,9 +8,13 @@ code location with the same asset keys and edges, each load in a fresh interpret
 
 Variants (every one in its own subprocess, so imports are counted fairly; medians over --repeat):
 
-- ``plain``: ``dg.AssetSpec``s with the same keys and deps, and one plain ``multi_asset`` per flow.
+- ``plain``: ``dg.AssetSpec``s with the same keys and deps, and one plain ``multi_asset`` per flow (with
+  a pool and the resource), one job and the resource: the location written by hand, without checks,
+  metadata or sensors.
 - ``state``: ``build_loom_defs`` with a fresh defs state (``loom_dagster.core.flows.defs_state``): what every code
-  server reload and run worker pays. No flow is imported and nothing is compiled.
+  server reload and run worker pays. No flow is imported and nothing is compiled. One deploy op for
+  every flow, the 3 sensors and the 6 checks a flow declares (``deploy_checks``, ``job_running``,
+  ``kafka_lag``, a ``freshness`` per table), the metadata, the undeploy and reset-offsets jobs.
 - ``state-cold``: the first load, with an empty state directory: it imports and compiles every flow and
   writes the state (the automatic refresh). Each repetition starts empty; the last one's state is the
   one ``state`` then loads.
@@ -19,8 +23,13 @@ Variants (every one in its own subprocess, so imports are counted fairly; median
 
 The compile cache is off everywhere. ``loom_dagster`` is byte-compiled before the first child, as
 ``pip install`` does for an installed package: a checkout installed editable under
-``PYTHONDONTWRITEBYTECODE`` (set on this machine) would otherwise compile its source in every child. Columns: ``wall`` = the whole child process, ``load`` = imports +
-build + validate, ``imports`` = dagster + loom_dagster, ``build`` = ``build_loom_defs``, ``validate`` =
+``PYTHONDONTWRITEBYTECODE`` (set on this machine) would otherwise compile its source in every child.
+
+Columns: ``wall`` = the whole child process, ``cpu`` = its CPU time (user + system; steadier than wall
+on a busy machine), ``ready`` = from its start until its figures are taken (loaded and validated),
+``exit`` = the rest: Python's teardown (a garbage-collection pass over every object, which a code server
+does not pay when it loads), ``load`` = imports + build + validate, ``imports`` = dagster +
+loom_dagster, ``build`` = ``build_loom_defs``, ``validate`` =
 ``Definitions.validate_loadable``, ``compile`` / ``config`` = time in loom-dagster's ``compile_plan``
 (loom's ``compile_flow``) / loom's config loads inside build, with their call counts, ``flows imp.`` =
 generated flow modules imported, ``rss`` = peak resident memory. The ratios are to ``plain`` at the same
@@ -43,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 STARTED = time.perf_counter()
+SPAWNED_AT = "LOAD_BENCH_SPAWNED_AT"
+"""Environment variable: when the parent started the child (``time.time()``), for its ``ready`` time."""
 ROOT = Path(__file__).resolve().parents[1]
 _TEMP_DIRS: list[str] = []
 
@@ -174,7 +185,9 @@ def run_child(variant: str, count: int, directory: Path) -> dict[str, Any]:
     t4 = time.perf_counter()
     graph = defs.resolve_asset_graph()
     keys = graph.get_all_asset_keys()
+    spawned_at = float(os.environ.get(SPAWNED_AT, "nan"))
     out.update(
+        ready_s=time.time() - spawned_at,
         startup_s=t0 - STARTED,
         imports_s=t2 - t0,
         build_s=t3 - build_started,
@@ -208,13 +221,20 @@ def spawn(
     ]
     if code_root:
         argv += ["--code-root", code_root]
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
+    env = {**env, SPAWNED_AT: repr(time.time())}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{variant} x{count} failed:\n{done.stderr[-4000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     result["wall_s"] = wall
+    result["exit_s"] = wall - result["ready_s"]
+    result["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return result
 
 
@@ -254,7 +274,8 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     """The figures, one row per (flows, variant)."""
     header = (
-        f"{'flows':>5} {'variant':<10} {'wall':>6} {'load':>6} {'imports':>7} {'build':>6} {'valid.':>6} "
+        f"{'flows':>5} {'variant':<10} {'wall':>6} {'cpu':>6} {'ready':>6} {'exit':>5} {'load':>6} "
+        f"{'imports':>7} {'build':>6} {'valid.':>6} "
         f"{'compile':>12} {'config':>12} {'flows imp.':>10} {'rss MB':>6} {'assets':>6} {'edges':>5}"
     )
     print(header)
@@ -263,17 +284,18 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         compiles = f"{r['compile_s']:.2f} ({r.get('compiles', 0)})"
         configs = f"{r['config_s']:.2f} ({r.get('config_loads', 0)})"
         print(
-            f"{r['count']:>5} {r['variant']:<10} {r['wall_s']:6.2f} {r['load_s']:6.2f} {r['imports_s']:7.2f} "
+            f"{r['count']:>5} {r['variant']:<10} {r['wall_s']:6.2f} {r['cpu_s']:6.2f} {r['ready_s']:6.2f} "
+            f"{r['exit_s']:5.2f} {r['load_s']:6.2f} {r['imports_s']:7.2f} "
             f"{r['build_s']:6.2f} {r['validate_s']:6.2f} {compiles:>12} {configs:>12} "
             f"{r.get('flow_imports', 0):>10} {r['rss_mb']:6.0f} {r['assets']:>6} {r['edges']:>5}"
         )
 
 
 def print_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each loom variant against the plain location of the same size (wall and load), and what the
+    """Each loom variant against the plain location of the same size (wall, cpu, ready, load), and what the
     automatic refresh of a cold first load costs over a load with a fresh state."""
     by = {(r["count"], r["variant"]): r for r in rows}
-    print("\nratio to plain AssetSpecs (wall / load):")
+    print("\nratio to plain AssetSpecs (wall / cpu / ready / load):")
     for count in sorted({r["count"] for r in rows}):
         plain = by.get((count, "plain"))
         for variant in VARIANTS[1:]:
@@ -282,7 +304,8 @@ def print_ratios(rows: list[dict[str, Any]]) -> None:
                 continue
             print(
                 f"  {count:>5} flows  {variant:<10} {r['wall_s']:6.2f} s vs {plain['wall_s']:5.2f} s: "
-                f"{r['wall_s'] / plain['wall_s']:5.2f}x wall, {r['load_s'] / plain['load_s']:5.2f}x load"
+                f"{r['wall_s'] / plain['wall_s']:5.2f}x wall, {r['cpu_s'] / plain['cpu_s']:5.2f}x cpu, "
+                f"{r['ready_s'] / plain['ready_s']:5.2f}x ready, {r['load_s'] / plain['load_s']:5.2f}x load"
             )
         cold, warm = by.get((count, "state-cold")), by.get((count, "state"))
         if cold is not None and warm is not None:
@@ -401,9 +424,8 @@ def main() -> None:
         for _ in range(args.repeat):
             for variant in ordered:
                 state_dir = _temp_dir("loom-defs-state-") if variant == "state-cold" else filled
-                runs[variant].append(
-                    spawn(variant, count, work, child_env(variant, state_dir), args.code_root)
-                )
+                env = child_env(variant, state_dir)
+                runs[variant].append(spawn(variant, count, work, env, args.code_root))
         rows += [median_row(runs[variant]) for variant in ordered]
         print(f"  done: {count} flows", file=sys.stderr)
     print_table(rows)

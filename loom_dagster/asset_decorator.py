@@ -1,11 +1,11 @@
 """``@loom_flow_assets``: your own asset body around loom's deploy, as ``@dbt_assets`` is for dbt.
 
 The decorated function becomes ONE ``multi_asset`` over the flows it is given (``can_subset=True``,
-each flow with its ``deploy_checks`` check). Its body runs your code and, where you call
-``deploy_loom_flows(context, loom)``, the same deploy as the default flow asset, once per selected
-flow: compile, lineage, deploy checks, sink tables, topics, offsets, snapshot, preflight, drain, launch,
-health gate (or the restart the job health sensor asks for, or the checks alone when only a flow's
-``deploy_checks`` is selected).
+each flow with its ``deploy_checks`` check), as ``build_loom_defs``'s own ``loom_deploy`` op is. Its
+body runs your code and, where you call ``deploy_loom_flows(context, loom)``, the same deploy as that op,
+once per selected flow: compile, lineage, deploy checks, sink tables, topics, offsets, snapshot,
+preflight, drain, launch, health gate (or the restart the job health sensor asks for, or the checks
+alone when only a flow's ``deploy_checks`` is selected).
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from typing import Any
 
 import dagster as dg
 
-from loom_dagster.asset_check_names import DEPLOY_CHECKS
 from loom_dagster.asset_graph import FlowNode, LoomAssetGraph
 from loom_dagster.assets import (
     LoomDeployConfig,
     build_loom_asset_graph,
     deploy_check_spec,
-    deploy_flow_node,
+    deploy_flow_nodes,
 )
 from loom_dagster.core.flows.defs_state import DefsState
 from loom_dagster.core.flows.spec import LoomFlowSpec
@@ -129,8 +128,9 @@ def deploy_loom_flows(
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """Deploy each flow of the running ``@loom_flow_assets`` body that the run selected.
 
-    Yields each flow's ``MaterializeResult`` (and ``deploy_checks`` result), as the default flow asset
-    does. A flow that fails does not stop the others; the failures are raised together at the end.
+    Yields each flow's ``MaterializeResult`` (and ``deploy_checks`` result), as ``build_loom_defs``'s
+    ``loom_deploy`` op does (``deploy_flow_nodes``). A flow that fails does not stop the others; the
+    failures are raised together at the end.
     *config* defaults to the body's own ``config: LoomDeployConfig`` parameter, else the defaults.
 
     Example:
@@ -140,27 +140,7 @@ def deploy_loom_flows(
     active = _ACTIVE.get()
     if active is None:
         raise RuntimeError("deploy_loom_flows is called from the body of a @loom_flow_assets function")
-    chosen = config or active.config or LoomDeployConfig()
-    selected_checks = {
-        key.asset_key for key in context.selected_asset_check_keys if key.name == DEPLOY_CHECKS
-    }
-    failures: list[tuple[str, dg.Failure]] = []
-    for node in active.nodes:
-        key = node.spec.key
-        if key not in context.selected_asset_keys and key not in selected_checks:
-            continue
-        try:
-            yield from deploy_flow_node(context, node, chosen, loom)
-        except dg.Failure as failure:
-            failures.append((node.compiled.flow.name, failure))
-    if len(failures) == 1:
-        raise failures[0][1]
-    if failures:
-        raise dg.Failure(
-            description="\n\n".join(f"flow {flow!r}: {failure.description}" for flow, failure in failures),
-            metadata={"loom/failed_flows": ", ".join(flow for flow, _ in failures)},
-            allow_retries=False,
-        )
+    yield from deploy_flow_nodes(context, active.nodes, config or active.config or LoomDeployConfig(), loom)
 
 
 def _drive(generator: Iterator[Any], bound: _Body) -> Iterator[Any]:

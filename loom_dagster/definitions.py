@@ -69,12 +69,19 @@ def build_loom_defs(
     )
 
 
+FLOW_CHECKS_OP = "loom_flow_checks"
+"""The ops of the flows' ``job_running`` and ``kafka_lag`` checks (``loom_flow_checks``, ``_2``...)."""
+
+
 def build_loom_sensors(
     graph: LoomAssetGraph, settings: LoomSensorSettings
 ) -> tuple[list[dg.SensorDefinition], list[dg.AssetChecksDefinition]]:
-    """The enabled sensors and every check they report (declared so the UI lists them)."""
-    from loom_dagster.sensors.health import build_job_health_checks, build_job_health_sensor
-    from loom_dagster.sensors.lag import build_kafka_lag_checks, build_kafka_lag_sensor, kafka_lag_flows
+    """The enabled sensors and every check they report (declared so the UI lists them): a flow's
+    ``job_running`` and ``kafka_lag`` in one op (``loom_flow_checks``), the sinks' ``freshness`` in
+    ``loom_sink_freshness``."""
+    from loom_dagster.sensors.check_ops import flow_check_ops
+    from loom_dagster.sensors.health import build_job_health_sensor, job_running_check_kind
+    from loom_dagster.sensors.lag import build_kafka_lag_sensor, kafka_lag_check_kind, kafka_lag_flows
     from loom_dagster.sensors.sinks import build_sink_freshness_checks, build_sink_health_sensor
 
     status = (
@@ -84,12 +91,18 @@ def build_loom_sensors(
     checks: list[dg.AssetChecksDefinition] = []
     if not graph.flows:
         return sensors, checks
+    kinds = []
     if settings.job_health.enabled:
         sensors.append(build_job_health_sensor(graph, settings.job_health, default_status=status))
-        checks += build_job_health_checks(graph)
+        kinds.append(job_running_check_kind(graph))
     if settings.kafka_lag.enabled and kafka_lag_flows(graph):
         sensors.append(build_kafka_lag_sensor(graph, settings.kafka_lag, default_status=status))
-        checks += build_kafka_lag_checks(graph, settings.kafka_lag)
+        kinds.append(kafka_lag_check_kind(graph, settings.kafka_lag))
+    checks += flow_check_ops(
+        FLOW_CHECKS_OP,
+        [kind for kind in kinds if kind is not None],
+        description="One-shot job_running / kafka_lag of loom flows (the sensors report them on their ticks).",
+    )
     if settings.sink_health.enabled and any(node.compiled.flow.storage_sinks for node in graph.flows):
         sensors.append(build_sink_health_sensor(graph, settings.sink_health, default_status=status))
         checks += build_sink_freshness_checks(graph, settings.sink_health)

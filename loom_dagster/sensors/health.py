@@ -39,7 +39,7 @@ from loom_dagster.core.launchers.base import Launcher
 from loom_dagster.core.redact import redact_text
 from loom_dagster.core.sensor_settings import JobHealthSettings
 from loom_dagster.resource import LoomDeployResource
-from loom_dagster.sensors.check_ops import declared_check_ops
+from loom_dagster.sensors.check_ops import CheckKind, declared_check_ops
 from loom_dagster.sensors.regression import RegressionWatch
 
 FLOW_TAG = "loom/flow"
@@ -294,10 +294,19 @@ def restart_in_progress(instance: dg.DagsterInstance, flow_name: str) -> bool:
 
 
 def build_job_health_checks(graph: LoomAssetGraph) -> list[dg.AssetChecksDefinition]:
-    """Declares ``job_running`` on every flow asset; executing it reports the job's state now."""
+    """Declares ``job_running`` on every flow asset; executing it reports the job's state now.
+    (``build_loom_defs`` declares it with ``kafka_lag`` in shared ops: ``job_running_check_kind``.)"""
+    kind = job_running_check_kind(graph)
+    if kind is None:
+        return []
+    return declared_check_ops("loom_job_running_checks", kind.specs, kind.evaluate)
+
+
+def job_running_check_kind(graph: LoomAssetGraph) -> CheckKind | None:
+    """The ``job_running`` checks of every flow asset and their one-shot evaluation (``None``: no flow)."""
     keys = {node.compiled.flow.name: node.spec.key for node in graph.flows}
     if not keys:
-        return []
+        return None
     specs = [
         dg.AssetCheckSpec(
             JOB_RUNNING,
@@ -315,7 +324,7 @@ def build_job_health_checks(graph: LoomAssetGraph) -> list[dg.AssetChecksDefinit
                 continue
             yield one_shot_result(deployer, flow_name, key, loom.health_timeout_s)
 
-    return declared_check_ops("loom_job_running_checks", specs, _checks)
+    return CheckKind(JOB_RUNNING, specs, _checks)
 
 
 def one_shot_result(deployer: Any, flow_name: str, key: dg.AssetKey, grace_s: float) -> dg.AssetCheckResult:

@@ -29,7 +29,7 @@ from loom_dagster.core.kafka.lag_window import LagWindows
 from loom_dagster.core.kafka.offsets import LagFetch
 from loom_dagster.core.sensor_settings import KafkaLagSettings
 from loom_dagster.resource import LoomDeployResource
-from loom_dagster.sensors.check_ops import declared_check_ops
+from loom_dagster.sensors.check_ops import CheckKind, declared_check_ops
 
 CHECKS_NAME = "loom_kafka_lag_checks"
 MAX_TABLE_ROWS = 500
@@ -155,17 +155,47 @@ def build_kafka_lag_checks(
     """The ``kafka_lag`` check on every Kafka-sourced flow; running it does a one-shot evaluation.
 
     With *read_deployments* (default) it needs the ``loom`` resource, to tell ``STARTING`` from
-    ``NO_COMMITS`` right after a deploy.
+    ``NO_COMMITS`` right after a deploy. (``build_loom_defs`` declares it with ``job_running`` in
+    shared ops: ``kafka_lag_check_kind``.)
     """
-    resolved = lazy_lag_targets(graph, settings)
+    kind = kafka_lag_check_kind(graph, settings, read_deployments=read_deployments)
+    if kind is None:
+        return []
+
+    def _kafka_lag_checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
+        yield from kind.evaluate(context, None)
+
+    def _kafka_lag_checks_deployed(
+        context: dg.AssetCheckExecutionContext, loom: LoomDeployResource
+    ) -> Iterator[dg.AssetCheckResult]:
+        yield from kind.evaluate(context, loom)
+
+    return declared_check_ops(
+        CHECKS_NAME,
+        kind.specs,
+        _kafka_lag_checks_deployed if read_deployments else _kafka_lag_checks,
+        description="One-shot Kafka lag of loom flows (no window: thresholds and clear statuses only).",
+    )
+
+
+def kafka_lag_check_kind(
+    graph: LoomAssetGraph, settings: KafkaLagSettings, *, read_deployments: bool = True
+) -> CheckKind | None:
+    """The ``kafka_lag`` checks of every Kafka-sourced flow and their one-shot evaluation, which reads
+    the deployments through the ``loom`` resource it is given (with *read_deployments*); ``None``:
+    no Kafka-sourced flow."""
     specs = [
         dg.AssetCheckSpec(KAFKA_LAG, asset=key, description=f"{_DESCRIPTION} Group `{group}`.")
         for key, group in kafka_lag_flows(graph)
     ]
+    if not specs:
+        return None
+    resolved = lazy_lag_targets(graph, settings)
 
     def run(
-        context: dg.AssetCheckExecutionContext, store: DeploymentStore | None
+        context: dg.AssetCheckExecutionContext, loom: LoomDeployResource | None
     ) -> Iterator[dg.AssetCheckResult]:
+        store = loom.deployer().store if read_deployments and loom is not None else None
         pairs, windows = resolved()
         selected = context.selected_asset_check_keys
         chosen = [(k, t) for k, t in pairs if dg.AssetCheckKey(k, KAFKA_LAG) in selected]
@@ -183,20 +213,7 @@ def build_kafka_lag_checks(
                 description=flow.reason,
             )
 
-    def _kafka_lag_checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
-        yield from run(context, None)
-
-    def _kafka_lag_checks_deployed(
-        context: dg.AssetCheckExecutionContext, loom: LoomDeployResource
-    ) -> Iterator[dg.AssetCheckResult]:
-        yield from run(context, loom.deployer().store)
-
-    return declared_check_ops(
-        CHECKS_NAME,
-        specs,
-        _kafka_lag_checks_deployed if read_deployments else _kafka_lag_checks,
-        description="One-shot Kafka lag of loom flows (no window: thresholds and clear statuses only).",
-    )
+    return CheckKind(KAFKA_LAG, specs, run)
 
 
 def build_kafka_lag_sensor(

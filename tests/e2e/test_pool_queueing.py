@@ -1,7 +1,9 @@
-"""Each flow asset has its own Dagster pool (``loom_deploy_<flow>``): under the real ``dagster dev``
-(webserver, daemon, run workers) with the example's instance settings (``definitions/dagster.yaml``:
-``concurrency: pools: {default_limit: 1}``), two materializations of one flow launched together both
-succeed, the second's deploy step waiting for the first's to finish instead of failing on the flow lock."""
+"""The code location's deploy op (``loom_deploy``, one op for every flow) runs in the Dagster pool
+``loom_deploy``: under the real ``dagster dev`` (webserver, daemon, run workers) with the example's
+instance settings (``definitions/dagster.yaml``: ``concurrency: pools: {default_limit: 1}``), two
+materializations of one flow launched together both succeed, the second's deploy step waiting for the
+first's to finish instead of failing on the flow lock. (With that limit, the location's deploys, of any
+flows, run one at a time; see the README, "Concurrency".)"""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from tests.support.dagster_dev import ROOT, dagster_dev, graphql, launch_materia
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 LOCATION = "pool_test"
-POOL = "loom_deploy_ticks"
+POOL = "loom_deploy"
+STEP = "loom_deploy"
 LOGS = """
 query($id: ID!) {
   logsForRun(runId: $id) {
@@ -56,7 +59,7 @@ def step_events(url: str, run_id: str) -> list[dict[str, str]]:
     """The run's events of its deploy step: type, message, timestamp (ms)."""
     data = graphql(url, LOGS, {"id": run_id})["logsForRun"]
     assert data["__typename"] == "EventConnection", data
-    return [e for e in data["events"] if e.get("stepKey") == "deploy_ticks"]
+    return [e for e in data["events"] if e.get("stepKey") == STEP]
 
 
 def first(events: list[dict[str, str]], typename: str) -> float:

@@ -12,6 +12,7 @@ import dagster as dg
 import pytest
 
 from loom_dagster import LoomDeployResource, LoomFlowSpec, build_loom_defs
+from loom_dagster.assets import DEPLOY_OP
 from tests.conftest import shapes_config
 
 SHAPES = "tests.flows.shapes:make_flow"
@@ -46,7 +47,7 @@ def test_lineage_check_passes_and_records_metadata(tmp_path: Path, sinks_env: py
     defs = _defs(shapes_config(tmp_path / "cfg"))
     result = _materialize(defs)
     assert result.success
-    (mat,) = result.asset_materializations_for_node("deploy_events")
+    (mat,) = result.asset_materializations_for_node(DEPLOY_OP)
     md = mat.metadata
     key = dg.AssetKey(["loom", "events"])
     assert md["loom/plan_hash"].value == defs.resolve_assets_def(key).specs_by_key[key].code_version
@@ -132,3 +133,35 @@ def test_compilation_errors_are_rendered_issue_by_issue(
     assert any("KAFKA_CONFIG_INVALID" in line.upper() or "kafka" in line.lower() for line in lines), message
     assert any("SINK_CONFIG_INVALID" in line.upper() and "events_delta" in line for line in lines), message
     assert "nothing was deployed" in message
+
+
+def test_one_failing_flow_does_not_hide_the_others(tmp_path: Path) -> None:
+    """Three flows in one run of the location's deploy op: each is deployed (validated) on its own;
+    the ones whose lineage broke fail, the others still report their materialization, and the run's
+    failure names each failed flow with its own error."""
+    from bench.generated_flows import write_flows
+
+    specs = write_flows(tmp_path / "flows", 4)
+    defs = build_loom_defs(specs)
+    for broken in ("gen_0001", "gen_0003"):
+        base = tmp_path / "flows" / "config" / broken / "base.yaml"
+        base.write_text(base.read_text().replace(f"/delta/{broken}_rows", f"/delta/{broken}_moved"))
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            list(defs.assets or []),
+            selection=[dg.AssetKey(["loom", f"gen_{i:04d}"]) for i in range(4)],
+            resources={"loom": LoomDeployResource(mode="validate")},
+            instance=instance,
+            raise_on_error=False,
+        )
+    materialized = {m.asset_key.to_user_string() for m in result.asset_materializations_for_node(DEPLOY_OP)}
+    assert materialized == {"loom/gen_0000", "loom/gen_0002"}
+    checks = [(e.asset_key.to_user_string(), e.check_name) for e in result.get_asset_check_evaluations()]
+    assert sorted(checks) == [("loom/gen_0000", "deploy_checks"), ("loom/gen_0002", "deploy_checks")]
+    message = _failure(result)
+    assert "Failure: flow 'gen_0001': lineage check failed for flow 'gen_0001'" in message, message
+    assert "\n\nflow 'gen_0003': lineage check failed for flow 'gen_0003'" in message
+    assert "gen_0000" not in message and "gen_0002" not in message
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    metadata = failure.event_specific_data.user_failure_data.metadata  # type: ignore[union-attr]
+    assert metadata["loom/failed_flows"].value == "gen_0001, gen_0003"

@@ -17,9 +17,13 @@ import pytest
 
 from bench.generated_flows import plain_graph, write_flows
 from loom_dagster import LoomFlowSpec, build_loom_defs
+from loom_dagster.asset_check_names import DEPLOY_CHECKS, JOB_RUNNING, KAFKA_LAG, SINK_FRESHNESS
+from loom_dagster.assets import DEPLOY_OP
 from loom_dagster.core.flows.catalog import CompileCache, compile_spec, compile_specs
 from loom_dagster.core.flows.describe import class_source, flow_fingerprint
 from loom_dagster.core.flows.loading import clear_config_cache, load_config
+from loom_dagster.definitions import FLOW_CHECKS_OP
+from loom_dagster.sensors.check_ops import CHECKS_PER_OP
 from tests.conftest import shapes_config
 from tests.support.example import asset_edges
 
@@ -61,6 +65,40 @@ def test_200_flows_load_and_validate(generated: tuple[Path, list[LoomFlowSpec]])
     ]
     assert flow.group_name == "gen_group_00" and list(flow.owners) == ["team:generated"]
     assert len(list(defs.resolve_all_job_defs())) >= 1
+
+
+def test_one_deploy_op_and_few_check_ops_for_200_flows(generated: tuple[Path, list[LoomFlowSpec]]) -> None:
+    """What the location declares for N flows (Dagster's load cost is per op, output and check): ONE
+    subsettable deploy op over every flow (each flow its ``deploy_checks``), the flows' ``job_running``
+    and ``kafka_lag`` checks in shared ops of CHECKS_PER_OP checks (a flow's two checks in one op, one
+    input per flow), the sinks' ``freshness`` in ops without inputs; 6 checks per flow in all."""
+    directory, specs = generated
+    defs = build_loom_defs(specs)
+    graph = defs.resolve_asset_graph()
+    ops = {ad.node_def.name: ad for ad in graph.assets_defs if ad.is_executable}
+    flow_keys = {dg.AssetKey(["loom", f"gen_{i:04d}"]) for i in range(COUNT)}
+
+    deploy = ops.pop(DEPLOY_OP)
+    assert deploy.keys == flow_keys and deploy.can_subset and deploy.op.pool == DEPLOY_OP
+    assert deploy.check_keys == {dg.AssetCheckKey(k, DEPLOY_CHECKS) for k in flow_keys}
+    assert all(not ad.keys for ad in ops.values())  # every other op only checks
+
+    flow_checks = [ops.pop(FLOW_CHECKS_OP if n == 1 else f"{FLOW_CHECKS_OP}_{n}") for n in range(1, 5)]
+    assert [len(ad.check_keys) for ad in flow_checks] == [CHECKS_PER_OP] * 4
+    assert [len(ad.node_keys_by_input_name) for ad in flow_checks] == [CHECKS_PER_OP // 2] * 4
+    assert {k for ad in flow_checks for k in ad.check_keys} == {
+        dg.AssetCheckKey(k, name) for k in flow_keys for name in (JOB_RUNNING, KAFKA_LAG)
+    }
+
+    freshness = [
+        ops.pop("loom_sink_freshness" if n == 1 else f"loom_sink_freshness_{n}") for n in range(1, 7)
+    ]
+    assert not ops
+    assert [len(ad.check_keys) for ad in freshness] == [CHECKS_PER_OP] * 6
+    assert all(not ad.node_keys_by_input_name for ad in freshness)
+    assert {k.name for ad in freshness for k in ad.check_keys} == {SINK_FRESHNESS}
+    assert {k.asset_key.path[0] for ad in freshness for k in ad.check_keys} == {"delta", "clickhouse", "sql"}
+    assert len(graph.asset_check_keys) == 6 * COUNT
 
 
 def test_cached_records_equal_a_fresh_compile(generated: tuple[Path, list[LoomFlowSpec]]) -> None:

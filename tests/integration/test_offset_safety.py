@@ -164,7 +164,7 @@ def test_group_change_with_earliest_counts_what_the_old_group_processed(
     assert f"consumer group changed: {old} -> {new}" in text
     assert "re-read 95 message(s)" in text and f"group '{old}' had already processed" in text
     assert "p0: 10 (offsets 0 to 9)" in text and "p2: 60 (offsets 0 to 59)" in text
-    assert "set accept_offset_reset: true in the run config (ops -> deploy_ticks -> config)" in text
+    assert "set accept_offset_reset: true in the run config (ops -> loom_deploy -> config; it applies" in text
     assert f"restore the previous consumer group '{old}'" in text
     assert bootstrap in text
     metadata = _assert_json(plan)

@@ -538,7 +538,7 @@ def test_asset_and_materialization_metadata_are_masked(
             resources={"loom": LoomDeployResource(mode="validate")},
             instance=instance,
         )
-        (mat,) = result.asset_materializations_for_node("deploy_events")
+        (mat,) = result.asset_materializations_for_node("loom_deploy")
         metadata = json.dumps({k: str(v.value) for k, v in mat.metadata.items()})
         events = run_record_text(instance, result.run_id)
     assert "loom/summary" in metadata and S not in metadata and S not in events
@@ -621,7 +621,7 @@ def test_secrets_stay_out_of_metadata_checks_cli_and_job_files(
     with caplog.at_level(logging.DEBUG, logger="loom_dagster"), dg.instance_for_test() as instance:
         result = bench.materialize(instance, spec=spec)
         assert result.success, failure_text(result)
-        (mat,) = result.asset_materializations_for_node("deploy_ticks")
+        (mat,) = result.asset_materializations_for_node("loom_deploy")
         metadata = json.dumps({k: str(v.value) for k, v in mat.metadata.items()})
         events = run_record_text(instance, result.run_id)
         assert S not in metadata and S not in events

@@ -76,7 +76,7 @@ def step_failure_message(result: Any) -> str:
     return str(event.event_specific_data.error.message)
 
 
-def materialization_metadata(result: Any, node: str = "deploy_ticks") -> dict[str, Any]:
+def materialization_metadata(result: Any, node: str = "loom_deploy") -> dict[str, Any]:
     """The plain values of the one materialization *node* produced in *result*."""
     (materialization,) = result.asset_materializations_for_node(node)
     return {key: value.value for key, value in materialization.metadata.items()}

@@ -1,8 +1,9 @@
 """``LoomFlowsComponent``: declare loom flows in a ``defs.yaml`` instead of Python.
 
-The component builds exactly what ``build_loom_defs`` builds for the equivalent Python call: a deploy
-asset per flow, external assets for its topics, collections and tables, the deploy resource, the
-undeploy job, the sensors with their checks and (opt-in) the redeploy schedule.
+The component builds exactly what ``build_loom_defs`` builds for the equivalent Python call: the
+deploy multi-asset (an asset per flow, one ``loom_deploy`` op), external assets for its topics,
+collections and tables, the deploy resource, the undeploy job, the sensors with their checks and
+(opt-in) the redeploy schedule.
 
 Every field, with its default where it has one (this file works as
 ``definitions/yaml_location/defs/loom_flows/defs.yaml`` of the example; config paths are relative to

@@ -23,7 +23,6 @@ skipped too and not counted).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +35,8 @@ from loom_dagster.core.redact import redact_text
 if TYPE_CHECKING:
     from loom_dagster.core.flows.catalog import CompiledFlow
 
+DEPLOY_OP = "loom_deploy"
+"""The deploy op of a code location (``loom_dagster.assets.DEPLOY_OP``, without importing Dagster)."""
 MAX_LISTED_PARTITIONS = 8
 """Partitions spelled out per topic in a detail line; the rest are counted."""
 
@@ -124,7 +125,7 @@ class OffsetPlan:
             )
         fix = (
             "To deploy anyway, set accept_offset_reset: true in the run config "
-            f"(ops -> {op_name(flow_name)} -> config)"
+            f"(ops -> {DEPLOY_OP} -> config; it applies to every flow the run deploys)"
         )
         return fix + (f"; or restore {' and '.join(restore)} in the flow's config." if restore else ".")
 
@@ -151,11 +152,6 @@ class OffsetPlan:
             },
             "missing_topics": list(self.missing_topics),
         }
-
-
-def op_name(flow_name: str) -> str:
-    """The deploy op of a flow (same rule as ``loom_dagster.assets.op_name``, without importing Dagster)."""
-    return "deploy_" + re.sub(r"[^A-Za-z0-9_]", "_", flow_name)
 
 
 @dataclass(frozen=True)

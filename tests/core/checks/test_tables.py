@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -331,6 +332,12 @@ def test_example_setup_creates_every_table_the_example_flows_write(
 ) -> None:
     from definitions.setup_dev import create_example_tables
 
+    # the example location is imported under this test's data dir: forget it afterwards, or a later
+    # test importing it would get a location built with this test's environment
+    for module in ("definitions.definitions", "definitions.flows.orders", "definitions.flows.ledger"):
+        if module not in sys.modules:
+            monkeypatch.setitem(sys.modules, module, None)
+            monkeypatch.delitem(sys.modules, module)
     monkeypatch.setenv("LOOM_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("LOOM_CLICKHOUSE_URL", clickhouse.url)
     first = dict(create_example_tables(environment="development"))
