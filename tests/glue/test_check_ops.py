@@ -1,10 +1,13 @@
-"""The ops behind the sensors' declared checks: chunked, with inputs only where a check follows its asset."""
+"""The ops behind the sensors' declared checks: chunked, with inputs only where a check follows its asset,
+several kinds of checks on one asset in one op."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import dagster as dg
 
-from loom_dagster.sensors.check_ops import CHECKS_PER_OP, declared_check_ops
+from loom_dagster.resources import LoomDeployResource
+from loom_dagster.sensors.check_ops import CHECKS_PER_OP, CheckKind, declared_check_ops, flow_check_ops
 
 
 def _passing(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
@@ -66,3 +69,45 @@ def test_a_selected_check_runs_alone_in_its_op() -> None:
     assert [(e.asset_key, e.check_name) for e in result.get_asset_check_evaluations()] == [
         (wanted.asset_key, wanted.name)
     ]
+
+
+def test_two_kinds_of_checks_on_a_flow_share_its_op_and_its_input(tmp_path: Path) -> None:
+    """``flow_check_ops``: a target's checks of every kind in one op (one input each target, the chunks
+    ending between targets), and a run evaluates only the kinds it selected."""
+    calls: list[tuple[str, list[str]]] = []
+
+    def kind(name: str, count: int) -> CheckKind:
+        def evaluate(context: dg.AssetCheckExecutionContext, loom: object) -> Iterator[dg.AssetCheckResult]:
+            assert isinstance(loom, LoomDeployResource)
+            keys = sorted(
+                k.asset_key.to_user_string() for k in context.selected_asset_check_keys if k.name == name
+            )
+            calls.append((name, keys))
+            for key in keys:
+                yield dg.AssetCheckResult(
+                    asset_key=dg.AssetKey.from_user_string(key), check_name=name, passed=True
+                )
+
+        return CheckKind(name, [dg.AssetCheckSpec(name, asset=["f", str(i)]) for i in range(count)], evaluate)
+
+    flows = CHECKS_PER_OP // 2 + 3
+    kinds = [kind("job_running", flows), kind("kafka_lag", flows - 1)]  # the last flow: no Kafka source
+    defs = flow_check_ops("flow_checks", kinds)
+    assert [d.node_def.name for d in defs] == ["flow_checks", "flow_checks_2"]
+    assert [len(d.check_keys) for d in defs] == [CHECKS_PER_OP, 5]
+    for d in defs:  # one input a flow, and every flow's checks in one op
+        assert sorted(d.keys_by_input_name.values()) == sorted({k.asset_key for k in d.check_keys})
+
+    wanted = dg.AssetCheckKey(dg.AssetKey(["f", "1"]), "job_running")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [*(dg.AssetSpec(["f", str(i)]) for i in range(flows)), *defs],
+            instance=instance,
+            selection=dg.AssetSelection.checks(wanted),
+            resources={"loom": LoomDeployResource(state_dir=str(tmp_path))},
+        )
+    assert result.success
+    assert [(e.asset_key, e.check_name) for e in result.get_asset_check_evaluations()] == [
+        (wanted.asset_key, wanted.name)
+    ]
+    assert calls == [("job_running", ["f/1"])]  # kafka_lag not evaluated: none of its checks selected
