@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from loom_dagster.resources import LoomDeployResource
+from loom_dagster.resource import LoomDeployResource
 from loom_dagster.sensors.check_ops import CHECKS_PER_OP, CheckKind, declared_check_ops, flow_check_ops
 
 
