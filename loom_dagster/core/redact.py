@@ -98,7 +98,9 @@ _KEY_VALUE = re.compile(
     rf"(?P<dq>\")(?P<dqv>(?:[^\"\\\n]|\\.)*)(?:\"|{_END})"  # "value"
     rf"|(?P<eq>\\[\"'])(?P<eqv>(?:(?!(?P=eq))[^\n])*)(?:(?P=eq)|{_END})"  # \"value\" or \'value\' (escaped)
     rf"|(?P<sq>')(?P<sqv>(?:[^'\\\n]|\\.)*)(?:'|{_END})"  # 'value'
-    rf"|(?P<scheme>{_AUTH_SCHEME})(?P<plain>;?[^\s&,;'\"}})\]]+)"  # value (even ;value), Bearer value
+    # value (even ;value), Bearer value; a quote inside it is part of it (``pw=ab"cd``: all masked),
+    # a quote that ends it is not (``"pw=x"`` keeps its closing quote)
+    rf"|(?P<scheme>{_AUTH_SCHEME})(?P<plain>;?[^\s&,;'\"}})\]](?:[^\s&,;}})\]]*[^\s&,;'\"}})\]])?)"
     r")",
     re.IGNORECASE,
 )
