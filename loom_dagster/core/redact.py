@@ -99,8 +99,9 @@ _KEY_VALUE = re.compile(
     rf"|(?P<eq>\\[\"'])(?P<eqv>(?:(?!(?P=eq))[^\n])*)(?:(?P=eq)|{_END})"  # \"value\" or \'value\' (escaped)
     rf"|(?P<sq>')(?P<sqv>(?:[^'\\\n]|\\.)*)(?:'|{_END})"  # 'value'
     # value (even ;value), Bearer value; a quote inside it is part of it (``pw=ab"cd``: all masked),
-    # a quote that ends it is not (``"pw=x"`` keeps its closing quote)
-    rf"|(?P<scheme>{_AUTH_SCHEME})(?P<plain>;?[^\s&,;'\"}})\]](?:[^\s&,;}})\]]*[^\s&,;'\"}})\]])?)"
+    # a quote that ends it is not (``"pw=x"`` keeps its closing quote); it may start with ``&`` unless
+    # that is the next query parameter (``pw=&x=1``)
+    rf"|(?P<scheme>{_AUTH_SCHEME})(?P<plain>;?(?:[^\s&,;'\"}})\]]|&(?=[^\s&=,;]+(?:$|[\s,;])))(?:[^\s&,;}})\]]*[^\s&,;'\"}})\]])?)"
     r")",
     re.IGNORECASE,
 )

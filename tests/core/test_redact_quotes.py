@@ -1,4 +1,4 @@
-"""A secret value holding a quote is masked whole (Hypothesis found ``password: 0"Mk8...`` leaking the part
+"""A secret value holding a quote (or starting with ``&``) is masked whole (Hypothesis found ``password: 0"Mk8...`` leaking the part
 after the quote once the text had been escaped onto one line); a quote that only closes the value stays."""
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from loom_dagster.core.redact import redact_text
         ('Authorization: Bearer abc"def', "Authorization: Bearer ***"),
         ('x "password=abc" y', 'x "password=***" y'),
         ("token=abc&x=1", "token=***&x=1"),
+        ("RuntimeError: password: &Mka099847q", "RuntimeError: password: ***"),
+        ("\npassword: &Mka099847q\n", "\npassword: ***\n"),
+        ("https://h/?password=&user=x", "https://h/?password=&user=x"),
     ],
 )
 def test_a_quote_inside_a_secret_value_is_masked_with_it(text: str, masked: str) -> None:
