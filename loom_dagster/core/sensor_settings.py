@@ -65,10 +65,24 @@ class KafkaLagSettings:
 
 @dataclass(frozen=True)
 class SinkFreshness:
-    """Freshness windows of one sink: warn after ``warn_after_s`` without new data, fail after ``fail_after_s``."""
+    """Freshness of one sink: warn after ``warn_after_s`` without new data, fail after ``fail_after_s``
+    (the sink asset's Dagster ``FreshnessPolicy``, unless ``deadline_cron`` asks for a cron deadline);
+    and, optionally, a budget for its end-to-end delay (the age of the data it receives, summed over the
+    chained flows from the first Kafka topic of its lineage)."""
 
     warn_after_s: float = 15 * 60
     fail_after_s: float = 60 * 60
+    deadline_cron: str | None = None
+    """A cron deadline instead of the time window: new data is expected in the ``cron_lower_bound_s``
+    before each tick of this cron (``FreshnessPolicy.cron``); ``None``: the warn/fail time window."""
+    cron_lower_bound_s: float | None = None
+    """How long before each ``deadline_cron`` tick the data may land (default: ``fail_after_s``)."""
+    cron_timezone: str = "UTC"
+    """The timezone of ``deadline_cron``."""
+    warn_end_to_end_delay_s: float | None = None
+    """WARN when the sink's end-to-end delay is at least this many seconds; ``None``: off."""
+    max_end_to_end_delay_s: float | None = None
+    """ERROR when the sink's end-to-end delay is at least this many seconds (its budget); ``None``: off."""
 
 
 @dataclass(frozen=True)
