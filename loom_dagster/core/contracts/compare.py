@@ -224,7 +224,11 @@ class _Comparison:
             for wf in w.fields
             if r.field(wf.name) is None and not _breaks(self.writer, self.reader, wf.type, rf.type)
         ]
-        hint = f" Renamed? the writer has `{'`, `'.join(renamed)}` of a type the reader accepts." if renamed else ""
+        hint = (
+            f" Renamed? the writer has `{'`, `'.join(renamed)}` of a type the reader accepts."
+            if renamed
+            else ""
+        )
         fix = (
             f"keep `{rf.name}` in the writer"
             + (f" (or rename `{renamed[0]}` back)" if renamed else "")
@@ -253,7 +257,9 @@ class _Comparison:
                         f"send `{rf.name}` at position {index}, or give it a default in the reader.",
                     )
                 else:
-                    self.add(path, "missing from the writer", False, f"the reader uses its default ({rf.default}).")
+                    self.add(
+                        path, "missing from the writer", False, f"the reader uses its default ({rf.default})."
+                    )
                 continue
             wf = w.fields[index]
             if wf.name != rf.name:
@@ -281,13 +287,27 @@ class _Comparison:
 
     def types(self, w: TypeShape, r: TypeShape, path: str) -> None:
         """Findings for a value of type *w* decoded as type *r*."""
-        if w == r and w.kind not in ("struct", "list", "set", "frozenset", "tuple", "fixed_tuple", "dict", "union"):
+        if w == r and w.kind not in (
+            "struct",
+            "list",
+            "set",
+            "frozenset",
+            "tuple",
+            "fixed_tuple",
+            "dict",
+            "union",
+        ):
             return
         breaking = _type_problem(self, w, r, path)
         if breaking is None:
             wt, rt = type_text(w, self.writer), type_text(r, self.reader)
             if wt != rt and w.kind != "struct":
-                self.add(path, f"type {wt} -> {rt}", False, "the reader's type accepts every value of the writer's.")
+                self.add(
+                    path,
+                    f"type {wt} -> {rt}",
+                    False,
+                    "the reader's type accepts every value of the writer's.",
+                )
             return
         change, why, fix = breaking
         self.add(path, change, True, why, fix)
@@ -314,12 +334,20 @@ def _type_problem(cmp: _Comparison, w: TypeShape, r: TypeShape, path: str) -> Pr
         for member in members:
             problem = _type_problem(cmp, member, r, path)
             if problem is not None:
-                return (change, f"the writer may send {type_text(member, cmp.writer)}: {problem[1]}", problem[2])
+                return (
+                    change,
+                    f"the writer may send {type_text(member, cmp.writer)}: {problem[1]}",
+                    problem[2],
+                )
         return None
     if w.kind == "none":
         if _admits_none(r):
             return None
-        return (change, "the writer sends null and the reader requires a value.", f"make the reader's type {rt} | None.")
+        return (
+            change,
+            "the writer sends null and the reader requires a value.",
+            f"make the reader's type {rt} | None.",
+        )
     if r.kind == "union":
         options = [m for m in r.args if _breaks(cmp.writer, cmp.reader, w, m) is False]
         if options:
@@ -348,12 +376,20 @@ def _kind_problem(cmp: _Comparison, w: TypeShape, r: TypeShape, path: str, chang
                 f"the writer may send {', '.join(map(repr, extra))}, which the reader's {rt} does not accept.",
                 f"add {', '.join(map(repr, extra))} to the reader's {rt} first.",
             )
-        return (change, f"the writer may send any {wt}; the reader accepts only {rt}.", f"send a {rt} from the writer.")
+        return (
+            change,
+            f"the writer may send any {wt}; the reader accepts only {rt}.",
+            f"send a {rt} from the writer.",
+        )
     if w.kind in ("enum", "literal"):
         kinds = {_value_kind(v) for v in w.values}
         if kinds and all(k in _SCALAR_ACCEPTS.get(r.kind, ()) for k in kinds):
             return None
-        return (change, f"the writer's {wt} values are not {rt} values.", f"make the reader's type accept {wt}.")
+        return (
+            change,
+            f"the writer's {wt} values are not {rt} values.",
+            f"make the reader's type accept {wt}.",
+        )
     accepts = _SCALAR_ACCEPTS.get(r.kind)
     if accepts is not None:
         if w.kind in accepts:
@@ -361,7 +397,11 @@ def _kind_problem(cmp: _Comparison, w: TypeShape, r: TypeShape, path: str, chang
         why = f"msgspec does not decode a {wt} as {rt}."
         if w.kind == "float" and r.kind == "int":
             why = "msgspec does not decode a float as int (1.5 has no int value); int -> float is the safe widening."
-        return (change, why, f"keep the field {rt} in the writer, or change the reader's type to accept {wt}.")
+        return (
+            change,
+            why,
+            f"keep the field {rt} in the writer, or change the reader's type to accept {wt}.",
+        )
     if r.kind in _ARRAYS:
         if w.kind in _ARRAYS:
             cmp.types(w.args[0], r.args[0], f"{path}[]")
@@ -370,13 +410,21 @@ def _kind_problem(cmp: _Comparison, w: TypeShape, r: TypeShape, path: str, chang
             for item in w.args:
                 cmp.types(item, r.args[0], f"{path}[]")
             return None
-        return (change, f"the reader expects an array, the writer sends {wt}.", f"send a list from the writer.")
+        return (
+            change,
+            f"the reader expects an array, the writer sends {wt}.",
+            "send a list from the writer.",
+        )
     if r.kind == "fixed_tuple":
         if w.kind == "fixed_tuple" and len(w.args) == len(r.args):
             for index, (wi, ri) in enumerate(zip(w.args, r.args, strict=True)):
                 cmp.types(wi, ri, f"{path}[{index}]")
             return None
-        return (change, f"the reader expects exactly {len(r.args)} item(s).", "send a tuple of the reader's length.")
+        return (
+            change,
+            f"the reader expects exactly {len(r.args)} item(s).",
+            "send a tuple of the reader's length.",
+        )
     if r.kind == "dict":
         if w.kind == "dict":
             cmp.types(w.args[0], r.args[0], f"{path}{{key}}")
@@ -394,10 +442,18 @@ def _kind_problem(cmp: _Comparison, w: TypeShape, r: TypeShape, path: str, chang
         if w.kind == "struct" and ws is not None and rs is not None:
             cmp.structs(ws, rs, path)
             return None
-        return (change, f"the reader expects the struct {rt}, the writer sends {wt}.", f"send a {rt} from the writer.")
+        return (
+            change,
+            f"the reader expects the struct {rt}, the writer sends {wt}.",
+            f"send a {rt} from the writer.",
+        )
     if w.kind == r.kind and w.ref == r.ref:
         return None
-    return (change, f"loom-dagster cannot tell whether a {wt} decodes as {rt}.", "use the same type on both sides.")
+    return (
+        change,
+        f"loom-dagster cannot tell whether a {wt} decodes as {rt}.",
+        "use the same type on both sides.",
+    )
 
 
 def _breaks(writer: PayloadContract, reader: PayloadContract, w: TypeShape, r: TypeShape) -> bool:

@@ -163,7 +163,11 @@ def message_type(cls: Any) -> str:
 def message_version(cls: Any) -> int:
     """The struct's declared contract version: ``__loom_message_version__``, else 1."""
     declared = getattr(cls, "__loom_message_version__", None)
-    return int(declared) if isinstance(declared, int) and not isinstance(declared, bool) else DEFAULT_MESSAGE_VERSION
+    return (
+        int(declared)
+        if isinstance(declared, int) and not isinstance(declared, bool)
+        else DEFAULT_MESSAGE_VERSION
+    )
 
 
 def struct_name(cls: Any) -> str:
@@ -272,7 +276,9 @@ class _Collector:
         if isinstance(info, mi.TupleType):
             return TypeShape("fixed_tuple", tuple(self.type(t) for t in info.item_types))
         if isinstance(info, mi.DictType | mi.FrozenDictType):
-            return TypeShape("dict", (self.type(info.key_type), self.type(info.value_type)), constraints=constraints)
+            return TypeShape(
+                "dict", (self.type(info.key_type), self.type(info.value_type)), constraints=constraints
+            )
         if isinstance(info, mi.UnionType):
             return TypeShape("union", tuple(self.type(t) for t in info.types))
         if isinstance(info, mi.EnumType):

@@ -83,7 +83,11 @@ def test_description_of_every_kind_of_field() -> None:
         tree: Tree | None = None
 
     c = contract(Order)
-    assert (c.message_type, c.message_version, c.struct) == ("shop.order", 3, f"{__name__}.{Order.__qualname__}")
+    assert (c.message_type, c.message_version, c.struct) == (
+        "shop.order",
+        3,
+        f"{__name__}.{Order.__qualname__}",
+    )
     root = c.root
     assert root.forbid_unknown_fields and not root.array_like
     described = {f.name: (type_text(f.type, c), f.required, f.default) for f in root.fields}
@@ -99,7 +103,11 @@ def test_description_of_every_kind_of_field() -> None:
         "tree": ("Tree | None", False, "None"),
     }
     # nested structs once each, the recursive one referring to itself
-    assert [s.name.rsplit(".", 1)[-1] for s in c.structs] == [Order.__qualname__.rsplit(".", 1)[-1], "Point", "Tree"]
+    assert [s.name.rsplit(".", 1)[-1] for s in c.structs] == [
+        Order.__qualname__.rsplit(".", 1)[-1],
+        "Point",
+        "Tree",
+    ]
     tree = c.shape(f"{__name__}.Tree")
     assert tree is not None and type_text(tree.fields[1].type, c) == "list[Tree]"
     assert c.describe()["flags"] == ["forbid_unknown_fields"]
@@ -304,7 +312,10 @@ WITNESSES: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "uuid": (uuid.UUID, (uuid.UUID(int=5), uuid.UUID(int=6))),
     "datetime(aware)": (
         datetime.datetime,
-        (datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC), datetime.datetime(2020, 5, 6, tzinfo=datetime.UTC)),
+        (
+            datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC),
+            datetime.datetime(2020, 5, 6, tzinfo=datetime.UTC),
+        ),
     ),
     "Point": (Point, (Point(1), Point(2))),
     "PointF": (PointF, (PointF(0.5), PointF(1.5))),
@@ -324,7 +335,9 @@ def structs(draw: st.DrawFn, label: str) -> tuple[type[Any], list[tuple[str, str
     names = draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=4))
     kinds = [draw(st.sampled_from(sorted(WITNESSES))) for _ in names]
     # a single-valued type gets no default: omit_defaults would leave it out of every message
-    fields = [(n, k, len(WITNESSES[k][1]) > 1 and draw(st.booleans())) for n, k in zip(names, kinds, strict=True)]
+    fields = [
+        (n, k, len(WITNESSES[k][1]) > 1 and draw(st.booleans())) for n, k in zip(names, kinds, strict=True)
+    ]
     specs: list[Any] = []
     for name, kind, has_default in fields:
         annotation, witnesses = WITNESSES[kind]
