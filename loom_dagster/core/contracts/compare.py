@@ -230,9 +230,9 @@ class _Comparison:
             else ""
         )
         fix = (
-            f"keep `{rf.name}` in the writer"
-            + (f" (or rename `{renamed[0]}` back)" if renamed else "")
-            + f", or give `{rf.name}` a default in the reader's struct and deploy the reader first."
+            f"send `{rf.name}` from the writer"
+            + (f" (rename `{renamed[0]}` back)" if renamed else " (keep it, or add it and deploy the writer first)")
+            + f", or give `{rf.name}` a default in the reader's struct (and deploy the reader first)."
         )
         self.add(
             path,

@@ -197,7 +197,7 @@ def test_renamed_required_field_breaks_and_suggests_the_rename() -> None:
     amount = found["amount"]
     assert amount.change == "missing from the writer"
     assert "Renamed? the writer has `total`" in amount.why
-    assert "rename `total` back" in amount.fix
+    assert "rename `total` back" in amount.fix and "default" in amount.fix
     assert compatible(V1Renamed, V1)["total"].change == "added in the writer"
 
 
