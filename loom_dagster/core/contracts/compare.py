@@ -231,7 +231,11 @@ class _Comparison:
         )
         fix = (
             f"send `{rf.name}` from the writer"
-            + (f" (rename `{renamed[0]}` back)" if renamed else " (keep it, or add it and deploy the writer first)")
+            + (
+                f" (rename `{renamed[0]}` back)"
+                if renamed
+                else " (keep it, or add it and deploy the writer first)"
+            )
             + f", or give `{rf.name}` a default in the reader's struct (and deploy the reader first)."
         )
         self.add(
