@@ -9,6 +9,8 @@ from typing import TypeVar
 import dagster as dg
 import msgspec
 
+from loom_dagster.core.contracts.shape import PayloadContract
+from loom_dagster.core.contracts.topic import topic_contract
 from loom_dagster.core.errors import DuplicateAssetKeyError
 from loom_dagster.core.flows.catalog import CompiledFlow
 from loom_dagster.core.flows.records import (
@@ -108,18 +110,24 @@ def _with_deps(spec: dg.AssetSpec, deps: list[dg.AssetKey]) -> dg.AssetSpec:
 
 
 def merge_topics(flows: Sequence[LoomFlow]) -> list[LoomTopic]:
-    """One record per physical topic, with every flow that writes or reads it."""
+    """One record per physical topic, with every flow that writes or reads it, and (for a topic a flow
+    writes) its contract: each writer's struct against each reader's (``core.contracts.topic``)."""
     writers: dict[str, list[str]] = defaultdict(list)
     readers: dict[str, list[str]] = defaultdict(list)
     roles: dict[str, set[TopicRole]] = defaultdict(set)
     kinds: dict[str, set[str]] = defaultdict(set)
+    written: dict[str, list[tuple[str, PayloadContract | None]]] = defaultdict(list)
+    read: dict[str, list[tuple[str, tuple[PayloadContract, ...]]]] = defaultdict(list)
     for flow in flows:
         for src in flow.source_topics:
             readers[src.topic].append(flow.name)
+            read[src.topic].append((flow.name, src.contracts))
         for out in flow.output_topics:
             writers[out.topic].append(flow.name)
             roles[out.topic].add(out.role)
             kinds[out.topic].update(out.error_kinds)
+            if out.role is TopicRole.OUTPUT:
+                written[out.topic].append((flow.name, out.contract))
     names = sorted(writers.keys() | readers.keys())
     return [
         LoomTopic(
@@ -128,6 +136,7 @@ def merge_topics(flows: Sequence[LoomFlow]) -> list[LoomTopic]:
             read_by=tuple(dict.fromkeys(readers[name])),
             roles=tuple(sorted(roles[name])),
             error_kinds=tuple(sorted(kinds[name])),
+            contract=topic_contract(name, written[name], read[name]) if name in written else None,
         )
         for name in names
     ]

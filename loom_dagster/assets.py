@@ -10,6 +10,7 @@ import dagster as dg
 from loom_dagster.asset_check_names import DEPLOY_CHECKS, RESTART_TAG
 from loom_dagster.asset_graph import FlowNode, LoomAssetGraph, build_asset_graph
 from loom_dagster.core.checks.loom_checks import DeployChecksReport
+from loom_dagster.core.contracts.chain import ContractsReport
 from loom_dagster.core.deploy.deployer import DeployResult
 from loom_dagster.core.deploy.store import Deployment
 from loom_dagster.core.errors import LoomDagsterError, redacted_chain
@@ -29,6 +30,9 @@ class LoomDeployConfig(dg.Config):
 
     environment: str | None = None
     accept_offset_reset: bool = False
+    accept_contract_change: bool = False
+    """Deploy even when a payload contract with another flow of the code location breaks (its readers
+    will send what they cannot decode to their dead-letter topics)."""
 
 
 def build_loom_asset_graph(
@@ -145,8 +149,10 @@ def deploy_flow_nodes(
 
     Yields each flow's results as ``deploy_flow_node`` does. A flow that fails does not stop the
     others: their results are yielded, and the failures are raised together at the end (one failure
-    as it is).
+    as it is). *nodes* are every flow of the asset (the code location's): each deploy checks its
+    payload contracts with them.
     """
+    location = tuple(node.compiled.flow for node in nodes)
     selected_checks = {
         key.asset_key for key in context.selected_asset_check_keys if key.name == DEPLOY_CHECKS
     }
@@ -157,7 +163,7 @@ def deploy_flow_nodes(
         if key not in selected and key not in selected_checks:
             continue
         try:
-            yield from deploy_flow_node(context, node, config, loom)
+            yield from deploy_flow_node(context, node, config, loom, location_flows=location)
         except dg.Failure as failure:
             failures.append((node.compiled.flow.name, failure))
     if len(failures) == 1:
@@ -181,10 +187,18 @@ def deploy_check_spec(key: dg.AssetKey) -> dg.AssetCheckSpec:
 
 
 def deploy_flow_node(
-    context: dg.AssetExecutionContext, node: FlowNode, config: LoomDeployConfig, loom: LoomDeployResource
+    context: dg.AssetExecutionContext,
+    node: FlowNode,
+    config: LoomDeployConfig,
+    loom: LoomDeployResource,
+    location_flows: Sequence[LoomFlow] = (),
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """Materialize one flow in an asset body: deploy it (or restart it, for the health sensor's runs),
-    or, when only its ``deploy_checks`` check is selected, run the checks and deploy nothing."""
+    or, when only its ``deploy_checks`` check is selected, run the checks and deploy nothing.
+
+    *location_flows* are the flows loaded with it (its code location): the deploy, and the check, compare
+    its payload contracts with theirs (``loom_dagster.core.contracts``); flows of another code location
+    are not seen."""
     spec, compiled = node.spec, node.compiled
     declared, sink_keys = compiled.flow, dict(node.sink_keys)
     flow_spec = compiled.spec
@@ -205,7 +219,8 @@ def deploy_flow_node(
         if spec.key not in context.selected_asset_keys:
             fresh = deployer.validate(flow_spec, declared, sink_keys, config.environment)
             deployer.run_deploy_checks(fresh, reports.append, log=context.log.info)
-            yield deploy_checks_result(spec.key, reports[-1])
+            contracts = deployer.check_contracts(fresh, location_flows, log=context.log.info)
+            yield deploy_checks_result(spec.key, reports[-1], contracts)
             return
         result = deployer.deploy(
             flow_spec,
@@ -216,11 +231,13 @@ def deploy_flow_node(
             log=context.log.info,
             accept_offset_reset=config.accept_offset_reset,
             on_checks=reports.append,
+            location_flows=location_flows,
+            accept_contract_change=config.accept_contract_change,
         )
     except LoomDagsterError as exc:
         deployer.observer.failed(declared.name, exc)
         if reports and report_checks:
-            yield deploy_checks_result(spec.key, reports[-1])
+            yield deploy_checks_result(spec.key, reports[-1], getattr(exc, "contracts", None))
         raise dg.Failure(
             description=str(exc),
             metadata=failure_metadata(exc),
@@ -233,7 +250,7 @@ def deploy_flow_node(
             allow_retries=True,
         ) from redacted_chain(exc)
     if reports and report_checks:
-        yield deploy_checks_result(spec.key, reports[-1])
+        yield deploy_checks_result(spec.key, reports[-1], result.contracts)
     yield dg.MaterializeResult(
         asset_key=spec.key,
         metadata=deploy_metadata(declared, result),
@@ -241,27 +258,38 @@ def deploy_flow_node(
     )
 
 
-def deploy_checks_result(key: dg.AssetKey, report: DeployChecksReport) -> dg.AssetCheckResult:
-    """The ``deploy_checks`` result: fails (ERROR) when it blocks, WARN on any other finding."""
-    if report.blocks:
+def deploy_checks_result(
+    key: dg.AssetKey, report: DeployChecksReport, contracts: ContractsReport | None = None
+) -> dg.AssetCheckResult:
+    """The ``deploy_checks`` result: fails (ERROR) when loom's checks block or a payload contract with
+    another flow breaks (unless the run accepted it), WARN on any other finding of loom's checks. The
+    contracts' findings are in ``contracts`` (text) and ``loom/contracts`` (JSON)."""
+    broken = contracts is not None and bool(contracts.broken)
+    if report.blocks or (broken and contracts is not None and not contracts.accepted):
         passed, severity = False, dg.AssetCheckSeverity.ERROR
-    elif report.findings:
+    elif report.findings or broken:
         passed, severity = False, dg.AssetCheckSeverity.WARN
     else:
         passed, severity = True, dg.AssetCheckSeverity.WARN
+    description = report.summary()
+    metadata: dict[str, Any] = {
+        "errors": dg.MetadataValue.text("\n".join(f.describe() for f in report.errors) or "none"),
+        "warnings": dg.MetadataValue.text("\n".join(f.describe() for f in report.warnings) or "none"),
+        "silenced": ", ".join(report.silenced) or "none",
+        "environment": report.environment,
+        "enforced": report.enforced,
+    }
+    if contracts is not None:
+        description = f"{description}; contracts: {contracts.summary()}"
+        metadata["contracts"] = dg.MetadataValue.text(contracts.describe())
+        metadata.update(LoomDeployMetadataSet(contracts=metadata_json(contracts.metadata())))
     return dg.AssetCheckResult(
         asset_key=key,
         check_name=DEPLOY_CHECKS,
         passed=passed,
         severity=severity,
-        description=report.summary(),
-        metadata={
-            "errors": dg.MetadataValue.text("\n".join(f.describe() for f in report.errors) or "none"),
-            "warnings": dg.MetadataValue.text("\n".join(f.describe() for f in report.warnings) or "none"),
-            "silenced": ", ".join(report.silenced) or "none",
-            "environment": report.environment,
-            "enforced": report.enforced,
-        },
+        description=description,
+        metadata=metadata,
     )
 
 
@@ -286,13 +314,16 @@ def restart_metadata(deployment: Deployment) -> dict[str, Any]:
 
 
 def failure_metadata(exc: Exception) -> dict[str, Any]:
-    """Metadata of a failed deploy: the error class, and the measured numbers where there are some."""
+    """Metadata of a failed deploy: the error class, and the measured numbers where there are some
+    (a refused contract's report in ``loom/contracts``)."""
     report, plan = getattr(exc, "report", None), getattr(exc, "plan", None)
+    contracts = getattr(exc, "contracts", None)
     return dict(
         LoomDeployMetadataSet(
             error=type(exc).__name__,
             report=metadata_json(report.metadata()) if report is not None else None,
             offsets=metadata_json(plan.metadata()) if plan is not None else None,
+            contracts=metadata_json(contracts.metadata()) if contracts is not None else None,
         )
     )
 
@@ -313,6 +344,7 @@ def deploy_metadata(declared: LoomFlow, result: DeployResult) -> dict[str, Any]:
             declared_plan_hash=declared.plan_hash if declared.plan_hash != flow.plan_hash else None,
             sink_tables=metadata_json(result.tables.metadata()) if result.tables is not None else None,
             offsets=metadata_json(result.offsets.metadata()) if result.offsets is not None else None,
+            contracts=metadata_json(result.contracts.metadata()) if result.contracts is not None else None,
             deployed=job is not None,
             pid=job.processes[0].pid if job else None,
             pids=_pids(job) if job else None,

@@ -73,6 +73,7 @@ class LoomTopicMetadataSet(_LoomNamespace):
     read_by: str | None = None
     written_by: str | None = None
     error_kinds: str | None = None
+    contract: dg.JsonMetadataValue | None = None
 
 
 class LoomTableMetadataSet(_LoomNamespace):
@@ -110,6 +111,7 @@ class LoomDeployMetadataSet(_LoomNamespace):
     gate_s: float | None = None
     error: str | None = None
     report: dg.JsonMetadataValue | None = None
+    contracts: dg.JsonMetadataValue | None = None
     progress: str | None = None
     rolled_back_from: str | None = None
     rollback_reason: str | None = None
@@ -263,7 +265,9 @@ class LoomTranslator:
         )
 
     def get_output_topic_spec(self, topic: LoomTopic) -> dg.AssetSpec:
-        """A Kafka topic a flow writes (output or dead-letter queue): ``["kafka", <topic>]``."""
+        """A Kafka topic a flow writes (output or dead-letter queue): ``["kafka", <topic>]``; a topic
+        written with a struct carries ``loom/contract`` (writer struct, readers of this code location,
+        compatibility per reader)."""
         role = "Dead-letter topic" if topic.is_dlq else "Kafka topic"
         readers = f", read by {_names(topic.read_by)}" if topic.read_by else ""
         tags = {DLQ_TAG: "true"} if topic.is_dlq else {}
@@ -274,6 +278,9 @@ class LoomTranslator:
                 written_by=", ".join(topic.written_by),
                 error_kinds=", ".join(topic.error_kinds) or None,
                 read_by=", ".join(topic.read_by) or None,
+                contract=dg.MetadataValue.json(topic.contract.metadata())
+                if topic.contract is not None
+                else None,
             ),
         }
         return dg.AssetSpec(

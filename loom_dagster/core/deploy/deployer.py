@@ -2,8 +2,8 @@
 
 ``FlowDeployer.deploy``: compile with the run-time config and check the lineage -> the pre-launch steps
 (``loom_dagster.core.deploy.steps.PRE_LAUNCH_STEPS``: loom's deploy checks, the job's view of the config,
-sink tables, Kafka topics, the deployment record, offsets, the consumer group's fence, the config
-snapshot, the preflight) -> (flow lock) the record read again, refused if it changed -> drain the running
+the payload contracts with the code location's other flows, sink tables, Kafka topics, the deployment
+record, offsets, the consumer group's fence, the config snapshot, the preflight) -> (flow lock) the record read again, refused if it changed -> drain the running
 job -> launch -> health gate (and progress gate) -> record. If the new job fails its gate, it is killed
 and the previous deployment is started again. Every step before the lock is a check: a failure there
 never touches the running job.
@@ -23,6 +23,7 @@ import msgspec
 
 from loom_dagster.core.checks.loom_checks import DeployChecksReport
 from loom_dagster.core.checks.offsets import OffsetPlan
+from loom_dagster.core.contracts.chain import ContractBroken, ContractsReport, contracts_extra
 from loom_dagster.core.deploy import lifecycle
 from loom_dagster.core.deploy.launch_records import JobReport, JobState, LaunchedJob, LaunchRequest
 from loom_dagster.core.deploy.progress import (
@@ -34,6 +35,7 @@ from loom_dagster.core.deploy.progress import (
 )
 from loom_dagster.core.deploy.steps import (
     PRE_LAUNCH_STEPS,
+    Contracts,
     DeployChecks,
     DeployContext,
     DeployStep,
@@ -42,6 +44,7 @@ from loom_dagster.core.deploy.steps import (
     OnChecks,
     ReadRecord,
     StepRecord,
+    add_contract_changes,
     run_steps,
 )
 from loom_dagster.core.deploy.store import Deployment, DeploymentStore
@@ -93,6 +96,7 @@ class DeployResult(msgspec.Struct, frozen=True):
     tables: SinkTablesReport | None = None
     offsets: OffsetPlan | None = None
     progress: ProgressVerdict | None = None
+    contracts: ContractsReport | None = None
     steps: tuple[StepRecord, ...] = ()
     """Each pre-launch step as it ran (name, seconds, outcome), in order."""
 
@@ -188,10 +192,15 @@ class FlowDeployer:
         log: Log = print,
         accept_offset_reset: bool = False,
         on_checks: OnChecks | None = None,
+        location_flows: Sequence[LoomFlow] = (),
+        accept_contract_change: bool = False,
     ) -> DeployResult:
         """Check everything that can be checked, then (if launching) replace the running job safely.
 
         ``on_checks`` receives loom's deploy-check report as soon as it exists (also when it blocks).
+        ``location_flows`` are the flows of the code location (their records), whose payload contracts
+        with this flow the ``contracts`` step checks; flows of other code locations are not seen. A
+        breaking contract is refused unless ``accept_contract_change``.
         """
         compiled = self.validate(spec, declared, sink_keys, environment)
         log(f"compiled flow {declared.name!r} (plan {compiled.flow.plan_hash}); lineage check passed")
@@ -207,6 +216,8 @@ class FlowDeployer:
             environment=environment,
             run_id=run_id,
             accept_offset_reset=accept_offset_reset,
+            accept_contract_change=accept_contract_change,
+            location_flows=tuple(location_flows),
             log=log,
             on_checks=on_checks,
         )
@@ -232,7 +243,12 @@ class FlowDeployer:
             result = self._replace_running(compiled, request, previous, run_id, log, ctx.offsets, ctx.view)
             self.observer.deployed(result)
         return msgspec.structs.replace(
-            result, checks=ctx.checks, tables=ctx.tables, offsets=ctx.offsets, steps=tuple(ctx.records)
+            result,
+            checks=ctx.checks,
+            tables=ctx.tables,
+            offsets=ctx.offsets,
+            contracts=ctx.contracts,
+            steps=tuple(ctx.records),
         )
 
     def run_deploy_checks(
@@ -244,6 +260,22 @@ class FlowDeployer:
         DeployChecks().run(ctx)
         assert ctx.checks is not None  # the step either fills it or raises
         return ctx.checks
+
+    def check_contracts(
+        self, compiled: CompiledFlow, location_flows: Sequence[LoomFlow], log: Log = print
+    ) -> ContractsReport:
+        """The flow's payload contracts with *location_flows* (the ``contracts`` step alone, against the
+        flow's current record, accepting nothing): the report, also when a contract breaks (then
+        ``report.blocks``); nothing is deployed."""
+        ctx = DeployContext(self, compiled.spec, compiled, location_flows=tuple(location_flows), log=log)
+        try:
+            Contracts().run(ctx)
+        except ContractBroken as broken:
+            ctx.contracts = broken.contracts
+        ctx.current = self.store.current(compiled.flow.name)
+        add_contract_changes(ctx)
+        assert ctx.contracts is not None  # the step either fills it or raises
+        return ctx.contracts
 
     def check_offsets(
         self, compiled: CompiledFlow, accept_reset: bool, log: Log = print
@@ -495,8 +527,9 @@ def _described(record: Deployment | None) -> str:
 
 
 def deployment_extra(compiled: CompiledFlow, offsets: OffsetPlan | None) -> dict[str, object]:
-    """What a deployment records beyond its job: the source, and where the job started reading."""
-    extra: dict[str, object] = {"source": source_summary(compiled)}
+    """What a deployment records beyond its job: the source, the struct written to each topic
+    (``contracts``), and where the job started reading."""
+    extra: dict[str, object] = {"source": source_summary(compiled), **contracts_extra(compiled.flow)}
     if offsets is not None:
         extra["start_offsets"] = {
             topic: {str(partition): offset for partition, offset in parts.items()}

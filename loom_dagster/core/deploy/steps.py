@@ -9,20 +9,26 @@ started. In order (each fills the ``DeployContext`` field in brackets):
    check. The only step a deploy that launches nothing runs.
 2. ``job_view`` [job_view]: the flow compiled as its job will load it when the spec's ``env=`` reaches the
    job only (lineage checked too); what the checks below connect with.
-3. ``sink_tables`` [tables]: every storage sink's table on the real system (``SinkTablesError``);
+3. ``contracts`` [contracts]: the struct the flow writes to each topic against every flow of the code
+   location reading it, and the struct it reads each topic with against every flow here writing it
+   (``loom_dagster.core.contracts``); a breaking difference is refused unless accepted
+   (``ContractBroken``); metadata ``loom/contracts``, the record's ``extra["contracts"]``. Connects to
+   nothing. Flows of other code locations are not seen.
+4. ``sink_tables`` [tables]: every storage sink's table on the real system (``SinkTablesError``);
    metadata ``loom/sink_tables``.
-4. ``topics`` [topics]: the source, output and dead-letter topics exist (``TopicsMissing``).
-5. ``record`` [current]: the flow's deployment record, read once (on Kubernetes one ConfigMap GET) for
-   the three steps that judge it; the deployer reads it once more under the lock and refuses the deploy
-   if it changed meanwhile (``RecordChanged``).
-6. ``offsets`` [offsets]: where the new job starts reading, against the recorded source; an unaccepted
+5. ``topics`` [topics]: the source, output and dead-letter topics exist (``TopicsMissing``).
+6. ``record`` [current]: the flow's deployment record, read once (on Kubernetes one ConfigMap GET) for
+   the steps that judge it; the deployer reads it once more under the lock and refuses the deploy if it
+   changed meanwhile (``RecordChanged``). The contracts report gets what the written structs changed
+   since the recorded deployment.
+7. ``offsets`` [offsets]: where the new job starts reading, against the recorded source; an unaccepted
    reset of a changed group or topic is refused (``OffsetResetRefused``); metadata ``loom/offsets``, the
    record's ``start_offsets``.
-7. ``fence`` [fence]: no job but the recorded one consumes the consumer group (``FenceHeld``).
-8. ``config_snapshot`` [request]: the deployment's own copy of its config files, which must load to the
+8. ``fence`` [fence]: no job but the recorded one consumes the consumer group (``FenceHeld``).
+9. ``config_snapshot`` [request]: the deployment's own copy of its config files, which must load to the
    config just checked (``DeploymentError``); the request that is launched.
-9. ``preflight`` [preflight]: the new version imports and compiles where it will run (the launcher's
-   error), when the recorded job runs (it needs protecting) or the flow runs several processes.
+10. ``preflight`` [preflight]: the new version imports and compiles where it will run (the launcher's
+    error), when the recorded job runs (it needs protecting) or the flow runs several processes.
 
 Each step's seconds and one-line outcome are kept uniformly (``StepRecord``, in ``DeployResult.steps``);
 a failing step adds a note naming itself to the error it raises.
@@ -55,6 +61,7 @@ from loom_dagster.core.checks.loom_checks import (
 from loom_dagster.core.checks.offsets import OffsetPlan, plan_offsets
 from loom_dagster.core.checks.tables import check_sink_tables
 from loom_dagster.core.checks.topics import TopicsReport, check_topics
+from loom_dagster.core.contracts.chain import ContractBroken, ContractsReport, flow_contracts, writer_changes
 from loom_dagster.core.deploy.launch_records import LaunchRequest
 from loom_dagster.core.deploy.store import ConfigFile, Deployment, read_config_files, scratch_copy
 from loom_dagster.core.errors import DeploymentError
@@ -134,11 +141,16 @@ class DeployContext:
     environment: str | None = None
     run_id: str | None = None
     accept_offset_reset: bool = False
+    accept_contract_change: bool = False
+    location_flows: tuple[LoomFlow, ...] = ()
+    """The flows of the deployed flow's code location (their records as loaded), for the contracts step;
+    the flow itself among them is replaced by the version being deployed."""
     log: Log = print
     on_checks: OnChecks | None = None
 
     checks: DeployChecksReport | None = None
     job_view: CompiledFlow | None = None
+    contracts: ContractsReport | None = None
     tables: SinkTablesReport | None = None
     topics: TopicsReport | None = None
     offsets: OffsetPlan | None = None
@@ -227,6 +239,29 @@ class JobView(DeployStep):
         return StepOutcome(f"compiled as the job loads it ({', '.join(sorted(spec.env))})")
 
 
+class Contracts(DeployStep):
+    """The flow's payload contracts with the other flows of its code location: a reader that could not
+    decode what the new version writes (or a writer whose struct the new version cannot read) refuses
+    the deploy (``ContractBroken``) unless ``accept_contract_change``; compatible changes are listed.
+    What the written structs changed since the deployed version is added by the ``record`` step."""
+
+    name = "contracts"
+    adds = ("contracts",)
+
+    def run(self, ctx: DeployContext) -> StepOutcome:
+        flow = ctx.compiled.flow
+        previous = ctx.current.extra if ctx.current is not None else None
+        report = flow_contracts(flow, ctx.location_flows, previous, accepted=ctx.accept_contract_change)
+        ctx.contracts = report
+        if report.blocks:
+            raise ContractBroken(report)
+        if report.pairs or report.changes:
+            ctx.log(report.describe())
+        if report.broken:
+            ctx.log(f"contract change accepted by the run config: {report.summary()}")
+        return StepOutcome(report.summary(), skipped=not (report.pairs or report.changes))
+
+
 class SinkTables(DeployStep):
     """Every storage sink's table checked on the real system; ``SinkTablesError`` on a problem."""
 
@@ -281,6 +316,7 @@ class ReadRecord(DeployStep):
         ctx.current = ctx.deployer.store.current(ctx.name)
         ctx.record_read = True
         current = ctx.current
+        add_contract_changes(ctx)
         if current is None:
             return StepOutcome("never deployed")
         state = "stopped on purpose" if current.stopped_on_purpose else current.job.processes_text
@@ -374,9 +410,23 @@ class Preflight(DeployStep):
         return StepOutcome(ran or "passed")
 
 
+def add_contract_changes(ctx: DeployContext) -> None:
+    """Add to the contracts report what the written structs changed since the recorded deployment
+    (``ctx.current``), and log it."""
+    if ctx.contracts is None or ctx.current is None:
+        return
+    changes = writer_changes(ctx.compiled.flow, ctx.current.extra)
+    if changes:
+        ctx.contracts = msgspec.structs.replace(ctx.contracts, changes=changes)
+        ctx.log(
+            "payload struct changed since the deployed version:\n" + "\n".join(c.describe() for c in changes)
+        )
+
+
 PRE_LAUNCH_STEPS: tuple[DeployStep, ...] = (
     DeployChecks(),
     JobView(),
+    Contracts(),
     SinkTables(),
     Topics(),
     ReadRecord(),

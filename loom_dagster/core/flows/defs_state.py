@@ -86,7 +86,9 @@ _log = logging.getLogger(__name__)
 
 STATE_VARIABLE = "LOOM_DAGSTER_DEFS_STATE"
 STALE_METADATA_KEY = "loom/defs_state"
-_FORMAT = 1
+_FORMAT = 2
+"""Version of the entries' layout: 2 added payload contracts to the flow records (an entry of another
+format is refreshed)."""
 _DISABLED = frozenset({"0", "off", "false", "no", "none", "disabled"})
 _ENABLED = frozenset({"1", "on", "true", "yes"})
 Refresh = Literal["auto", "never", "always"]

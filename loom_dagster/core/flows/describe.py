@@ -17,6 +17,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from loom_dagster.core.contracts.shape import payload_contract
 from loom_dagster.core.errors import FlowLoadError
 from loom_dagster.core.flows.columns import payload_columns
 from loom_dagster.core.flows.records import (
@@ -56,8 +57,10 @@ def describe_plan(
     else:
         settings = source.settings
         group, delivery = settings.group_id, settings.delivery
-        payloads = _source_payload_types(source)
-        topics = tuple(LoomSourceTopic(t, plan.name, group, payloads) for t in source.topics)
+        classes = _source_payload_classes(source)
+        payloads = tuple(sorted(_type_name(t) for t in classes))
+        contracts = tuple(c for c in map(payload_contract, classes) if c is not None)
+        topics = tuple(LoomSourceTopic(t, plan.name, group, payloads, contracts) for t in source.topics)
         kind = "kafka"
     return LoomFlow(
         name=plan.name,
@@ -79,12 +82,14 @@ def describe_plan(
     )
 
 
-def _source_payload_types(source: Any) -> tuple[str, ...]:
+def _source_payload_classes(source: Any) -> tuple[Any, ...]:
+    """The struct(s) a Kafka source decodes: its payload type, or the types it dispatches on, sorted by
+    message type."""
     if hasattr(source, "payload_type"):
-        return (_type_name(source.payload_type),)
+        return (source.payload_type,)
     dispatch = getattr(source, "dispatch", None)
     types = getattr(dispatch, "message_types", None) or {}
-    return tuple(sorted(_type_name(t) for t in getattr(types, "values", lambda: [])()))
+    return tuple(t for _, t in sorted(getattr(types, "items", lambda: [])(), key=lambda kv: str(kv[0])))
 
 
 def storage_sink(flow_name: str, path: tuple[int, ...], sink: CompiledStorageSink) -> LoomStorageSink:
@@ -146,17 +151,37 @@ def output_topics(flow: StreamFlow[Any, Any], plan: CompiledPlan) -> tuple[LoomO
     """Every topic the flow writes: its output, branch outputs, per-output DLQs and error routes."""
     found: dict[tuple[str, str], LoomOutputTopic] = {}
 
-    def add(sink: CompiledSink, role: TopicRole, ref: str, kinds: tuple[str, ...] = ()) -> None:
+    def add(
+        sink: CompiledSink, role: TopicRole, ref: str, kinds: tuple[str, ...] = (), payload: Any = None
+    ) -> None:
         key = (role.value, sink.topic)
         prior = found.get(key)
         merged = tuple(sorted(set(kinds) | set(prior.error_kinds if prior else ())))
-        found[key] = LoomOutputTopic(sink.topic, plan.name, role, ref, merged, None)
+        contract = payload_contract(payload) if payload is not None else None
+        if contract is None and prior is not None:
+            contract = prior.contract
+        found[key] = LoomOutputTopic(
+            sink.topic,
+            plan.name,
+            role,
+            ref,
+            merged,
+            _type_name(payload) if contract is not None else None,
+            contract,
+        )
 
+    payloads = topic_payloads_by_path(flow)
     if plan.output is not None:
-        add(plan.output, TopicRole.OUTPUT, flow.output.name if flow.output is not None else "output")
+        name = flow.output.name if flow.output is not None else "output"
+        add(plan.output, TopicRole.OUTPUT, name, payload=payloads.get(()))
     refs = topic_refs_by_path(flow)
     for path, sink in sorted(plan.terminal_sinks.items()):
-        add(sink, TopicRole.OUTPUT, refs.get(tuple(path), ".".join(map(str, path))))
+        add(
+            sink,
+            TopicRole.OUTPUT,
+            refs.get(tuple(path), ".".join(map(str, path))),
+            payload=payloads.get(tuple(path)),
+        )
     writers = [plan.output] if plan.output is not None else []
     for writer in [*writers, *plan.terminal_sinks.values()]:
         if writer.dlq_topic:
@@ -195,6 +220,65 @@ def topic_refs_by_path(flow: StreamFlow[Any, Any]) -> dict[tuple[int, ...], str]
 
     visit(flow.process.nodes, ())
     return found
+
+
+def topic_payloads_by_path(flow: StreamFlow[Any, Any]) -> dict[tuple[int, ...], Any]:
+    """The struct each ``IntoTopic`` writes, keyed by the compiler's node paths (``()``: ``flow.output``):
+    its ``payload=``, else the output type of the last typed step before it (``RecordStep[In, Out]``'s
+    ``Out``, or its ``execute`` return annotation), else the source's payload type; ``None`` if unknown."""
+    try:
+        from loom.streaming.nodes._branches import is_branching_node, iter_branches
+    except ImportError:
+        return {}
+    found: dict[tuple[int, ...], Any] = {}
+
+    def visit(nodes: Any, prefix: tuple[int, ...], current: Any) -> Any:
+        for index, node in enumerate(tuple(nodes)):
+            path = prefix + (index,)
+            if hasattr(node, "partitioning") and hasattr(node, "dlq"):
+                found[path] = getattr(node, "payload", None) or current
+            elif is_branching_node(node):
+                for branch in iter_branches(node):
+                    branch_path = path + (branch.index,)
+                    typed = branch.key if isinstance(branch.key, type) else current
+                    end = visit(branch.nodes, branch_path, typed)
+                    if branch.output is not None:
+                        found[branch_path] = getattr(branch.output, "payload", None) or end
+            elif getattr(node, "process", None) is not None and hasattr(node.process, "nodes"):
+                current = visit(node.process.nodes, path, current)
+            else:
+                current = step_output_type(node) or current
+        return current
+
+    source = getattr(flow, "source", None)
+    end = visit(flow.process.nodes, (), getattr(source, "payload", None))
+    output = getattr(flow, "output", None)
+    if output is not None:
+        found[()] = getattr(output, "payload", None) or end
+    return found
+
+
+def step_output_type(node: Any) -> Any:
+    """The payload type a step class produces: ``Out`` of ``RecordStep[In, Out]`` / ``BatchStep[In, Out]``
+    (through its bases), else its ``execute`` return annotation (``list[Out]`` for batch steps); ``None``
+    for anything else."""
+    import typing
+
+    if not isinstance(node, type):
+        return None
+    for klass in node.__mro__:
+        for base in getattr(klass, "__orig_bases__", ()):
+            args = typing.get_args(base)
+            if len(args) == 2 and isinstance(args[1], type) and hasattr(args[1], "__struct_fields__"):
+                return args[1]
+    execute = getattr(node, "execute", None)
+    try:
+        returned = typing.get_type_hints(execute).get("return") if execute is not None else None
+    except Exception:  # unresolvable annotations: no type to infer
+        return None
+    if typing.get_origin(returned) is list:
+        returned = (typing.get_args(returned) or (None,))[0]
+    return returned if isinstance(returned, type) and hasattr(returned, "__struct_fields__") else None
 
 
 def plan_hash(plan: CompiledPlan) -> str:

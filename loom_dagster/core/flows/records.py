@@ -10,6 +10,9 @@ from enum import StrEnum
 
 import msgspec
 
+from loom_dagster.core.contracts.shape import PayloadContract
+from loom_dagster.core.contracts.topic import TopicContract
+
 
 class SinkBackend(StrEnum):
     """Storage backends loom's ``IntoTable`` writes to."""
@@ -42,6 +45,9 @@ class LoomSourceTopic(msgspec.Struct, frozen=True):
     flow_name: str
     consumer_group: str
     payload_types: tuple[str, ...] = ()
+    contracts: tuple[PayloadContract, ...] = ()
+    """The struct(s) the flow decodes the topic with: one (``FromTopic``), or the types a
+    ``FromMultiTypeTopic`` dispatches by message type."""
 
 
 class LoomSourceCollection(msgspec.Struct, frozen=True):
@@ -95,6 +101,9 @@ class LoomOutputTopic(msgspec.Struct, frozen=True):
     ref: str
     error_kinds: tuple[str, ...] = ()
     payload_type: str | None = None
+    contract: PayloadContract | None = None
+    """The struct the flow writes (``OUTPUT`` role only: dead-letter topics carry error envelopes):
+    ``IntoTopic(payload=...)``, else the output type of the step before it; ``None`` if neither says."""
 
     @property
     def identity(self) -> str:
@@ -147,6 +156,8 @@ class LoomTopic(msgspec.Struct, frozen=True):
     error_kinds: tuple[str, ...] = ()
     upstream: tuple[tuple[str, ...], ...] = ()
     """Asset-key paths the topic's node depends on (the flows writing it), set by the graph builder."""
+    contract: TopicContract | None = None
+    """The struct written to the topic and each reading flow's verdict (flows of this code location)."""
 
     @property
     def is_dlq(self) -> bool:

@@ -60,6 +60,7 @@ FLOW = "tests.flows.delta_only:ticks_flow"
 ORDER = [
     "deploy_checks",
     "job_view",
+    "contracts",
     "sink_tables",
     "topics",
     "record",
@@ -442,7 +443,7 @@ def test_a_deploy_runs_every_step_in_order_and_reads_the_record_twice(
     lines: list[str] = []
     first = deploy(deployer, flow, lines)
     assert [r.name for r in first.steps] == ORDER and store.reads == 2
-    assert [r.name for r in first.steps if r.skipped] == ["job_view", "preflight"]
+    assert [r.name for r in first.steps if r.skipped] == ["job_view", "contracts", "preflight"]
     assert first.tables is not None and first.offsets is not None and first.checks is not None
     assert first.deployment is not None and first.previous is None and launcher.calls.count("launch") == 1
     (summary,) = [line for line in lines if line.startswith("pre-launch steps passed in ")]
