@@ -294,16 +294,16 @@ WITNESSES: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "str": (str, ("x", "")),
     "bool": (bool, (True, False)),
     "bytes": (bytes, (b"\x00", b"\x01")),
-    "int?": (int | None, (3, None)),
-    "float?": (float | None, (0.5, None)),
-    "str?": (str | None, ("s", None)),
-    "list[int]": (list[int], ([1, 2], [])),
-    "list[float]": (list[float], ([0.5], [])),
-    "set[int]": (set[int], ({4}, set())),
+    "int?": (int | None, (3, None, 4)),
+    "float?": (float | None, (0.5, None, 1.5)),
+    "str?": (str | None, ("s", None, "t")),
+    "list[int]": (list[int], ([1, 2], [], [3])),
+    "list[float]": (list[float], ([0.5], [], [1.5])),
+    "set[int]": (set[int], ({4}, set(), {5})),
     "tuple[int,...]": (tuple[int, ...], ((1,), (1, 2, 3))),
     "tuple[int,int]": (tuple[int, int], ((1, 2), (3, 4))),
-    "dict[str,int]": (dict[str, int], ({"a": 1}, {})),
-    "dict[str,float]": (dict[str, float], ({"a": 0.5}, {})),
+    "dict[str,int]": (dict[str, int], ({"a": 1}, {}, {"b": 2})),
+    "dict[str,float]": (dict[str, float], ({"a": 0.5}, {}, {"b": 1.5})),
     "lit[a,b]": (Literal["a", "b"], ("a", "b")),
     "lit[a]": (Literal["a"], ("a",)),
     "Color": (Color, (Color.RED, Color.GREEN)),
@@ -321,12 +321,13 @@ WITNESSES: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "PointF": (PointF, (PointF(0.5), PointF(1.5))),
     "PointXY": (PointXY, (PointXY(1, "y"), PointXY(2, "z"))),
     "PointXYd": (PointXYd, (PointXYd(1), PointXYd(2, "e"))),
-    "Point?": (Point | None, (Point(2), None)),
-    "list[Point]": (list[Point], ([Point(3)], [])),
+    "Point?": (Point | None, (Point(2), None, Point(5))),
+    "list[Point]": (list[Point], ([Point(3)], [], [Point(4)])),
 }
 NAMES = ("a", "b", "c", "d")
 """A defaulted field defaults to its type's first witness, which omit_defaults leaves out of the message:
-the other witnesses are what the writer sends in its place (single-valued types get no default)."""
+the other witnesses are what the writer sends in its place, so they cover every member and item type
+(a union's non-null member, a container's items) again (single-valued types get no default)."""
 
 
 @st.composite
