@@ -158,14 +158,21 @@ class SinkTick:
 
 
 class LagLookup:
-    """Latest ``kafka_lag`` evaluations of each flow, read from the instance once per tick and flow: its
-    total lag and delay, and its end-to-end delay. *kafka_flows*: the flow keys that have a ``kafka_lag``
-    check (``None``: ask for every flow); the others are not read for the end-to-end delay."""
+    """Latest ``kafka_lag`` evaluations of each flow, read from the instance at most once per tick and
+    flow: its total lag and delay, and its end-to-end delay. *kafka_flows*: the flow keys that have a
+    ``kafka_lag`` check (``None``: ask for every flow); the others are not read for the end-to-end delay.
+
+    The end-to-end delays of all *kafka_flows* come from ONE query (each check's latest record, which is
+    the lag sensor's runless evaluation, updated in place); a flow whose latest record does not carry one
+    (a one-shot check run came after it) is read from its history instead."""
 
     def __init__(self, instance: dg.DagsterInstance, kafka_flows: Iterable[str] | None = None) -> None:
         self._instance = instance
         self._kafka = None if kafka_flows is None else frozenset(kafka_flows)
         self._history: dict[str, list[tuple[float, dg.AssetCheckEvaluation]]] = {}
+        self._latest: dict[str, SinkEndToEnd | None] | None = None
+        self._without: set[str] = set()
+        """Flows whose latest record carries no end-to-end delay (read from their history instead)."""
         self.queries = 0
 
     def for_target(self, target: SinkTarget) -> list[SourceLag]:
@@ -180,14 +187,48 @@ class LagLookup:
     def end_to_end(self, target: SinkTarget) -> SinkEndToEnd | None:
         """The largest latest end-to-end delay of the Kafka-sourced flows writing *target* (``None``: none
         known)."""
+        keys = [k for k in target.flow_keys if self._kafka is None or k in self._kafka]
+        latest = self._latest_end_to_end(keys)
         found = [
             e
-            for key in target.flow_keys
-            if self._kafka is None or key in self._kafka
-            for e in [end_to_end_of(key, self.history(key))]
+            for key in keys
+            for e in [
+                latest.get(key) or (end_to_end_of(key, self.history(key)) if key in self._without else None)
+            ]
             if e is not None
         ]
         return max(found, key=lambda e: (e.delay_s, e.complete, e.flow_key), default=None)
+
+    def _latest_end_to_end(self, keys: Sequence[str]) -> Mapping[str, SinkEndToEnd | None]:
+        """The end-to-end delay in each flow's latest ``kafka_lag`` record, for every Kafka flow at once
+        (or *keys* without a known set); ``None`` where that record has none."""
+        if self._latest is not None and (self._kafka is not None or set(keys) <= self._latest.keys()):
+            return self._latest
+        wanted = sorted(self._kafka) if self._kafka is not None else keys
+        checks = {dg.AssetCheckKey(dg.AssetKey.from_user_string(k), KAFKA_LAG): k for k in wanted}
+        records: Mapping[dg.AssetCheckKey, Any] = {}
+        if checks:
+            self.queries += 1
+            try:
+                records = self._instance.event_log_storage.get_latest_asset_check_execution_by_key(
+                    list(checks)
+                )
+            except NotImplementedError:
+                records = {}
+        found: dict[str, SinkEndToEnd | None] = dict(self._latest or {})
+        for check, key in checks.items():
+            record = records.get(check)
+            event = getattr(record, "event", None)
+            evaluation = getattr(record, "evaluation", None)
+            found[key] = (
+                end_to_end_of(key, [(event.timestamp, evaluation)])
+                if event is not None and evaluation
+                else None
+            )
+            if found[key] is None and evaluation is not None:
+                self._without.add(key)
+        self._latest = found
+        return found
 
     def history(self, flow_key: str) -> list[tuple[float, dg.AssetCheckEvaluation]]:
         """The flow's latest ``kafka_lag`` evaluations with their event times, newest first (one query,
