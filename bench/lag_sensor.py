@@ -1,8 +1,11 @@
 """Kafka lag sensor bench: broker requests and wall time of one sensor tick for 1, 10, 50 and 200 flows
 (6 partitions each, one consumer group each) on a real broker, offset lag only; then the tick at full size
 offset-only vs offset+delay (the delay read: age of the oldest unconsumed message of every lagging
-partition, one assign-only consumer per cluster), side by side with the ratio; then ``check_lag`` (the
-tick's fetch + evaluation, without Dagster events, offset-only) at 200 and 1,000 groups.
+partition, one assign-only consumer per cluster), side by side with the ratio; then the tick with the
+delay read, end-to-end delay off vs on (``KafkaLagSettings.end_to_end``: each flow's delay summed or
+maxed over the chained flows, from the same tick's observations), with both ticks' broker requests side by
+side and the ratio, and the end-to-end computation alone at this size and at 1,000 flows; then
+``check_lag`` (the tick's fetch + evaluation, without Dagster events, offset-only) at 200 and 1,000 groups.
 
     .venv/bin/python bench/lag_sensor.py [--flows 200] [--partitions 6] [--groups 200,1000] [--delay-ticks 10]
     .venv/bin/python bench/lag_sensor.py --smoke       # 2 flows x 2 partitions, 2/4 groups; no figures
@@ -12,7 +15,9 @@ cursor; the first tick of each is a warm-up, left out), so both see the same mac
 partitions lag (30 messages), so at 200 x 6 the delay read covers 600 partitions per tick.
 
 The flows are real: ``tests.flows.shapes`` with only its output topic (no table buffer, so no idle tail),
-one config per flow, compiled by loom and laid out by ``build_asset_graph`` like a code location's. Each
+one config per flow, compiled by loom and laid out by ``build_asset_graph`` like a code location's. They
+are chained in runs of ``CHAIN`` (flow i writes the topic flow i+1 reads, except at the end of a run: 200
+flows give 50 chains of 4, 150 flow-to-flow edges), so the end-to-end paths have work to do. Each
 group is committed 30 messages behind on half its partitions and nothing consumes or produces during the
 ticks, so once a window has 3 samples every flow reads STOP. Starts a Kafka broker (``KafkaBroker``) unless
 ``LOOM_DAGSTER_KAFKA_BOOTSTRAP`` is set. Prints figures measured in this one run; asserts nothing.
@@ -48,15 +53,17 @@ from confluent_kafka.admin import AdminClient  # noqa: E402
 
 from loom_dagster.asset_graph import LoomAssetGraph, build_asset_graph  # noqa: E402
 from loom_dagster.core.flows.catalog import CompiledFlow, compile_spec  # noqa: E402
+from loom_dagster.core.flows.records import LoomFlow, LoomOutputTopic, LoomSourceTopic, TopicRole  # noqa: E402
 from loom_dagster.core.flows.spec import LoomFlowSpec  # noqa: E402
 from loom_dagster.core.kafka.cluster import KafkaCluster, LagTarget  # noqa: E402
+from loom_dagster.core.kafka.end_to_end import EndToEndTopology, TopicDelay  # noqa: E402
 from loom_dagster.core.kafka.lag_check import check_lag  # noqa: E402
 from loom_dagster.core.kafka.lag_window import LagWindows  # noqa: E402
 from loom_dagster.core.kafka.offsets import fetch_offsets  # noqa: E402
 from loom_dagster.core.sensor_settings import KafkaLagSettings  # noqa: E402
 from loom_dagster.dev.kafka import KafkaBroker, create_topics  # noqa: E402
 from loom_dagster.resource import LoomDeployResource  # noqa: E402
-from loom_dagster.sensors.lag import build_kafka_lag_sensor, kafka_lag_targets  # noqa: E402
+from loom_dagster.sensors.lag import build_kafka_lag_sensor, end_to_end_topology, kafka_lag_targets  # noqa: E402
 from loom_dagster.translator import LoomTranslator  # noqa: E402
 
 MESSAGES_PER_PARTITION = 50
@@ -65,12 +72,14 @@ GROUP_SIZES = (200, 1000)
 GROUP_TICKS = 5
 SMOKE_FLOWS, SMOKE_PARTITIONS, SMOKE_GROUP_SIZES = 2, 2, (2, 4)
 SHAPES = "tests.flows.shapes:make_flow"
+CHAIN = 4
+"""Flows per chain: flow i writes flow i+1's source topic unless i+1 starts a new chain."""
 CONFIG = """
 kafka:
   consumer: {{brokers: ["{bootstrap}"], group_id: {group}, topics: [{topic}], delivery: at_least_once}}
   producer: {{brokers: ["{bootstrap}"]}}
   producers:
-    events_out: {{brokers: ["{bootstrap}"], topic: {topic}.out}}
+    events_out: {{brokers: ["{bootstrap}"], topic: {out}}}
     events_dlq: {{brokers: ["{bootstrap}"], topic: {topic}.dlq}}
 """
 
@@ -152,12 +161,20 @@ def compile_flows(bootstrap: str, prefix: str, topics: list[str], root: Path) ->
     for i, topic in enumerate(topics):
         cfg = root / f"flow{i}"
         cfg.mkdir(parents=True, exist_ok=True)
-        text = CONFIG.format(bootstrap=bootstrap, group=f"{prefix}-g{i}", topic=topic)
+        text = CONFIG.format(
+            bootstrap=bootstrap, group=f"{prefix}-g{i}", topic=topic, out=output_topic(topics, i)
+        )
         (cfg / "base.yaml").write_text(textwrap.dedent(text).lstrip())
         os.environ["LOOM_TEST_FLOW_NAME"] = f"flow{i}"  # read by the factory each time it is imported
         compiled.append(compile_spec(LoomFlowSpec(SHAPES, config=cfg, environment="test")))
     print(f"setup: {len(topics)} flows compiled in {time.perf_counter() - started:.1f} s")
     return compiled
+
+
+def output_topic(topics: list[str], i: int) -> str:
+    """Flow i's output topic: the next flow's source topic inside a chain of ``CHAIN``, else its own."""
+    chained = (i + 1) % CHAIN != 0 and i + 1 < len(topics)
+    return topics[i + 1] if chained else f"{topics[i]}.out"
 
 
 def graph_of(compiled: list[CompiledFlow]) -> LoomAssetGraph:
@@ -251,41 +268,65 @@ def group_ticks(targets: list[LagTarget], ticks: int) -> dict[str, Any]:
 
 
 DELAY_PATHS = {
-    "offset-only": KafkaLagSettings(window=10, read_delay=False),
-    "offset+delay": KafkaLagSettings(window=10),
+    "offset-only": KafkaLagSettings(window=10, read_delay=False, end_to_end=False),
+    "offset+delay": KafkaLagSettings(window=10, end_to_end=False),
+}
+END_TO_END_PATHS = {
+    "e2e off": KafkaLagSettings(window=10, end_to_end=False),
+    "e2e on": KafkaLagSettings(window=10, end_to_end=True),
 }
 
 
 def compare_delay(
     graph: LoomAssetGraph, instance: dg.DagsterInstance, ticks: int, state_dir: Path
 ) -> dict[str, Any]:
-    """The sensor tick offset-only vs offset+delay: the two sensors alternate (who goes first alternates
-    too) for 1 warm-up + *ticks* ticks each; then the delay readers' broker requests, counted once."""
+    """The sensor tick offset-only vs offset+delay (``alternate``); then the delay readers' broker
+    requests, counted once."""
+    row = alternate(graph, instance, ticks, state_dir, DELAY_PATHS)
+    targets = [t for _, t in kafka_lag_targets(graph)]
+    counted = check_lag(targets, DELAY_PATHS["offset+delay"], count_requests=True).delays
+    row["delay_requests"] = counted.requests if counted is not None else 0
+    row["delay_by_api"] = counted.by_api() if counted is not None else {}
+    return row
+
+
+def alternate(
+    graph: LoomAssetGraph,
+    instance: dg.DagsterInstance,
+    ticks: int,
+    state_dir: Path,
+    paths: dict[str, KafkaLagSettings],
+) -> dict[str, Any]:
+    """The sensor tick with each of the two *paths*' settings: the two sensors alternate (who goes first
+    alternates too) for 1 warm-up + *ticks* ticks each. Per path: median and min tick, the broker requests
+    of each tick's offset fetch and its delay read (partitions read/asked), statuses, the first flow's
+    metadata; the ratio second / first of the medians."""
+    names = list(paths)
     sensors = {
         name: build_kafka_lag_sensor(graph, settings, default_status=dg.DefaultSensorStatus.STOPPED)
-        for name, settings in DELAY_PATHS.items()
+        for name, settings in paths.items()
     }
-    cursors: dict[str, str | None] = dict.fromkeys(DELAY_PATHS)
-    times: dict[str, list[float]] = {name: [] for name in DELAY_PATHS}
-    requests: dict[str, set[int]] = {name: set() for name in DELAY_PATHS}
-    read_s: list[float] = []
-    read: set[str] = set()
+    cursors: dict[str, str | None] = dict.fromkeys(names)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    requests: dict[str, set[int]] = {name: set() for name in names}
+    read_s: dict[str, list[float]] = {name: [] for name in names}
+    read: dict[str, set[str]] = {name: set() for name in names}
     statuses: dict[str, dict[str, int]] = {}
+    firsts: dict[str, dict[str, Any]] = {}
     for i in range(ticks + 1):
-        order = list(DELAY_PATHS) if i % 2 == 0 else list(reversed(DELAY_PATHS))
+        order = names if i % 2 == 0 else names[::-1]
         for name in order:
-            elapsed, count, cursors[name], statuses[name], first = tick(
+            elapsed, count, cursors[name], statuses[name], firsts[name] = tick(
                 sensors[name], instance, cursors[name], state_dir
             )
             if i == 0:
                 continue
             times[name].append(elapsed)
             requests[name].add(count)
+            first = firsts[name]
             if "delay_read_seconds" in first:
-                read_s.append(float(first["delay_read_seconds"]))
-                read.add(f"{first['delay_partitions_read']}/{first['delay_partitions_asked']}")
-    targets = [t for _, t in kafka_lag_targets(graph)]
-    counted = check_lag(targets, DELAY_PATHS["offset+delay"], count_requests=True).delays
+                read_s[name].append(float(first["delay_read_seconds"]))
+                read[name].add(f"{first['delay_partitions_read']}/{first['delay_partitions_asked']}")
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {
         "ticks": ticks,
@@ -293,12 +334,94 @@ def compare_delay(
         "min": {name: min(values) for name, values in times.items()},
         "requests": {name: sorted(values) for name, values in requests.items()},
         "statuses": statuses,
-        "read_s": statistics.median(read_s) if read_s else 0.0,
-        "read": sorted(read),
-        "delay_requests": counted.requests if counted is not None else 0,
-        "delay_by_api": counted.by_api() if counted is not None else {},
-        "ratio": medians["offset+delay"] / medians["offset-only"],
+        "read_s": {name: statistics.median(v) if v else 0.0 for name, v in read_s.items()},
+        "read": {name: sorted(v) for name, v in read.items()},
+        "first": firsts,
+        "ratio": medians[names[1]] / medians[names[0]],
     }
+
+
+def compare_end_to_end(
+    graph: LoomAssetGraph, instance: dg.DagsterInstance, ticks: int, state_dir: Path
+) -> dict[str, Any]:
+    """The sensor tick with the delay read, end-to-end delay off vs on (``alternate``); the end-to-end
+    figures of the flows; and ``EndToEndTopology.compute`` alone, at this size and for 1,000 chained
+    flows (median of 20)."""
+    row = alternate(graph, instance, ticks, state_dir, END_TO_END_PATHS)
+    events = last_events(graph, instance, state_dir)
+    delays = [e["loom/end_to_end_delay_s"] for e in events if e.get("loom/end_to_end_delay_s") is not None]
+    longest = max(events, key=lambda e: str(e.get("loom/end_to_end_path", "")).count("->"), default={})
+    row["e2e_flows"] = len(delays)
+    row["e2e_complete"] = sum(bool(e.get("loom/end_to_end_complete")) for e in events)
+    row["e2e_max"] = max(delays, default=None)
+    row["e2e_example"] = longest.get("loom/end_to_end_path", "")
+    row["compute"] = {len(graph.flows): compute_seconds(graph), 1000: compute_seconds(synthetic_chain(1000))}
+    return row
+
+
+def last_events(graph: LoomAssetGraph, instance: dg.DagsterInstance, state_dir: Path) -> list[dict[str, Any]]:
+    """The metadata (plain values) of every flow's evaluation in one more tick with end-to-end on."""
+    sensor = build_kafka_lag_sensor(
+        graph, END_TO_END_PATHS["e2e on"], default_status=dg.DefaultSensorStatus.STOPPED
+    )
+    context = dg.build_sensor_context(
+        instance=instance, resources={"loom": LoomDeployResource(state_dir=str(state_dir))}
+    )
+    data = sensor.evaluate_tick(context)
+    return [
+        {k: getattr(v, "value", v) for k, v in event.metadata.items()}
+        for event in cast(list[dg.AssetCheckEvaluation], data.asset_events)
+    ]
+
+
+def compute_seconds(graph: LoomAssetGraph | EndToEndTopology, repeat: int = 20) -> float:
+    """Median seconds of one ``EndToEndTopology.compute`` over *graph*'s flows, every hop 1 s delayed."""
+    topology = graph if isinstance(graph, EndToEndTopology) else end_to_end_topology(graph)
+    seen = {key: {edge.topic: TopicDelay(1.0) for edge in edges} for key, edges in topology.edges.items()}
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        topology.compute(seen)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def synthetic_chain(flows: int) -> EndToEndTopology:
+    """The topology of *flows* records chained in runs of ``CHAIN`` (no compile, no broker)."""
+    records = []
+    for i in range(flows):
+        out = f"t{i + 1}" if (i + 1) % CHAIN else f"t{i}.out"
+        record = LoomFlow(
+            f"f{i}", "m:f", "p", "c", "bench", "kafka", f"g{i}", "at_least_once",
+            source_topics=(LoomSourceTopic(f"t{i}", f"f{i}", f"g{i}"),),
+            output_topics=(LoomOutputTopic(out, f"f{i}", TopicRole.OUTPUT, "out"),),
+        )  # fmt: skip
+        records.append((f"loom/f{i}", record))
+    return EndToEndTopology.from_flows(records)
+
+
+def print_end_to_end_table(row: dict[str, Any], flows: int, partitions: int) -> None:
+    """End-to-end off vs on sensor ticks, side by side, the ratio of the medians, and the computation."""
+    print(
+        f"\nsensor tick with the delay read, {flows} flows x {partitions} partitions ({CHAIN}-flow chains): "
+        f"end-to-end off vs on, {row['ticks']} warm ticks each, alternating"
+    )
+    print(f"{'path':>8} {'tick med s':>11} {'tick min s':>11} {'requests':>9} {'delay read':>11}")
+    for name in END_TO_END_PATHS:
+        requests = "/".join(map(str, row["requests"][name]))
+        read = ",".join(row["read"][name]) or "-"
+        print(f"{name:>8} {row['median'][name]:>11.3f} {row['min'][name]:>11.3f} {requests:>9} {read:>11}")
+    compute = ", ".join(f"{n} flows {s * 1000:.2f} ms" for n, s in row["compute"].items())
+    print(
+        f"ratio e2e on / off (medians): {row['ratio']:.3f}x; broker requests per tick (offset fetch) "
+        f"{row['requests']['e2e off']} vs {row['requests']['e2e on']}, delay partitions read "
+        f"{row['read']['e2e off']} vs {row['read']['e2e on']} (the end-to-end delay reads nothing); "
+        f"end-to-end computation alone: {compute}"
+    )
+    print(
+        f"end-to-end: {row['e2e_flows']} flows with a value ({row['e2e_complete']} complete), largest "
+        f"{row['e2e_max']} s; the longest path: {row['e2e_example']}"
+    )
 
 
 def print_delay_table(row: dict[str, Any], flows: int, partitions: int) -> None:
@@ -312,8 +435,8 @@ def print_delay_table(row: dict[str, Any], flows: int, partitions: int) -> None:
     )
     for name in DELAY_PATHS:
         delay = name == "offset+delay"
-        read_s = f"{row['read_s']:.3f}" if delay else "-"
-        read = ",".join(row["read"]) if delay else "-"
+        read_s = f"{row['read_s'][name]:.3f}" if delay else "-"
+        read = ",".join(row["read"][name]) if delay else "-"
         requests = "/".join(map(str, row["requests"][name]))
         print(
             f"{name:>13} {row['median'][name]:>11.3f} {row['min'][name]:>11.3f} {requests:>9} "
@@ -388,6 +511,9 @@ def main(argv: list[str] | None = None) -> None:
         print_table([*rows, headline])
         print_delay_table(
             compare_delay(full, instance, args.delay_ticks, state_dir), args.flows, args.partitions
+        )
+        print_end_to_end_table(
+            compare_end_to_end(full, instance, args.delay_ticks, state_dir), args.flows, args.partitions
         )
         if group_sizes:
             if max(group_sizes) > args.flows:

@@ -61,6 +61,22 @@ class KafkaLagSettings:
     delay_max_partitions: int = 2_000
     """Most lagging partitions whose delay is read per tick (round-robin over the flows, each flow's
     most lagging partition first); the others are reported unknown, not 0."""
+    end_to_end: bool = True
+    """Each tick, also compute every flow's end-to-end delay over the chained flows of the code location
+    (``loom_dagster.core.kafka.end_to_end``: from that tick's delays, no extra broker request), reported
+    as ``loom/end_to_end_delay_s`` with its path; the sink health sensor reports it per table. Needs
+    ``read_delay``."""
+    end_to_end_rule: str = "max"
+    """How the hops combine: ``"max"`` (loom keeps each message's origin timestamp through its output
+    topics, so a flow's delay already counts from the first topic) or ``"sum"`` (topics whose timestamps
+    restart at each hop, e.g. ``message.timestamp.type=LogAppendTime``)."""
+
+    def __post_init__(self) -> None:
+        if self.end_to_end_rule not in ("max", "sum"):
+            raise ValueError(
+                f"KafkaLagSettings.end_to_end_rule is {self.end_to_end_rule!r}: use 'max' (loom's output "
+                "topics keep the origin timestamp, the default) or 'sum' (timestamps restart at each hop)"
+            )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ partition without commits as ``STARTING`` (passes; lag = end - the offset the jo
 ``extra["start_offsets"]``) within ``kafka_lag.starting_window_s`` of the deployment's start, then
 ``NO_COMMITS``. ``read_deployments=False`` builds them without the resource (and without STARTING).
 
+Each sensor tick also gives every flow its end-to-end delay over the chained flows of the code location
+(``loom_dagster.core.kafka.end_to_end``, from the same tick's delays: ``loom/end_to_end_delay_s``,
+``loom/end_to_end_path``, ``loom/end_to_end_complete``), unless ``kafka_lag.end_to_end`` is off. The
+one-shot check, which may run for a subset of the flows, does not.
+
 No ``from __future__ import annotations`` here: Dagster checks the ``context`` annotation at runtime.
 """
 
@@ -22,6 +27,7 @@ from loom_dagster.core.deploy.store import Deployment, DeploymentStore
 from loom_dagster.core.flows.defs_state import Lazy
 from loom_dagster.core.kafka.cluster import LagTarget, lag_target
 from loom_dagster.core.kafka.delay import DelayFetch
+from loom_dagster.core.kafka.end_to_end import EndToEndDelay, EndToEndTopology, Rule, topic_delays
 from loom_dagster.core.kafka.lag_check import check_lag
 from loom_dagster.core.kafka.lag_eval import DeploymentStart, FlowLag, starting_window_s
 from loom_dagster.core.kafka.lag_status import LagSeverity
@@ -51,6 +57,24 @@ def kafka_lag_flows(graph: LoomAssetGraph) -> list[tuple[dg.AssetKey, str]]:
         for flow in [node.compiled.flow]
         if flow.source_kind == "kafka" and flow.consumer_group and flow.source_topics
     ]
+
+
+def end_to_end_topology(graph: LoomAssetGraph) -> EndToEndTopology:
+    """The flow graph of *graph* for the end-to-end delay, from the flows' records alone."""
+    return EndToEndTopology.from_flows(
+        (node.spec.key.to_user_string(), node.compiled.flow) for node in graph.flows
+    )
+
+
+def end_to_end_delays(
+    topology: EndToEndTopology, flows: Sequence[FlowLag], settings: KafkaLagSettings
+) -> dict[str, EndToEndDelay]:
+    """Every flow's end-to-end delay from one tick's evaluations (flow key -> delay); nothing when
+    ``end_to_end`` or ``read_delay`` is off."""
+    if not (settings.end_to_end and settings.read_delay):
+        return {}
+    rule: Rule = "sum" if settings.end_to_end_rule == "sum" else "max"
+    return topology.compute({flow.name: topic_delays(flow) for flow in flows}, rule=rule)
 
 
 def lazy_lag_targets(
@@ -232,6 +256,7 @@ def build_kafka_lag_sensor(
     """
     declared = kafka_lag_flows(graph)
     resolved = lazy_lag_targets(graph, settings)
+    topology = end_to_end_topology(graph)
 
     def tick(
         context: dg.SensorEvaluationContext, store: DeploymentStore | None
@@ -244,8 +269,16 @@ def build_kafka_lag_sensor(
         starts = deployment_starts(store, windows, names) if store is not None else None
         report = check_lag(targets, settings, LagWindows.from_cursor(context.cursor), starts=starts)
         common = fetch_metadata(report.fetch, report.delays)
+        chained = end_to_end_delays(topology, report.flows, settings)
         events = [
-            lag_evaluation(key, flow, report.fetch, common, start=(starts or {}).get(flow.name))
+            lag_evaluation(
+                key,
+                flow,
+                report.fetch,
+                common,
+                start=(starts or {}).get(flow.name),
+                end_to_end=chained.get(flow.name),
+            )
             for (key, _), flow in zip(pairs, report.flows, strict=True)
         ]
         delays = report.delays
@@ -287,16 +320,46 @@ def lag_evaluation(
     fetch: LagFetch,
     common: dict[str, Any] | None = None,
     start: DeploymentStart | None = None,
+    end_to_end: EndToEndDelay | None = None,
 ) -> dg.AssetCheckEvaluation:
     """A runless ``kafka_lag`` check evaluation for one flow."""
+    metadata = lag_metadata(flow, fetch, common, start)
+    if end_to_end is not None:
+        metadata.update(end_to_end_metadata(end_to_end))
     return dg.AssetCheckEvaluation(
         asset_key=key,
         check_name=KAFKA_LAG,
         passed=flow.passed,
         severity=_severity(flow),
-        metadata=lag_metadata(flow, fetch, common, start),
+        metadata=metadata,
         description=flow.reason,
     )
+
+
+END_TO_END_DELAY_KEY = "loom/end_to_end_delay_s"
+END_TO_END_PATH_KEY = "loom/end_to_end_path"
+END_TO_END_COMPLETE_KEY = "loom/end_to_end_complete"
+
+
+def end_to_end_metadata(found: EndToEndDelay) -> dict[str, Any]:
+    """The flow's end-to-end delay (null: no hop known), its path, whether every hop of its lineage
+    was known (else the delay is a lower bound) and, if not, which flows were not; the rule used."""
+    metadata: dict[str, Any] = {
+        END_TO_END_DELAY_KEY: (
+            round(found.delay_s, 2) if found.delay_s is not None else dg.MetadataValue.null()
+        ),
+        END_TO_END_PATH_KEY: dg.MetadataValue.text(found.path_text()),
+        END_TO_END_COMPLETE_KEY: found.complete,
+        "loom/end_to_end_rule": found.rule,
+    }
+    if found.unknown_count:
+        more = (
+            f" (+{found.unknown_count - len(found.unknown)} more)"
+            if found.unknown_count > len(found.unknown)
+            else ""
+        )
+        metadata["loom/end_to_end_unknown"] = dg.MetadataValue.text(", ".join(found.unknown) + more)
+    return metadata
 
 
 def fetch_metadata(fetch: LagFetch, delays: DelayFetch | None = None) -> dict[str, Any]:

@@ -6,11 +6,19 @@ reading per sink in its cursor, emits ONE ``AssetMaterialization`` per sink whos
 otherwise, and an ``AssetCheckEvaluation`` of ``freshness`` when a sink's freshness status changes (and
 at least every ``check_refresh_s``). ``build_sink_freshness_checks`` declares those checks, so the UI
 lists them, and runs the same evaluation on demand.
+
+**End-to-end delay**: each tick, for every sink written by Kafka-sourced flows, the largest end-to-end
+delay of its writers, read from their latest ``kafka_lag`` evaluation (``loom/end_to_end_delay_s``, which
+the lag sensor computes over the chained flows; one event-log query per flow per tick, shared by the
+sinks it writes). It goes into the ``freshness`` metadata (value, path, when measured) and is judged
+against the sink's ``warn_end_to_end_delay_s`` / ``max_end_to_end_delay_s`` (``over_delay_budget``). The
+evaluation is also reported when that delay moved by at least ``end_to_end_step_s`` and 10 % since the
+last one reported, so its metadata stays current.
 """
 
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -23,11 +31,24 @@ from loom_dagster.core.flows.defs_state import Lazy
 from loom_dagster.core.flows.records import SinkBackend
 from loom_dagster.core.sensor_settings import SinkHealthSettings
 from loom_dagster.core.sinks.connections import DEFAULT_TIMEOUT_S
-from loom_dagster.core.sinks.freshness import FreshnessVerdict, Severity, SourceLag, evaluate_freshness
+from loom_dagster.core.sinks.freshness import (
+    FreshnessVerdict,
+    Severity,
+    SinkEndToEnd,
+    SourceLag,
+    evaluate_freshness,
+    with_delay_budget,
+)
 from loom_dagster.core.sinks.read import read_sinks
 from loom_dagster.core.sinks.reading import ReadStatus, SinkReading, as_int
 from loom_dagster.core.sinks.targets import SinkTarget, declared_sink_targets, sink_targets
 from loom_dagster.sensors.check_ops import declared_check_ops
+from loom_dagster.sensors.lag import (
+    END_TO_END_COMPLETE_KEY,
+    END_TO_END_DELAY_KEY,
+    END_TO_END_PATH_KEY,
+    kafka_lag_flows,
+)
 
 Clock = Callable[[], float]
 LAG_METADATA_KEYS = ("total_lag", "loom/total_lag")
@@ -37,6 +58,10 @@ DELAY_METADATA_KEY = "max_delay_s"
 DELAY_UNKNOWN_METADATA_KEY = "delay_unknown_partitions"
 """Metadata key of the ``kafka_lag`` check evaluation counting partitions whose delay is unknown."""
 CURSOR_VERSION = 1
+END_TO_END_STEP_S = 30.0
+"""Default least move of a sink's end-to-end delay that reports its ``freshness`` evaluation again (with
+at least 10 % of the last reported value): the lag sensor's default interval."""
+END_TO_END_STEP_RATIO = 0.1
 
 
 class SinkState(msgspec.Struct, frozen=True):
@@ -54,6 +79,8 @@ class SinkState(msgspec.Struct, frozen=True):
     last_data_at: float | None = None
     check_status: str | None = None
     check_at: float | None = None
+    end_to_end_s: float | None = None
+    """The end-to-end delay in the last reported ``freshness`` evaluation (``None``: none)."""
 
     def to_json(self) -> dict[str, Any]:
         """Compact JSON-safe dict for the cursor (``None`` values left out)."""
@@ -67,6 +94,7 @@ class SinkState(msgspec.Struct, frozen=True):
             last_data_at=_rounded(self.last_data_at),
             check_status=self.check_status,
             check_at=_rounded(self.check_at),
+            end_to_end_s=_rounded(self.end_to_end_s),
         )
         return cast("dict[str, Any]", msgspec.to_builtins(entry))
 
@@ -90,7 +118,7 @@ class SinkState(msgspec.Struct, frozen=True):
                 rows=entry.rows,
                 last_modified=entry.last_modified,
             )
-        return cls(reading, entry.last_data_at, entry.check_status, entry.check_at)
+        return cls(reading, entry.last_data_at, entry.check_status, entry.check_at, entry.end_to_end_s)
 
 
 class SinkCursorEntry(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -109,6 +137,7 @@ class SinkCursorEntry(msgspec.Struct, frozen=True, omit_defaults=True):
     last_data_at: float | None = msgspec.field(default=None, name="d")
     check_status: str | None = msgspec.field(default=None, name="c")
     check_at: float | None = msgspec.field(default=None, name="ct")
+    end_to_end_s: float | None = msgspec.field(default=None, name="e")
 
 
 def _rounded(value: float | None) -> float | None:
@@ -129,11 +158,22 @@ class SinkTick:
 
 
 class LagLookup:
-    """Latest ``kafka_lag`` evaluation of each flow, read from the instance once per tick and flow."""
+    """Latest ``kafka_lag`` evaluations of each flow, read from the instance at most once per tick and
+    flow: its total lag and delay, and its end-to-end delay. *kafka_flows*: the flow keys that have a
+    ``kafka_lag`` check (``None``: ask for every flow); the others are not read for the end-to-end delay.
 
-    def __init__(self, instance: dg.DagsterInstance) -> None:
+    The end-to-end delays of all *kafka_flows* come from ONE query (each check's latest record, which is
+    the lag sensor's runless evaluation, updated in place); a flow whose latest record does not carry one
+    (a one-shot check run came after it) is read from its history instead."""
+
+    def __init__(self, instance: dg.DagsterInstance, kafka_flows: Iterable[str] | None = None) -> None:
         self._instance = instance
-        self._cache: dict[str, SourceLag | None] = {}
+        self._kafka = None if kafka_flows is None else frozenset(kafka_flows)
+        self._history: dict[str, list[tuple[float, dg.AssetCheckEvaluation]]] = {}
+        self._latest: dict[str, SinkEndToEnd | None] | None = None
+        self._without: set[str] = set()
+        """Flows whose latest record carries no end-to-end delay (read from their history instead)."""
+        self.queries = 0
 
     def for_target(self, target: SinkTarget) -> list[SourceLag]:
         """Known lags of the flows writing *target*."""
@@ -142,26 +182,103 @@ class LagLookup:
 
     def latest(self, flow_key: str) -> SourceLag | None:
         """The flow's latest total lag, or ``None`` when unknown."""
-        if flow_key not in self._cache:
-            self._cache[flow_key] = latest_source_lag(self._instance, flow_key)
-        return self._cache[flow_key]
+        return source_lag_of(flow_key, self.history(flow_key))
+
+    def end_to_end(self, target: SinkTarget) -> SinkEndToEnd | None:
+        """The largest latest end-to-end delay of the Kafka-sourced flows writing *target* (``None``: none
+        known)."""
+        keys = [k for k in target.flow_keys if self._kafka is None or k in self._kafka]
+        latest = self._latest_end_to_end(keys)
+        found = [
+            e
+            for key in keys
+            for e in [
+                latest.get(key) or (end_to_end_of(key, self.history(key)) if key in self._without else None)
+            ]
+            if e is not None
+        ]
+        return max(found, key=lambda e: (e.delay_s, e.complete, e.flow_key), default=None)
+
+    def _latest_end_to_end(self, keys: Sequence[str]) -> Mapping[str, SinkEndToEnd | None]:
+        """The end-to-end delay in each flow's latest ``kafka_lag`` record, for every Kafka flow at once
+        (or *keys* without a known set); ``None`` where that record has none."""
+        if self._latest is not None and (self._kafka is not None or set(keys) <= self._latest.keys()):
+            return self._latest
+        wanted = sorted(self._kafka) if self._kafka is not None else keys
+        checks = {dg.AssetCheckKey(dg.AssetKey.from_user_string(k), KAFKA_LAG): k for k in wanted}
+        records: Mapping[dg.AssetCheckKey, Any] = {}
+        if checks:
+            self.queries += 1
+            try:
+                records = self._instance.event_log_storage.get_latest_asset_check_execution_by_key(
+                    list(checks)
+                )
+            except NotImplementedError:
+                records = {}
+        found: dict[str, SinkEndToEnd | None] = dict(self._latest or {})
+        for check, key in checks.items():
+            record = records.get(check)
+            event = getattr(record, "event", None)
+            evaluation = getattr(record, "evaluation", None)
+            found[key] = (
+                end_to_end_of(key, [(event.timestamp, evaluation)])
+                if event is not None and evaluation
+                else None
+            )
+            if found[key] is None and evaluation is not None:
+                self._without.add(key)
+        self._latest = found
+        return found
+
+    def history(self, flow_key: str) -> list[tuple[float, dg.AssetCheckEvaluation]]:
+        """The flow's latest ``kafka_lag`` evaluations with their event times, newest first (one query,
+        then cached)."""
+        if flow_key not in self._history:
+            self.queries += 1
+            self._history[flow_key] = lag_history(self._instance, flow_key)
+        return self._history[flow_key]
 
 
-def latest_source_lag(instance: dg.DagsterInstance, flow_key: str) -> SourceLag | None:
-    """Total lag and delay from the newest ``kafka_lag`` check evaluation on the flow asset (runless or in
-    a run); the delay is ``None`` when that evaluation did not carry one.
-
-    Runless evaluations update one row in place, so the newest is chosen by event time, not row id.
-    """
+def lag_history(instance: dg.DagsterInstance, flow_key: str) -> list[tuple[float, dg.AssetCheckEvaluation]]:
+    """The latest (up to 5) ``kafka_lag`` check evaluations on the flow asset (runless or in a run),
+    newest first by event time (runless evaluations update one row in place, so not by row id)."""
     check_key = dg.AssetCheckKey(asset_key=dg.AssetKey.from_user_string(flow_key), name=KAFKA_LAG)
     try:
         records = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=5)
     except NotImplementedError:  # an event log storage without check history: no lag to report
-        return None
+        return []
     found = [(r.event.timestamp, r.evaluation) for r in records if r.event is not None and r.evaluation]
-    if not found:
+    return sorted(found, key=lambda pair: -pair[0])
+
+
+def latest_source_lag(instance: dg.DagsterInstance, flow_key: str) -> SourceLag | None:
+    """Total lag and delay from the newest ``kafka_lag`` check evaluation on the flow asset (runless or in
+    a run); the delay is ``None`` when that evaluation did not carry one."""
+    return source_lag_of(flow_key, lag_history(instance, flow_key))
+
+
+def end_to_end_of(
+    flow_key: str, history: Sequence[tuple[float, dg.AssetCheckEvaluation]]
+) -> SinkEndToEnd | None:
+    """The end-to-end delay in the newest of *history* that carries a known one (the lag sensor's: a
+    one-shot check run does not compute it)."""
+    for evaluated_at, evaluation in history:
+        delay = _as_float(_metadata_value(evaluation.metadata, END_TO_END_DELAY_KEY))
+        if delay is None:
+            continue
+        path = str(_metadata_value(evaluation.metadata, END_TO_END_PATH_KEY) or "")
+        complete = _metadata_value(evaluation.metadata, END_TO_END_COMPLETE_KEY) is True
+        return SinkEndToEnd(flow_key, delay, path, complete, evaluated_at)
+    return None
+
+
+def source_lag_of(
+    flow_key: str, history: Sequence[tuple[float, dg.AssetCheckEvaluation]]
+) -> SourceLag | None:
+    """Total lag and delay from the newest of *history* (``None``: no evaluation, or no total lag)."""
+    if not history:
         return None
-    evaluated_at, evaluation = max(found, key=lambda pair: pair[0])
+    evaluated_at, evaluation = history[0]
     values = (_metadata_value(evaluation.metadata, key) for key in LAG_METADATA_KEYS)
     total = next((v for v in map(as_int, values) if v is not None), None)
     if total is None:
@@ -181,15 +298,19 @@ def build_sink_health_sensor(
     check_refresh_s: float = 600.0,
     max_workers: int = 16,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    end_to_end_step_s: float = END_TO_END_STEP_S,
 ) -> dg.SensorDefinition:
     """A sensor reading every storage sink of *graph* each ``settings.interval_s``.
 
     Per tick and sink: one runless ``AssetMaterialization`` when new data landed since the last tick
-    (none otherwise), and a ``freshness`` ``AssetCheckEvaluation`` when the status changes or the last
-    one is older than ``check_refresh_s``. Declare the checks with ``build_sink_freshness_checks``.
+    (none otherwise), and a ``freshness`` ``AssetCheckEvaluation`` when the status changes, the last
+    one is older than ``check_refresh_s``, or the sink's end-to-end delay moved by at least
+    *end_to_end_step_s* and 10 % since the last one reported. Declare the checks with
+    ``build_sink_freshness_checks``.
     """
     declared = declared_sink_targets(graph_sinks(graph), settings)
     resolved = lazy_sink_targets(graph, settings, declared)
+    kafka_flows = [key.to_user_string() for key, _ in kafka_lag_flows(graph)]
 
     @dg.sensor(
         name=name,
@@ -205,10 +326,17 @@ def build_sink_health_sensor(
         states.update(baseline_states(context.instance, [t for t in targets if t.asset_key not in states]))
         previous = {k: s.reading for k, s in states.items() if s.reading is not None}
         readings = read_sinks(targets, previous, max_workers=max_workers, timeout_s=timeout_s)
-        lags = LagLookup(context.instance)
+        lags = LagLookup(context.instance, kafka_flows)
         ticks = [
             sink_tick(
-                t, r, states[t.asset_key], now=now, settings=settings, lags=lags, refresh_s=check_refresh_s
+                t,
+                r,
+                states[t.asset_key],
+                now=now,
+                settings=settings,
+                lags=lags,
+                refresh_s=check_refresh_s,
+                end_to_end_step_s=end_to_end_step_s,
             )
             for t, r in zip(targets, readings, strict=True)
         ]
@@ -241,6 +369,7 @@ def sink_tick(
     settings: SinkHealthSettings,
     lags: LagLookup,
     refresh_s: float,
+    end_to_end_step_s: float = END_TO_END_STEP_S,
 ) -> SinkTick:
     """Compare one reading with the sink's state: materialize on new data, evaluate freshness."""
     prior = state.reading
@@ -248,10 +377,12 @@ def sink_tick(
     last_data_at = _last_data_at(reading, state, changed, now)
     verdict = freshness_verdict(target, reading, last_data_at, now, settings, lags)
     materialization = sink_materialization(target, reading, last_data_at) if changed else None
+    end_to_end_s = verdict.end_to_end.delay_s if verdict.end_to_end is not None else None
     due = (
         state.check_status != verdict.status.value
         or state.check_at is None
         or now - state.check_at >= refresh_s
+        or end_to_end_moved(state.end_to_end_s, end_to_end_s, end_to_end_step_s)
     )
     evaluation = freshness_evaluation(target, verdict, reading) if due else None
     new_state = SinkState(
@@ -259,8 +390,24 @@ def sink_tick(
         last_data_at=last_data_at if reading.ok else state.last_data_at,
         check_status=verdict.status.value if due else state.check_status,
         check_at=now if due else state.check_at,
+        end_to_end_s=end_to_end_s if due else state.end_to_end_s,
     )
     return SinkTick(new_state, materialization, evaluation, verdict)
+
+
+def end_to_end_moved(reported: float | None, current: float | None, step_s: float) -> bool:
+    """Whether the end-to-end delay moved materially since the last reported one: it appeared or went
+    away, or moved by at least *step_s* and ``END_TO_END_STEP_RATIO`` of the reported value.
+
+    Example:
+        >>> end_to_end_moved(100.0, 125.0, 30.0), end_to_end_moved(100.0, 131.0, 30.0)
+        (False, True)
+        >>> end_to_end_moved(1000.0, 1090.0, 30.0), end_to_end_moved(None, 0.0, 30.0)
+        (False, True)
+    """
+    if reported is None or current is None:
+        return (reported is None) != (current is None)
+    return abs(current - reported) >= max(step_s, END_TO_END_STEP_RATIO * reported)
 
 
 def _last_data_at(reading: SinkReading, state: SinkState, changed: bool, now: float) -> float | None:
@@ -282,16 +429,18 @@ def freshness_verdict(
     settings: SinkHealthSettings,
     lags: LagLookup,
 ) -> FreshnessVerdict:
-    """``evaluate_freshness`` with the writing flows' Kafka lag, looked up only when data is late."""
+    """``evaluate_freshness`` with the writing flows' Kafka lag (looked up only when data is late), then
+    the sink's end-to-end delay and its budget (``with_delay_budget``)."""
     freshness = settings.freshness_for(target.asset_key)
     late = reading.has_data and last_data_at is not None and now - last_data_at > freshness.warn_after_s
-    return evaluate_freshness(
+    verdict = evaluate_freshness(
         reading,
         last_data_at=last_data_at,
         now=now,
         freshness=freshness,
         lags=lags.for_target(target) if late else (),
     )
+    return with_delay_budget(verdict, lags.end_to_end(target))
 
 
 def sink_materialization(
@@ -366,8 +515,31 @@ def freshness_metadata(verdict: FreshnessVerdict, reading: SinkReading) -> dict[
         metadata["loom/source_flow"] = verdict.source_lag.flow_key
         if verdict.source_lag.max_delay_s is not None:
             metadata["loom/source_delay_s"] = round(verdict.source_lag.max_delay_s, 1)
+    if verdict.end_to_end is not None:
+        metadata.update(end_to_end_sink_metadata(verdict))
     if reading.error:
         metadata["loom/error"] = reading.error
+    return metadata
+
+
+def end_to_end_sink_metadata(verdict: FreshnessVerdict) -> dict[str, Any]:
+    """The sink's end-to-end delay: value, path, the writing flow it comes from, whether every hop was
+    known, when the lag sensor measured it, and the budgets that are set."""
+    found = verdict.end_to_end
+    if found is None:
+        return {}
+    metadata: dict[str, Any] = {
+        END_TO_END_DELAY_KEY: round(found.delay_s, 1),
+        END_TO_END_PATH_KEY: dg.MetadataValue.text(found.path),
+        END_TO_END_COMPLETE_KEY: found.complete,
+        "loom/end_to_end_flow": found.flow_key,
+        "loom/end_to_end_measured_at": dg.MetadataValue.timestamp(found.measured_at),
+    }
+    budgets = {
+        "loom/warn_end_to_end_delay_s": verdict.freshness.warn_end_to_end_delay_s,
+        "loom/max_end_to_end_delay_s": verdict.freshness.max_end_to_end_delay_s,
+    }
+    metadata.update({k: float(v) for k, v in budgets.items() if v is not None})
     return metadata
 
 

@@ -25,6 +25,7 @@ class FreshnessStatus(StrEnum):
     MISSING = "missing"
     UNREACHABLE = "unreachable"
     READ_ERROR = "read_error"
+    OVER_DELAY_BUDGET = "over_delay_budget"
 
 
 class Severity(StrEnum):
@@ -63,6 +64,69 @@ class FreshnessVerdict(msgspec.Struct, frozen=True):
     last_data_at: float | None
     freshness: SinkFreshness
     source_lag: SourceLag | None = None
+    end_to_end: SinkEndToEnd | None = None
+
+
+class SinkEndToEnd(msgspec.Struct, frozen=True):
+    """The end-to-end delay of the data a sink receives: the largest latest end-to-end delay of the flows
+    writing it (``flow_key``: that flow), its path from the first Kafka topic, whether every hop was
+    known (else a lower bound), and when the lag sensor measured it."""
+
+    flow_key: str
+    delay_s: float
+    path: str
+    complete: bool
+    measured_at: float
+
+
+def with_delay_budget(verdict: FreshnessVerdict, end_to_end: SinkEndToEnd | None) -> FreshnessVerdict:
+    """*verdict* carrying the sink's end-to-end delay and, when that delay is at least the sink's budget
+    (``max_end_to_end_delay_s``: ERROR; ``warn_end_to_end_delay_s``: WARN), ``over_delay_budget`` instead
+    (only where that is worse: a verdict already failing as badly keeps its status). A lower bound over
+    the budget is over it too.
+
+    Example:
+        >>> from loom_dagster.core.sinks.reading import SinkReading
+        >>> fresh = FreshnessVerdict("delta/t", FreshnessStatus.FRESH, True, None, "ok", 1.0, 0.0,
+        ...     SinkFreshness(max_end_to_end_delay_s=60))
+        >>> late = SinkEndToEnd("loom/b", 75.0, "orders -> [a 75.0 s] -> enriched -> [b 0.0 s]", True, 0.0)
+        >>> judged = with_delay_budget(fresh, late)
+        >>> judged.status.value, judged.severity.value
+        ('over_delay_budget', 'ERROR')
+    """
+    judged = msgspec.structs.replace(verdict, end_to_end=end_to_end)
+    over = _over_budget(end_to_end, verdict.freshness)
+    if over is None or end_to_end is None or _rank(verdict.severity) >= _rank(over[0]):
+        return judged
+    severity, name, limit = over
+    bound = "" if end_to_end.complete else "at least "
+    message = (
+        f"end-to-end delay {bound}{_duration(end_to_end.delay_s)} ({end_to_end.delay_s:.0f} s) >= {name} "
+        f"{limit:g}, via {end_to_end.path}"
+    )
+    if not verdict.passed:
+        message += f"; also {verdict.message}"
+    return msgspec.structs.replace(
+        judged, status=FreshnessStatus.OVER_DELAY_BUDGET, passed=False, severity=severity, message=message
+    )
+
+
+def _over_budget(
+    end_to_end: SinkEndToEnd | None, freshness: SinkFreshness
+) -> tuple[Severity, str, float] | None:
+    if end_to_end is None:
+        return None
+    for severity, name, limit in (
+        (Severity.ERROR, "max_end_to_end_delay_s", freshness.max_end_to_end_delay_s),
+        (Severity.WARN, "warn_end_to_end_delay_s", freshness.warn_end_to_end_delay_s),
+    ):
+        if limit is not None and end_to_end.delay_s >= limit:
+            return severity, name, float(limit)
+    return None
+
+
+def _rank(severity: Severity | None) -> int:
+    return {None: 0, Severity.WARN: 1, Severity.ERROR: 2}[severity]
 
 
 def evaluate_freshness(
