@@ -113,7 +113,9 @@ def evaluate_freshness(
     # Failing statuses that need the age, each its own step, before the passing ones.
     if age > freshness.warn_after_s and silent_cause is not None:
         return verdict(
-            FreshnessStatus.SILENT_WHILE_LAGGING, Severity.ERROR, _silent_message(silent_cause, age, now, freshness)
+            FreshnessStatus.SILENT_WHILE_LAGGING,
+            Severity.ERROR,
+            _silent_message(silent_cause, age, now, freshness),
         )
     if age <= freshness.warn_after_s:
         return verdict(FreshnessStatus.FRESH, None, f"new data {_duration(age)} ago")
