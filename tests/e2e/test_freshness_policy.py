@@ -216,8 +216,11 @@ def check_asset_page(url: str, tmp_path: Path) -> None:
             )
             browser.wait_stable("document.body.innerText.length", quiet=2.0, timeout=30)
             text = browser.text()
-            section = text[text.find("Freshness policy") :][:400]
-            assert "Failed" in section, f"no failed freshness on the page:\n{section}\n{browser.describe()}"
+            status = text[text.find("Freshness policy") :][:40]  # the Status pane, next to the checks
+            assert status.split("\n")[1] == "Failed", f"Status pane: {status!r}\n{browser.describe()}"
+            section = text[text.rfind("Freshness policy") :][:400]  # the Definition pane's section
+            assert section.split("\n")[1] == "Failed", f"Definition pane: {section!r}"
+            assert "Last materialized" in section, section
             assert "Fails if more than a minute since last materialization" in section, section
             assert "Warns if more than a minute since last materialization" in section, section
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
