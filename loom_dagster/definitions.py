@@ -12,7 +12,8 @@ from loom_dagster.asset_graph import LoomAssetGraph
 from loom_dagster.assets import RESOURCE_KEY, assets_from_graph, build_loom_asset_graph
 from loom_dagster.core.flows.defs_state import DefsState
 from loom_dagster.core.flows.spec import LoomFlowSpec
-from loom_dagster.core.sensor_settings import LoomSensorSettings
+from loom_dagster.core.sensor_settings import LoomSensorSettings, SinkHealthSettings
+from loom_dagster.freshness_policy import FreshnessSettingsError
 from loom_dagster.jobs.reset_offsets import build_reset_offsets_job
 from loom_dagster.jobs.undeploy import build_undeploy_job
 from loom_dagster.resource import LoomDeployResource
@@ -40,14 +41,20 @@ def build_loom_defs(
     ``loom-dagster refresh``), and the sensors compile a flow's plan (its credentials) on first use.
     ``state=False`` compiles every flow at load instead.
 
+    Every sink table gets a Dagster ``FreshnessPolicy`` from ``sensors.sink_health`` (its warn/fail
+    windows, or a cron deadline), judged by Dagster's freshness daemon on the materializations the sink
+    health sensor reports; the *translator* is given those settings (``get_freshness_policy`` changes a
+    policy). Per-sink settings are keyed by the sink's final asset key (after the translator).
+
     Example:
         >>> defs = build_loom_defs([LoomFlowSpec(  # doctest: +SKIP
         ...     "definitions.flows.orders:orders_flow", config="definitions/config/orders",
         ...     environment="development")], redeploy_cron="0 3 * * *")
     """
     with gc_paused():
-        graph = build_loom_asset_graph(flows, translator, state=state)
         settings = sensors or LoomSensorSettings()
+        graph = build_loom_asset_graph(flows, translator_for(translator, settings.sink_health), state=state)
+        check_sink_settings_keys(graph, settings.sink_health)
         sensor_defs, check_defs = build_loom_sensors(graph, settings)
         schedules = []
         if redeploy_cron:
@@ -67,6 +74,47 @@ def build_loom_defs(
         schedules=schedules,
         resources={RESOURCE_KEY: resource or LoomDeployResource()},
     )
+
+
+def translator_for(translator: LoomTranslator | None, sink_health: SinkHealthSettings) -> LoomTranslator:
+    """*translator* (default ``LoomTranslator()``) bound to *sink_health*, the settings of the sensor
+    that reports the materializations its freshness policies are judged on; the caller's object is
+    left as it is.
+
+    Raises:
+        FreshnessSettingsError: the translator was made with other sink health settings.
+    """
+    chosen = translator or LoomTranslator()
+    own = getattr(chosen, "__dict__", {}).get("sink_health")
+    if own is not None and own != sink_health:
+        raise FreshnessSettingsError(
+            f"{type(chosen).__name__} was given sink_health settings that differ from those of "
+            "build_loom_defs(sensors=...) (the sink health sensor's, whose materializations the freshness "
+            "policies judge): give them once, as build_loom_defs(sensors=LoomSensorSettings(sink_health=...)), "
+            "and make the translator without sink_health"
+        )
+    return chosen.with_sink_health(sink_health)
+
+
+def check_sink_settings_keys(graph: LoomAssetGraph, sink_health: SinkHealthSettings) -> None:
+    """Per-sink freshness settings must name sink assets of *graph* (by their final keys).
+
+    Raises:
+        FreshnessSettingsError: a key is no sink asset here; names it and the sink keys there are.
+    """
+    keys = {
+        node.sink_keys[sink.slot]
+        for node in graph.flows
+        for sink in node.compiled.flow.storage_sinks
+        if sink.slot in node.sink_keys
+    }
+    unknown = sorted(set(sink_health.freshness) - keys)
+    if unknown:
+        raise FreshnessSettingsError(
+            f"SinkHealthSettings.freshness names {', '.join(map(repr, unknown))}, not a sink asset of this "
+            f"code location: key it by a sink's asset key as the translator makes it (with any prefix); "
+            f"the sink assets are {', '.join(sorted(keys)) or 'none'}"
+        )
 
 
 FLOW_CHECKS_OP = "loom_flow_checks"
@@ -104,7 +152,14 @@ def build_loom_sensors(
         description="One-shot job_running / kafka_lag of loom flows (the sensors report them on their ticks).",
     )
     if settings.sink_health.enabled and any(node.compiled.flow.storage_sinks for node in graph.flows):
-        sensors.append(build_sink_health_sensor(graph, settings.sink_health, default_status=status))
+        sensors.append(
+            build_sink_health_sensor(
+                graph,
+                settings.sink_health,
+                default_status=status,
+                end_to_end_step_s=float(settings.kafka_lag.interval_s),
+            )
+        )
         checks += build_sink_freshness_checks(graph, settings.sink_health)
     return sensors, checks
 

@@ -11,8 +11,10 @@ goes through Dagster's metadata sets: ``LoomMetadataSet`` (``loom/...``), ``Kafk
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
+from typing import Self
 
 import dagster as dg
 
@@ -31,6 +33,8 @@ from loom_dagster.core.flows.records import (
     LoomTopic,
     SinkBackend,
 )
+from loom_dagster.core.sensor_settings import SinkHealthSettings
+from loom_dagster.freshness_policy import sink_freshness_policy
 
 DEFAULT_FLOW_GROUP = "loom"
 TOPIC_GROUP = "kafka"
@@ -191,6 +195,10 @@ class LoomTranslator:
     (``get_flow_spec``, ``get_source_topic_spec``, ``get_output_topic_spec``,
     ``get_source_collection_spec``, ``get_storage_sink_spec``). Override either.
 
+    A sink table's Dagster ``FreshnessPolicy`` comes from ``get_freshness_policy`` (from the sink
+    health settings, ``sink_health``; ``build_loom_defs`` gives the translator those of its
+    ``sensors``): override it to change or drop a sink's policy.
+
     Example:
         >>> import dagster as dg
         >>> class PrefixedTranslator(LoomTranslator):
@@ -201,6 +209,21 @@ class LoomTranslator:
         >>> PrefixedTranslator().get_asset_spec(LoomSourceCollection("shop", "orders", "f")).key.path
         ['streaming', 'mongo', 'shop', 'orders']
     """
+
+    sink_health: SinkHealthSettings = SinkHealthSettings()
+    """The sink health settings the sinks' freshness policies are built from (a class default, so a
+    subclass with its own ``__init__`` keeps working)."""
+
+    def __init__(self, *, sink_health: SinkHealthSettings | None = None) -> None:
+        if sink_health is not None:
+            self.sink_health = sink_health
+
+    def with_sink_health(self, settings: SinkHealthSettings) -> Self:
+        """A copy of this translator building the sinks' freshness policies from *settings* (what
+        ``build_loom_defs`` does with its ``sensors.sink_health``); this one is left as it is."""
+        bound = copy.copy(self)
+        bound.sink_health = settings
+        return bound
 
     def get_asset_spec(self, props: LoomRecord, *, flow: LoomFlow | None = None) -> dg.AssetSpec:
         """The spec of one loom object. Edges the spec lacks are added by the builders (a topic's or
@@ -304,7 +327,8 @@ class LoomTranslator:
         )
 
     def get_storage_sink_spec(self, sink: LoomStorageSink, flow: LoomFlow) -> dg.AssetSpec:
-        """A table a flow writes: ``["delta", t]``, ``["clickhouse", db, t]`` or ``["sql", ref, t]``."""
+        """A table a flow writes: ``["delta", t]``, ``["clickhouse", db, t]`` or ``["sql", ref, t]``,
+        with the freshness policy ``get_freshness_policy`` gives for that key."""
         if sink.backend is SinkBackend.DELTA:
             key, table_name, kinds = ["delta", sink.table], sink.table, {"deltalake", "table"}
         elif sink.backend is SinkBackend.CLICKHOUSE:
@@ -327,8 +351,9 @@ class LoomTranslator:
                 payload_type=sink.payload_type,
             ),
         }
+        asset_key = dg.AssetKey(key)
         return dg.AssetSpec(
-            key=dg.AssetKey(key),
+            key=asset_key,
             deps=upstream_keys(sink.upstream),
             description=f"{BACKEND_LABELS[sink.backend]} table {table_name}, written by loom flow "
             f"{sink.flow_name} (sink {sink.sink_name}).",
@@ -336,7 +361,32 @@ class LoomTranslator:
             kinds=kinds,
             owners=list(flow.owners),
             metadata=metadata,
+            freshness_policy=self.get_freshness_policy(sink, flow, asset_key),
         )
+
+    def get_freshness_policy(
+        self, sink: LoomStorageSink, flow: LoomFlow, asset_key: dg.AssetKey
+    ) -> dg.FreshnessPolicy | None:
+        """The ``FreshnessPolicy`` of the sink table at *asset_key*: from ``sink_health``, looked up by
+        that key's user string (``delta/orders``), the key the sink health sensor reports
+        materializations for; ``None`` (no policy) when that sensor is disabled.
+
+        The windows are per sink (``SinkHealthSettings.freshness``, else ``default_freshness``):
+        ``warn_after_s`` / ``fail_after_s`` make ``FreshnessPolicy.time_window``, a ``deadline_cron``
+        makes ``FreshnessPolicy.cron``. A subclass that changes a sink's key after
+        ``get_storage_sink_spec`` should ask again for the new key (settings are keyed by final keys).
+
+        Example:
+            >>> class NoPolicyOnScratch(LoomTranslator):
+            ...     def get_freshness_policy(self, sink, flow, asset_key):
+            ...         if sink.table.startswith("scratch_"):
+            ...             return None
+            ...         return super().get_freshness_policy(sink, flow, asset_key)
+
+        Raises:
+            FreshnessSettingsError: settings Dagster cannot take (see ``freshness_policy``).
+        """
+        return sink_freshness_policy(self.sink_health, asset_key.to_user_string())
 
 
 def upstream_keys(paths: tuple[tuple[str, ...], ...]) -> list[dg.AssetKey]:

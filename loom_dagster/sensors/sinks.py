@@ -1,6 +1,10 @@
 """Sink health in Dagster: a sensor that reports a runless materialization of a sink table each time
 new data lands in it, and a ``freshness`` asset check per sink.
 
+The materializations feed each sink's Dagster ``FreshnessPolicy`` (``loom_dagster.freshness_policy``:
+the freshness daemon judges the sink's age from them); the ``freshness`` check judges what the policy
+cannot see: a sink silent while its source lags, and a table missing, empty or unreadable.
+
 The sensor reads every sink's metadata each tick (``loom_dagster.core.sinks``), keeps the last
 reading per sink in its cursor, emits ONE ``AssetMaterialization`` per sink whose data changed and none
 otherwise, and an ``AssetCheckEvaluation`` of ``freshness`` when a sink's freshness status changes (and
@@ -317,7 +321,8 @@ def build_sink_health_sensor(
         minimum_interval_seconds=settings.interval_s,
         default_status=default_status,
         description=f"Reads the metadata of {len(declared)} loom sink table(s): reports a materialization "
-        "when new data lands and evaluates their freshness (warn/fail windows, silent while the source lags).",
+        "when new data lands (what their freshness policies judge) and evaluates their freshness check "
+        "(silent while the source lags; missing, empty or unreadable table).",
     )
     def _sink_health(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         targets = resolved()
@@ -429,16 +434,16 @@ def freshness_verdict(
     settings: SinkHealthSettings,
     lags: LagLookup,
 ) -> FreshnessVerdict:
-    """``evaluate_freshness`` with the writing flows' Kafka lag (looked up only when data is late), then
-    the sink's end-to-end delay and its budget (``with_delay_budget``)."""
+    """``evaluate_freshness`` with the writing flows' Kafka lag (looked up only when the sink has been
+    silent past ``warn_after_s``), then the sink's end-to-end delay and its budget (``with_delay_budget``)."""
     freshness = settings.freshness_for(target.asset_key)
-    late = reading.has_data and last_data_at is not None and now - last_data_at > freshness.warn_after_s
+    silent = reading.has_data and last_data_at is not None and now - last_data_at > freshness.warn_after_s
     verdict = evaluate_freshness(
         reading,
         last_data_at=last_data_at,
         now=now,
         freshness=freshness,
-        lags=lags.for_target(target) if late else (),
+        lags=lags.for_target(target) if silent else (),
     )
     return with_delay_budget(verdict, lags.end_to_end(target))
 
@@ -499,11 +504,11 @@ def check_severity(verdict: FreshnessVerdict) -> dg.AssetCheckSeverity:
 
 
 def freshness_metadata(verdict: FreshnessVerdict, reading: SinkReading) -> dict[str, Any]:
-    """Status, age, windows, the source lag when it mattered, and the read status/error (redacted)."""
+    """Status, age, the silent window (``warn_after_s``), the source lag when it mattered, and the read
+    status/error (redacted)."""
     metadata: dict[str, Any] = {
         "loom/freshness": verdict.status.value,
         "loom/warn_after_s": float(verdict.freshness.warn_after_s),
-        "loom/fail_after_s": float(verdict.freshness.fail_after_s),
         "loom/read_status": reading.status.value,
     }
     if verdict.age_s is not None:
@@ -651,7 +656,8 @@ def build_sink_freshness_checks(
         name,
         specs,
         _freshness,
-        description="Freshness of loom sink tables, from their metadata and the source Kafka lag.",
+        description="Freshness of loom sink tables beyond their age (their freshness policies judge that): "
+        "silent while the source Kafka lag grows, missing, empty or unreadable.",
         after_targets=False,  # sink tables are external: no run materializes them
     )
 
@@ -662,9 +668,10 @@ def freshness_check_spec(target: SinkTarget, settings: SinkHealthSettings) -> dg
     return dg.AssetCheckSpec(
         SINK_FRESHNESS,
         asset=dg.AssetKey.from_user_string(target.asset_key),
-        description=f"New data within {windows.warn_after_s:g}s (warn) / {windows.fail_after_s:g}s (fail); "
-        f"fails at once when silent past the warn window while {', '.join(target.flow_names)} lags (its "
-        "oldest unconsumed message older than the warn window, or offset lag where that delay is unknown).",
+        description=f"Fails when the table is silent for over {windows.warn_after_s:g}s while "
+        f"{', '.join(target.flow_names)} lags (its oldest unconsumed message older than that, or offset "
+        "lag where that delay is unknown), or when it is unreachable or unreadable; warns when it is "
+        "missing or empty. How old its data may be is the asset's freshness policy.",
     )
 
 

@@ -389,7 +389,9 @@ def test_sqlite_timestamp_column_gives_the_data_time(
     assert h.stored_check(SQL_KEY).passed
     h.clock.now = t0 + WINDOWS.warn_after_s + 1
     h.tick()
-    assert h.stored_check(SQL_KEY).metadata["loom/freshness"].value == FreshnessStatus.LATE.value
+    idle = h.stored_check(SQL_KEY)  # the age past the window is the freshness policy's to judge
+    assert idle.passed and idle.metadata["loom/freshness"].value == FreshnessStatus.IDLE.value
+    assert idle.metadata["loom/age_s"].value == pytest.approx(WINDOWS.warn_after_s + 1)
 
 
 def test_sync_urls_and_read_only_sqlite(tmp_path: Path) -> None:
@@ -407,9 +409,11 @@ def test_sync_urls_and_read_only_sqlite(tmp_path: Path) -> None:
 # -- freshness ------------------------------------------------------------------------------------
 
 
-def test_freshness_passes_then_warns_then_fails(
+def test_freshness_check_leaves_the_age_to_the_policy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instance: dg.DagsterInstance
 ) -> None:
+    """Past the warn and fail windows with no source lag the check passes (``idle``, the age in its
+    metadata): warning and failing on age alone is the sink asset's ``FreshnessPolicy``."""
     uri = tmp_path / "lake" / "events"
     append_delta(uri, 1)
     t0 = commit_time(uri, 0)
@@ -426,12 +430,15 @@ def test_freshness_passes_then_warns_then_fails(
     h.clock.now = t0 + 200
     assert h.evaluations(h.tick()) == []  # unchanged status: nothing new to store
     h.clock.now = t0 + WINDOWS.warn_after_s + 1
-    assert len(h.evaluations(h.tick())) == 1
-    assert status() == (False, "late", dg.AssetCheckSeverity.WARN)
+    assert len(h.evaluations(h.tick())) == 1  # fresh -> idle: a new status is stored
+    assert status()[:2] == (True, "idle")
     h.clock.now = t0 + WINDOWS.fail_after_s + 1
-    h.tick()
-    assert status() == (False, "stale", dg.AssetCheckSeverity.ERROR)
-    assert "no new data for" in h.stored_check(DELTA_KEY).description  # type: ignore[operator]
+    h.tick()  # still idle (stored again: the refresh interval has passed)
+    stored = h.stored_check(DELTA_KEY)
+    assert stored.passed and stored.metadata["loom/freshness"].value == "idle"
+    assert stored.metadata["loom/age_s"].value == pytest.approx(WINDOWS.fail_after_s + 1)
+    assert "no new data for 60m" in (stored.description or "")
+    assert "freshness policy" in (stored.description or "")
 
     append_delta(uri, 1)
     h.clock.now = commit_time(uri, 1) + 5
@@ -457,7 +464,7 @@ def test_sink_silent_while_its_source_lags_fails(
 
     _report_lag(instance, {"total_lag": 0}, passed=True)
     h.tick()
-    assert h.stored_check(DELTA_KEY).metadata["loom/freshness"].value == "late"
+    assert h.stored_check(DELTA_KEY).metadata["loom/freshness"].value == "idle"
 
     _report_lag(instance, {"total_lag": 1234, "partitions": 3})
     assert h.stored_check(FLOW_KEY, KAFKA_LAG).metadata["total_lag"].value == 1234  # stored runless
@@ -471,7 +478,7 @@ def test_sink_silent_while_its_source_lags_fails(
 
     _report_lag(instance, {"state": "OK"})  # the lag sensor may not say a total: tolerated
     h.tick()
-    assert h.stored_check(DELTA_KEY).metadata["loom/freshness"].value == "late"
+    assert h.stored_check(DELTA_KEY).metadata["loom/freshness"].value == "idle"
 
     _report_lag(instance, {"total_lag": 50})  # within the warn window, lag alone is no failure
     h.clock.now = t0 + 10
@@ -507,7 +514,7 @@ def test_silent_sink_is_judged_by_the_source_delay(
     _report_lag(instance, {"total_lag": 5000, "max_delay_s": 20.0, "delay_unknown_partitions": 0})
     h.tick()
     status, severity, metadata, _ = freshness()
-    assert (status, severity) == ("late", dg.AssetCheckSeverity.WARN)  # consuming: data arrived 20 s ago
+    assert status == "idle" and h.stored_check(DELTA_KEY).passed  # consuming: data arrived 20 s ago
     assert metadata["loom/source_lag"] == 5000 and metadata["loom/source_delay_s"] == 20.0
 
     _report_lag(instance, {"total_lag": 5000, "max_delay_s": 20.0, "delay_unknown_partitions": 2})
@@ -517,7 +524,7 @@ def test_silent_sink_is_judged_by_the_source_delay(
 
     _report_lag(instance, {"total_lag": 0, "max_delay_s": 0.0, "delay_unknown_partitions": 0}, passed=True)
     h.tick()
-    assert freshness()[0] == "late"
+    assert freshness()[0] == "idle"
     _report_lag(
         instance, {"total_lag": 3, "max_delay_s": dg.MetadataValue.null(), "delay_unknown_partitions": 1}
     )
@@ -549,11 +556,9 @@ def test_freshness_checks_are_declared_and_runnable(
     assert evaluation.metadata["loom/freshness"].value == "silent_while_lagging"
     assert h.stored_check(DELTA_KEY).metadata["loom/freshness"].value == "silent_while_lagging"
 
-    evaluation = h.run_check(SQL_KEY)  # no timestamp column, no sensor yet: cannot tell
-    assert (evaluation.metadata["loom/freshness"].value, evaluation.severity) == (
-        "unknown",
-        dg.AssetCheckSeverity.WARN,
-    )
+    evaluation = h.run_check(SQL_KEY)  # no timestamp column, no sensor yet: cannot tell, no failure
+    assert (evaluation.metadata["loom/freshness"].value, evaluation.passed) == ("unknown", True)
+    assert "loom/age_s" not in evaluation.metadata
     h.clock.now = time.time() + 10
     h.tick()  # the sensor reports a materialization: the check now knows when data landed
     assert h.run_check(SQL_KEY).metadata["loom/freshness"].value == "fresh"

@@ -397,7 +397,7 @@ def test_sink_silent_while_the_source_delay_exceeds_the_window(
 ) -> None:
     """The real lag sensor, then the real sink health sensor: a sink silent past its warn window while its
     source's oldest unconsumed message is older than that window fails (offset lag only 1); once the old
-    message is consumed and the one left is fresh (lag still 1), the sink is merely late."""
+    message is consumed and the one left is fresh (lag still 1), the sink is merely idle (the check passes)."""
 
     (topic,) = make_topics(bootstrap, topic_prefix, ["ticks"], partitions=3)
     graph = _graph(bootstrap, topic_prefix, tmp_path)
@@ -440,5 +440,5 @@ def test_sink_silent_while_the_source_delay_exceeds_the_window(
         _commit(bootstrap, group, topic, {0: PER_PARTITION})
         lag = lag_ticker.tick()
         assert _meta(lag, "total_lag") == 1 and _meta(lag, "max_delay_s") < 60
-        late = sink_check()
-        assert _meta(late, "loom/freshness") == "late" and late.severity is dg.AssetCheckSeverity.WARN
+        idle = sink_check()  # its age past the window is the freshness policy's to judge, not the check's
+        assert _meta(idle, "loom/freshness") == "idle" and idle.passed

@@ -171,3 +171,16 @@ def wait_run(url: str, run_id: str, timeout_s: float = 180.0) -> str:
             return str(status)
         time.sleep(0.5)
     raise TimeoutError(f"run {run_id} did not finish in {timeout_s}s")
+
+
+def python_file_workspace(directory: Path, location_file: Path, location_name: str) -> Path:
+    """A ``workspace.yaml`` in *directory* loading *location_file* (imports resolve from the repo root)."""
+    workspace = directory / "workspace.yaml"
+    workspace.write_text(
+        "load_from:\n"
+        "  - python_file:\n"
+        f"      relative_path: {location_file}\n"
+        f"      working_directory: {ROOT}\n"
+        f"      location_name: {location_name}\n"
+    )
+    return workspace

@@ -46,9 +46,11 @@ the directory of the defs.yaml):
         sink_health:
           enabled: true
           interval_s: 60
-          default_freshness: {warn_after_s: 900, fail_after_s: 3600}
+          default_freshness: {warn_after_s: 900, fail_after_s: 3600}   # each table's FreshnessPolicy
           freshness:               # per sink, by asset key with the prefix
             streaming/delta/orders_enriched: {warn_after_s: 60, fail_after_s: 600}
+            streaming/clickhouse/analytics/orders_enriched:   # a cron deadline instead of the window
+              {deadline_cron: "0 9 * * *", cron_lower_bound_s: 3600, cron_timezone: Europe/Paris}
           sql_timestamp_columns: {}
       deploy:                      # LoomDeployResource; every field optional
         state_dir: null            # default $LOOM_DAGSTER_STATE_DIR, else $DAGSTER_HOME/loom
@@ -82,6 +84,12 @@ and the loom record: ``flow`` (flows and tables), ``topic``, ``collection``, ``s
 follow the new keys. ``translation: "{{ my_fn }}"`` (a ``template_vars_module`` function returning an
 ``AssetSpec`` or a dict of attributes) works too. For bulk edits by asset selection use Dagster's
 ``post_processing`` block, a sibling of ``attributes``.
+
+Each table's ``freshness_policy`` comes from ``sensors.sink_health`` (see ``build_loom_defs``);
+``translation`` may replace it (``freshness_policy: "{{ my_policy(sink) }}"``, a
+``template_vars_module`` function returning a ``dg.FreshnessPolicy``) or remove it
+(``freshness_policy: "{{ spec.freshness_policy if kind != 'table' or not name.startswith('tmp_') else None }}"``,
+or ``freshness_policy: null`` for every asset).
 
 Templates (``{{ env('X', 'default') }}``) work in every value, as in any Dagster component. A wrong
 key or value fails the code location load with the defs.yaml, the line and the field path, e.g.
@@ -120,6 +128,7 @@ from loom_dagster.core.sensor_settings import (
     SinkFreshness,
     SinkHealthSettings,
 )
+from loom_dagster.freshness_policy import cron_problem, timezone_problem
 from loom_dagster.resource import LoomDeployResource
 from loom_dagster.translator import LoomTranslator
 
@@ -175,12 +184,17 @@ class PrefixedLoomTranslator(LoomTranslator):
         self.translation = translation
 
     def _adjust(self, spec: dg.AssetSpec, data: LoomAssetData) -> dg.AssetSpec:
+        spec = self._placed(spec)
+        if self.translation is not None:
+            spec = self.translation(spec, data)
+        return spec
+
+    def _placed(self, spec: dg.AssetSpec) -> dg.AssetSpec:
+        """*spec* under the key prefix and in the group."""
         if self.key_prefix:
             spec = spec.replace_attributes(key=spec.key.with_prefix(self.key_prefix))
         if self.group_name:
             spec = spec.replace_attributes(group_name=self.group_name)
-        if self.translation is not None:
-            spec = self.translation(spec, data)
         return spec
 
     def get_flow_spec(self, flow: LoomFlow) -> dg.AssetSpec:
@@ -202,8 +216,24 @@ class PrefixedLoomTranslator(LoomTranslator):
         return self._adjust(super().get_source_collection_spec(collection), data)
 
     def get_storage_sink_spec(self, sink: LoomStorageSink, flow: LoomFlow) -> dg.AssetSpec:
-        data = LoomAssetData("table", sink.table, flow=flow, sink=sink)
-        return self._adjust(super().get_storage_sink_spec(sink, flow), data)
+        """The table's spec, its freshness policy that of its final key: prefixed (see
+        ``get_freshness_policy``) and, when ``translation`` changes the key and leaves the policy, the
+        policy of the new key. A policy ``translation`` sets (or removes, ``freshness_policy: null``)
+        stays."""
+        placed = self._placed(super().get_storage_sink_spec(sink, flow))
+        if self.translation is None:
+            return placed
+        spec = self.translation(placed, LoomAssetData("table", sink.table, flow=flow, sink=sink))
+        if spec.key != placed.key and spec.freshness_policy is placed.freshness_policy:
+            policy = LoomTranslator.get_freshness_policy(self, sink, flow, spec.key)  # a final key: no prefix
+            spec = spec.replace_attributes(freshness_policy=policy)
+        return spec
+
+    def get_freshness_policy(
+        self, sink: LoomStorageSink, flow: LoomFlow, asset_key: dg.AssetKey
+    ) -> dg.FreshnessPolicy | None:
+        """The policy for *asset_key* with the component's ``key_prefix`` (the key the sensor watches)."""
+        return super().get_freshness_policy(sink, flow, asset_key.with_prefix(self.key_prefix))
 
 
 # --- the YAML models, generated from the objects they configure (see loom_dagster.components.loom_flows.models) ---
@@ -236,6 +266,27 @@ def _not_empty(value: Any) -> Any:
     if not value:
         raise ValueError("give a config file or directory (or a non-empty list of them)")
     return value
+
+
+def _valid_cron(value: str | None) -> str | None:
+    problem = cron_problem(value) if value is not None else None
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _valid_timezone(value: str) -> str:
+    problem = timezone_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _optional(check: Any) -> Any:
+    def optional(value: Any) -> Any:
+        return value if value is None else check(value)
+
+    return optional
 
 
 _SETTINGS: dict[type, type[SettingsModel]] = {}
@@ -279,7 +330,13 @@ else:
         delay_max_partitions=positive,
     )
     SinkFreshnessModel = _settings(
-        SinkFreshness, "SinkFreshnessModel", warn_after_s=positive, fail_after_s=positive
+        SinkFreshness,
+        "SinkFreshnessModel",
+        warn_after_s=positive,
+        fail_after_s=positive,
+        deadline_cron=_valid_cron,
+        cron_lower_bound_s=_optional(positive),
+        cron_timezone=_valid_timezone,
     )
     SinkHealthModel = _settings(SinkHealthSettings, "SinkHealthModel", interval_s=positive)
     SensorsModel = _settings(LoomSensorSettings, "SensorsModel")

@@ -1,6 +1,8 @@
-"""Freshness of a sink: given when data last landed and the lag of the flows writing it, a verdict
-(``fresh`` / ``late`` / ``stale`` / ``silent_while_lagging`` / ``no_data`` / ``unknown`` / ``missing`` /
-``unreachable`` / ``read_error``) with a severity and a message."""
+"""Freshness of a sink beyond its age: given when data last landed and the lag of the flows writing it,
+a verdict (``fresh`` / ``idle`` / ``silent_while_lagging`` / ``no_data`` / ``unknown`` / ``missing`` /
+``unreachable`` / ``read_error``) with a severity and a message, then (``with_delay_budget``) its
+end-to-end delay against its budget (``over_delay_budget``). How old a sink's data may be is its Dagster
+``FreshnessPolicy`` (``loom_dagster.freshness_policy``), judged by Dagster's freshness daemon."""
 
 from __future__ import annotations
 
@@ -17,8 +19,7 @@ class FreshnessStatus(StrEnum):
     """Freshness of one sink (see ``evaluate_freshness``)."""
 
     FRESH = "fresh"
-    LATE = "late"
-    STALE = "stale"
+    IDLE = "idle"
     SILENT_WHILE_LAGGING = "silent_while_lagging"
     NO_DATA = "no_data"
     UNKNOWN = "unknown"
@@ -137,17 +138,20 @@ def evaluate_freshness(
     freshness: SinkFreshness,
     lags: Sequence[SourceLag] = (),
 ) -> FreshnessVerdict:
-    """Freshness of a sink at *now*, given when data last landed and the lag of its writing flows.
+    """Freshness of a sink at *now*, as far as Dagster's ``FreshnessPolicy`` cannot see it: the policy
+    (built from the same ``SinkFreshness``) judges the sink's age from the materializations the sink
+    health sensor reports; this verdict adds the cross-system stall and the table's own state.
 
-    fresh: new data within ``warn_after_s`` (passed). late: none for longer (WARN). stale: none for
-    longer than ``fail_after_s`` (ERROR). silent_while_lagging: none for longer than ``warn_after_s``
-    while a writing flow's source delay (age of its oldest unconsumed message) is also longer than
-    ``warn_after_s``, however small its offset lag (ERROR); where the delay is unknown (not read, or not
-    for every partition), while the source has offset lag > 0. A source whose whole delay is known and
-    within the window is no reason (data did arrive, recently). no_data: the table exists but holds no
-    data (WARN).
-    unknown: it holds data but nothing says when it landed (WARN).
-    missing: the table does not exist (WARN). unreachable / read_error: cannot read it (ERROR).
+    The first that applies, in order:
+    unreachable / read_error: cannot read the table (ERROR). missing: no such table (WARN; the policy
+    only sees no materialization). no_data: the table holds no data (WARN; likewise). unknown: it holds
+    data but nothing says when it landed (passed: the sensor's next materialization tells the policy).
+    silent_while_lagging: no new data for longer than ``warn_after_s`` while a writing flow's source
+    delay (age of its oldest unconsumed message) is also longer than ``warn_after_s``, however small its
+    offset lag; where the delay is unknown (not read, or not for every partition), while the source has
+    offset lag > 0 (ERROR). A source whose whole delay is known and within the window is no reason
+    (data did arrive, recently). Otherwise fresh (new data within ``warn_after_s``) or idle (none for
+    longer, and no writing flow has data waiting): both pass, the age is the policy's to judge.
     """
 
     def verdict(status: FreshnessStatus, severity: Severity | None, message: str) -> FreshnessVerdict:
@@ -166,39 +170,39 @@ def evaluate_freshness(
     if last_data_at is None:
         return verdict(
             FreshnessStatus.UNKNOWN,
-            Severity.WARN,
-            f"{reading.asset_key} holds data but its metadata does not say when it last landed: configure "
-            "SinkHealthSettings.sql_timestamp_columns for it, or let the sink health sensor watch it",
+            None,
+            f"{reading.asset_key} holds data but its metadata does not say when it last landed (the sink "
+            "health sensor's next materialization will; or configure SinkHealthSettings.sql_timestamp_columns)",
         )
     age = max(0.0, now - last_data_at)
-    since = f"no new data for {_duration(age)}"
-    if age <= freshness.warn_after_s:
-        return verdict(FreshnessStatus.FRESH, None, f"new data {_duration(age)} ago")
-    if silent_cause is not None:
-        cause = silent_cause
-        measured = _duration(max(0.0, now - cause.evaluated_at))
-        if cause.max_delay_s is not None and cause.max_delay_s > freshness.warn_after_s:
-            why = (
-                f"flow {cause.flow_key}'s oldest unconsumed message is {_duration(cause.max_delay_s)} old "
-                f"(delay {cause.max_delay_s:.0f} s > warn_after_s {freshness.warn_after_s:g}; "
-                f"{cause.total_lag} message(s) behind; measured {measured} ago)"
-            )
-        else:
-            why = (
-                f"flow {cause.flow_key} is {cause.total_lag} message(s) behind (lag measured {measured} ago)"
-            )
+    # Failing statuses that need the age, each its own step, before the passing ones.
+    if age > freshness.warn_after_s and silent_cause is not None:
         return verdict(
             FreshnessStatus.SILENT_WHILE_LAGGING,
             Severity.ERROR,
-            f"sink silent while its source lags: {since} while {why}",
+            _silent_message(silent_cause, age, now, freshness),
         )
-    if age > freshness.fail_after_s:
-        return verdict(
-            FreshnessStatus.STALE, Severity.ERROR, f"{since} (fail after {_duration(freshness.fail_after_s)})"
-        )
+    if age <= freshness.warn_after_s:
+        return verdict(FreshnessStatus.FRESH, None, f"new data {_duration(age)} ago")
     return verdict(
-        FreshnessStatus.LATE, Severity.WARN, f"{since} (warn after {_duration(freshness.warn_after_s)})"
+        FreshnessStatus.IDLE,
+        None,
+        f"no new data for {_duration(age)}, and no writing flow has data waiting (how old the data may be is "
+        "the asset's freshness policy)",
     )
+
+
+def _silent_message(cause: SourceLag, age: float, now: float, freshness: SinkFreshness) -> str:
+    measured = _duration(max(0.0, now - cause.evaluated_at))
+    if cause.max_delay_s is not None and cause.max_delay_s > freshness.warn_after_s:
+        why = (
+            f"flow {cause.flow_key}'s oldest unconsumed message is {_duration(cause.max_delay_s)} old "
+            f"(delay {cause.max_delay_s:.0f} s > warn_after_s {freshness.warn_after_s:g}; "
+            f"{cause.total_lag} message(s) behind; measured {measured} ago)"
+        )
+    else:
+        why = f"flow {cause.flow_key} is {cause.total_lag} message(s) behind (lag measured {measured} ago)"
+    return f"sink silent while its source lags: no new data for {_duration(age)} while {why}"
 
 
 def _silent_cause(lags: Sequence[SourceLag], window_s: float) -> SourceLag | None:
