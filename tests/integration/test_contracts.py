@@ -6,8 +6,6 @@ refusal predicted). Flow modules: ``tests/flows/chained.py``."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from loom_dagster.dev.kafka import KafkaBroker
 from loom_dagster.dev.produce import produce
 from tests.conftest import make_topics, write_yaml
 from tests.flows.delta_only import Tick
-from tests.support.deploy_env import runtime_pids_for
+from tests.support.deploy_env import kill_deployed_jobs, runtime_pids_for
 from tests.support.helpers import materialization_metadata, step_failure_message, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -132,14 +130,7 @@ class Chain:
         return current.job.processes[0].pid
 
     def stop_everything(self) -> None:
-        for flow in ("chain_a", "chain_b"):
-            current = self.store.current(flow)
-            for deployment in self.store.history(flow) + ([current] if current else []):
-                for proc in deployment.job.processes:
-                    if procfs.is_alive(proc.pid, proc.start_ticks):
-                        os.kill(proc.pid, signal.SIGKILL)
-        for pid in runtime_pids_for(self.state_dir):
-            os.kill(pid, signal.SIGKILL)
+        kill_deployed_jobs(self.store, ["chain_a", "chain_b"], self.state_dir)
 
 
 @pytest.fixture()

@@ -14,8 +14,6 @@ messages that have not reached the table yet.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -30,7 +28,6 @@ from loom_dagster import DeploymentStore, LoomDeployResource, LoomFlowSpec, buil
 from loom_dagster.asset_check_names import SINK_FRESHNESS
 from loom_dagster.asset_graph import LoomAssetGraph
 from loom_dagster.assets import build_loom_asset_graph
-from loom_dagster.core import procfs
 from loom_dagster.core.sensor_settings import KafkaLagSettings, SinkFreshness, SinkHealthSettings
 from loom_dagster.dev.kafka import KafkaBroker
 from loom_dagster.dev.produce import produce
@@ -39,6 +36,7 @@ from loom_dagster.sensors.sinks import build_sink_health_sensor
 from tests.conftest import make_topics
 from tests.flows.delta_only import Tick, TickRow
 from tests.flows.e2e_chain import e2e_chain_configs
+from tests.support.deploy_env import kill_deployed_jobs
 
 LAG = KafkaLagSettings(
     window=5, warn_lag=10**9, error_lag=10**10, request_timeout_s=5.0, delay_timeout_s=10.0
@@ -94,13 +92,7 @@ class Chain:
 
     def stop(self, name: str) -> None:
         """Kill the flow's job (by PID and start time)."""
-        for deployment in [*self.store.history(name), self.store.current(name)]:
-            for proc in deployment.job.processes if deployment is not None else ():
-                if procfs.is_alive(proc.pid, proc.start_ticks):
-                    os.kill(proc.pid, signal.SIGKILL)
-                deadline = time.monotonic() + 10
-                while procfs.is_alive(proc.pid, proc.start_ticks) and time.monotonic() < deadline:
-                    time.sleep(0.02)
+        kill_deployed_jobs(self.store, [name])
 
     def produce(self, count: int) -> tuple[float, list[str]]:
         """*count* ticks to ``orders``; returns the time just before producing and their ids."""

@@ -8,8 +8,6 @@ sensor requests is executed the way the daemon would: a materialization carrying
 
 from __future__ import annotations
 
-import os
-import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -39,7 +37,7 @@ from loom_dagster.runtime.observer import StatusObserver
 from loom_dagster.sensors.health import build_job_health_sensor
 from tests.conftest import make_topics, write_yaml
 from tests.flows.sql_rows import Reading
-from tests.support.deploy_env import runtime_pids_for
+from tests.support.deploy_env import kill_deployed_jobs
 
 FLOW = "readings"
 FLOW_KEY = dg.AssetKey(["loom", FLOW])
@@ -181,13 +179,7 @@ class SqlBench:
 
     def stop_everything(self) -> None:
         """SIGKILL every job this bench launched, by PID + start time, then any leftover by PID."""
-        current = self.store.current(FLOW)
-        for deployment in self.store.history(FLOW) + ([current] if current else []):
-            for proc in deployment.job.processes:
-                if procfs.is_alive(proc.pid, proc.start_ticks):
-                    os.kill(proc.pid, signal.SIGKILL)
-        for pid in runtime_pids_for(self.state_dir):
-            os.kill(pid, signal.SIGKILL)
+        kill_deployed_jobs(self.store, [FLOW], self.state_dir)
 
 
 @pytest.fixture()

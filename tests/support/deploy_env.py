@@ -3,10 +3,12 @@ for what the flow wrote (Delta ids, output-topic messages). Every job it deploye
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,18 +157,7 @@ class DeployBench:
 
     def stop_everything(self) -> None:
         """Stop every job this bench launched (by PID + start time), from the records and their history."""
-        import os
-        import signal
-
-        for deployment in self.store.history("ticks") + (
-            [self.store.current("ticks")] if self.store.current("ticks") else []
-        ):
-            for proc in deployment.job.processes:
-                if procfs.is_alive(proc.pid, proc.start_ticks):
-                    os.kill(proc.pid, signal.SIGKILL)
-                deadline = time.monotonic() + 10
-                while procfs.is_alive(proc.pid, proc.start_ticks) and time.monotonic() < deadline:
-                    time.sleep(0.02)  # a SIGKILL is delivered asynchronously: wait until it is dead
+        kill_deployed_jobs(self.store, ["ticks"])
 
 
 def runtime_pids_for(state_dir: Path) -> list[int]:
@@ -182,15 +173,26 @@ def runtime_pids_for(state_dir: Path) -> list[int]:
     return found
 
 
+def kill_deployed_jobs(store: DeploymentStore, flows: Iterable[str], state_dir: Path | None = None) -> None:
+    """SIGKILL every process of *flows*' current and past deployments in *store* (by PID + start time,
+    waiting until each is dead), then any job runtime left under *state_dir* (by PID)."""
+    for flow in flows:
+        current = store.current(flow)
+        for deployment in [*store.history(flow), *([current] if current else [])]:
+            for proc in deployment.job.processes:
+                if procfs.is_alive(proc.pid, proc.start_ticks):
+                    os.kill(proc.pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while procfs.is_alive(proc.pid, proc.start_ticks) and time.monotonic() < deadline:
+                    time.sleep(0.02)  # a SIGKILL is delivered asynchronously: wait until it is dead
+    for pid in runtime_pids_for(state_dir) if state_dir is not None else ():
+        os.kill(pid, signal.SIGKILL)
+
+
 def bench_fixture(kafka: Any, tmp_path: Path, prefix: str) -> Iterator[DeployBench]:
     """Yield a bench; stop whatever it launched afterwards."""
     bench = DeployBench(kafka.bootstrap_servers, prefix, tmp_path)
     try:
         yield bench
     finally:
-        bench.stop_everything()
-        for pid in runtime_pids_for(bench.state_dir):
-            import os
-            import signal
-
-            os.kill(pid, signal.SIGKILL)
+        kill_deployed_jobs(bench.store, ["ticks"], bench.state_dir)
