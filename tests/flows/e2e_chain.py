@@ -8,7 +8,6 @@ from pathlib import Path
 
 from loom.streaming import Backend, FromTopic, IntoTable, IntoTopic, Message, Process, RecordStep, StreamFlow
 
-from tests.conftest import write_yaml
 from tests.flows.delta_only import Tick, TickRow
 
 
@@ -43,6 +42,9 @@ flow_b = StreamFlow(
 def e2e_chain_configs(root: Path, *, brokers: str, prefix: str, delta_uri: str) -> tuple[Path, Path]:
     """Config directories of ``flow_a`` and ``flow_b``: topics ``<prefix>.orders`` -> ``<prefix>.enriched``
     (dead letters to ``<prefix>.a.dlq``), the table at *delta_uri* flushed at every row."""
+    # Imported here: the flows are imported where the test suite is not (the job image has tests/flows only).
+    from tests.conftest import write_yaml
+
     a = write_yaml(
         root / "a" / "base.yaml",
         f"""
