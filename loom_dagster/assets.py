@@ -265,7 +265,7 @@ def deploy_checks_result(
     another flow breaks (unless the run accepted it), WARN on any other finding of loom's checks. The
     contracts' findings are in ``contracts`` (text) and ``loom/contracts`` (JSON)."""
     broken = contracts is not None and bool(contracts.broken)
-    if report.blocks or (broken and contracts is not None and not contracts.accepted):
+    if report.blocks or (contracts is not None and contracts.blocks):
         passed, severity = False, dg.AssetCheckSeverity.ERROR
     elif report.findings or broken:
         passed, severity = False, dg.AssetCheckSeverity.WARN

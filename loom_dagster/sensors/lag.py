@@ -256,7 +256,7 @@ def build_kafka_lag_sensor(
     """
     declared = kafka_lag_flows(graph)
     resolved = lazy_lag_targets(graph, settings)
-    topology = end_to_end_topology(graph)
+    topology = Lazy(lambda: end_to_end_topology(graph))  # built on the first tick, not at load
 
     def tick(
         context: dg.SensorEvaluationContext, store: DeploymentStore | None
@@ -269,7 +269,7 @@ def build_kafka_lag_sensor(
         starts = deployment_starts(store, windows, names) if store is not None else None
         report = check_lag(targets, settings, LagWindows.from_cursor(context.cursor), starts=starts)
         common = fetch_metadata(report.fetch, report.delays)
-        chained = end_to_end_delays(topology, report.flows, settings)
+        chained = end_to_end_delays(topology(), report.flows, settings)
         events = [
             lag_evaluation(
                 key,

@@ -162,21 +162,17 @@ class SinkTick:
 
 
 class LagLookup:
-    """Latest ``kafka_lag`` evaluations of each flow, read from the instance at most once per tick and
-    flow: its total lag and delay, and its end-to-end delay. *kafka_flows*: the flow keys that have a
-    ``kafka_lag`` check (``None``: ask for every flow); the others are not read for the end-to-end delay.
+    """Latest ``kafka_lag`` evaluations of the flows writing sinks, read from the instance at most once per
+    tick and flow: a flow's total lag and delay (from its recent history, read when a sink is silent), and
+    the end-to-end delays of every flow of *kafka_flows* (the flow keys with a ``kafka_lag`` check) from
+    ONE query of each check's latest record (the lag sensor's runless evaluation, updated in place). A flow
+    whose latest record is a one-shot check run's (which computes none) is read from its history."""
 
-    The end-to-end delays of all *kafka_flows* come from ONE query (each check's latest record, which is
-    the lag sensor's runless evaluation, updated in place); a flow whose latest record does not carry one
-    (a one-shot check run came after it) is read from its history instead."""
-
-    def __init__(self, instance: dg.DagsterInstance, kafka_flows: Iterable[str] | None = None) -> None:
+    def __init__(self, instance: dg.DagsterInstance, kafka_flows: Iterable[str]) -> None:
         self._instance = instance
-        self._kafka = None if kafka_flows is None else frozenset(kafka_flows)
+        self._kafka = sorted(set(kafka_flows))
         self._history: dict[str, list[tuple[float, dg.AssetCheckEvaluation]]] = {}
-        self._latest: dict[str, SinkEndToEnd | None] | None = None
-        self._without: set[str] = set()
-        """Flows whose latest record carries no end-to-end delay (read from their history instead)."""
+        self._end_to_end: dict[str, SinkEndToEnd | None] | None = None
         self.queries = 0
 
     def for_target(self, target: SinkTarget) -> list[SourceLag]:
@@ -191,25 +187,15 @@ class LagLookup:
     def end_to_end(self, target: SinkTarget) -> SinkEndToEnd | None:
         """The largest latest end-to-end delay of the Kafka-sourced flows writing *target* (``None``: none
         known)."""
-        keys = [k for k in target.flow_keys if self._kafka is None or k in self._kafka]
-        latest = self._latest_end_to_end(keys)
-        found = [
-            e
-            for key in keys
-            for e in [
-                latest.get(key) or (end_to_end_of(key, self.history(key)) if key in self._without else None)
-            ]
-            if e is not None
-        ]
+        if self._end_to_end is None:
+            self._end_to_end = self._read_end_to_end()
+        found = [e for key in target.flow_keys if (e := self._end_to_end.get(key)) is not None]
         return max(found, key=lambda e: (e.delay_s, e.complete, e.flow_key), default=None)
 
-    def _latest_end_to_end(self, keys: Sequence[str]) -> Mapping[str, SinkEndToEnd | None]:
-        """The end-to-end delay in each flow's latest ``kafka_lag`` record, for every Kafka flow at once
-        (or *keys* without a known set); ``None`` where that record has none."""
-        if self._latest is not None and (self._kafka is not None or set(keys) <= self._latest.keys()):
-            return self._latest
-        wanted = sorted(self._kafka) if self._kafka is not None else keys
-        checks = {dg.AssetCheckKey(dg.AssetKey.from_user_string(k), KAFKA_LAG): k for k in wanted}
+    def _read_end_to_end(self) -> dict[str, SinkEndToEnd | None]:
+        """Every Kafka flow's end-to-end delay: from its latest ``kafka_lag`` record (one query for all),
+        else from its history when that record carries none."""
+        checks = {dg.AssetCheckKey(dg.AssetKey.from_user_string(k), KAFKA_LAG): k for k in self._kafka}
         records: Mapping[dg.AssetCheckKey, Any] = {}
         if checks:
             self.queries += 1
@@ -219,19 +205,16 @@ class LagLookup:
                 )
             except NotImplementedError:
                 records = {}
-        found: dict[str, SinkEndToEnd | None] = dict(self._latest or {})
+        found: dict[str, SinkEndToEnd | None] = {}
         for check, key in checks.items():
-            record = records.get(check)
-            event = getattr(record, "event", None)
-            evaluation = getattr(record, "evaluation", None)
-            found[key] = (
-                end_to_end_of(key, [(event.timestamp, evaluation)])
-                if event is not None and evaluation
-                else None
-            )
-            if found[key] is None and evaluation is not None:
-                self._without.add(key)
-        self._latest = found
+            event = getattr(records.get(check), "event", None)
+            evaluation = getattr(records.get(check), "evaluation", None)
+            if event is None or not evaluation:
+                found[key] = None
+                continue
+            found[key] = end_to_end_of(key, [(event.timestamp, evaluation)])
+            if found[key] is None and event.run_id:  # a one-shot check run, after the sensor's tick
+                found[key] = end_to_end_of(key, self.history(key))
         return found
 
     def history(self, flow_key: str) -> list[tuple[float, dg.AssetCheckEvaluation]]:
@@ -626,6 +609,7 @@ def build_sink_freshness_checks(
     declared = declared_sink_targets(graph_sinks(graph), settings)
     if not declared:
         raise ValueError("the asset graph has no storage sinks: there is nothing to check for freshness")
+    kafka_flows = [key.to_user_string() for key, _ in kafka_lag_flows(graph)]
     specs = [freshness_check_spec(t, settings) for t in declared]
     resolved = lazy_sink_targets(graph, settings, declared)
 
@@ -637,7 +621,7 @@ def build_sink_freshness_checks(
             if k.asset_key.to_user_string() in targets
         ]
         readings = read_sinks(chosen, timeout_s=timeout_s)
-        now, lags = clock(), LagLookup(context.instance)
+        now, lags = clock(), LagLookup(context.instance, kafka_flows)
         for target, reading in zip(chosen, readings, strict=True):
             last = reading.last_modified if reading.has_data else None
             if reading.has_data and last is None:

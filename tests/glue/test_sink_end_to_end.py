@@ -85,6 +85,18 @@ def _report(instance: dg.DagsterInstance, flow: str, delay: float | None, path: 
     )
 
 
+def _one_shot_run(instance: dg.DagsterInstance, flow: str) -> None:
+    """A ``kafka_lag`` evaluation from a run, as the one-shot check gives: total lag, no end-to-end delay."""
+
+    @dg.asset_check(asset=dg.AssetKey.from_user_string(flow), name=KAFKA_LAG)
+    def one_shot() -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(passed=True, metadata={"total_lag": 3})
+
+    job = dg.define_asset_job("one_shot", selection=dg.AssetSelection.checks(one_shot))
+    defs = dg.Definitions(asset_checks=[one_shot], jobs=[job])
+    assert defs.resolve_job_def("one_shot").execute_in_process(instance=instance).success
+
+
 def _reading() -> SinkReading:
     return SinkReading(
         "delta/chain",
@@ -104,7 +116,7 @@ def test_sink_takes_the_largest_writer_one_query_per_flow_and_skips_non_kafka_fl
         steady = LagLookup(instance, ["loom/a", "loom/b"])
         assert steady.end_to_end(TARGET).delay_s == 30.0 and steady.queries == 1  # type: ignore[union-attr]
         assert steady.end_to_end(TARGET).delay_s == 30.0 and steady.queries == 1  # type: ignore[union-attr]
-        _report(instance, "loom/b", None)  # a one-shot check run: newer, without the end-to-end delay
+        _one_shot_run(instance, "loom/b")  # newer, without the end-to-end delay
         lags = LagLookup(instance, ["loom/a", "loom/b"])
         found = lags.end_to_end(TARGET)
         assert found is not None and (found.flow_key, found.delay_s, found.path, found.complete) == (
@@ -115,6 +127,10 @@ def test_sink_takes_the_largest_writer_one_query_per_flow_and_skips_non_kafka_fl
         )
         assert lags.latest("loom/b") is not None and lags.end_to_end(TARGET) == found
         assert lags.queries == 2  # all latest records at once, then b's history; cached for the tick
+        # the lag sensor's own record without one (end_to_end off): no history read, b has none
+        _report(instance, "loom/b", None)
+        off = LagLookup(instance, ["loom/a", "loom/b"])
+        assert off.end_to_end(TARGET).flow_key == "loom/a" and off.queries == 1  # type: ignore[union-attr]
         only_a = LagLookup(instance, ["loom/a"])
         assert only_a.end_to_end(TARGET).delay_s == 12.0 and only_a.queries == 1  # type: ignore[union-attr]
         assert LagLookup(instance, []).end_to_end(TARGET) is None
